@@ -1,0 +1,58 @@
+"""Backends hide torch vs ONNX Runtime behind one small protocol: a batch in, logits + watched layers out.
+
+Chosen by name from a registry (`torch | onnx | auto`); each imports its framework only when built.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+from nccr_guard.manifest import Manifest
+
+
+class BackendError(RuntimeError):
+    """The backend cannot serve this model here (missing weights, framework, or device)."""
+
+
+class Backend(Protocol):
+    name: str
+    device: str
+    layers: list[str]  # watched layers, in output order after "logits"
+    supports_gradients: bool
+
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        """x: (B, *input_shape) float32 -> {"logits": (B, C), layer: (B, N), ...} float32 numpy arrays."""
+        ...
+
+
+def reduce_tap(a: np.ndarray) -> np.ndarray:
+    """One value per neuron: conv maps (B, C, H, W) average over space, sequences (B, T, H) over time."""
+    if a.ndim == 4:
+        return a.mean(axis=(2, 3))
+    if a.ndim == 3:
+        return a.mean(axis=1)
+    return a.reshape(a.shape[0], -1)
+
+
+def make_backend(name: str, manifest: Manifest, device: str = "auto", threads: int = 0) -> Backend:
+    """Build the named backend; `auto` prefers torch where the folder has torch weights and torch imports."""
+    if name == "auto":
+        has_torch_weights = bool(manifest.weights.state_dict or manifest.weights.torchscript)
+        name = "torch" if has_torch_weights and _importable("torch") else "onnx"
+    if name == "torch":
+        from nccr_guard.backends.torch_backend import TorchBackend
+
+        return TorchBackend(manifest, device=device, threads=threads)
+    if name == "onnx":
+        from nccr_guard.backends.onnx_backend import OnnxBackend
+
+        return OnnxBackend(manifest, device=device, threads=threads)
+    raise BackendError(f"unknown backend {name!r}; choose torch, onnx or auto")
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

@@ -1,0 +1,89 @@
+"""PyTorch eager backend: forward hooks read the watched layers in the same pass as the logits."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import torch
+from torch import nn
+
+from nccr_guard.backends import BackendError, reduce_tap
+from nccr_guard.manifest import Manifest
+
+
+def load_module(manifest: Manifest) -> nn.Module:
+    """The model as a torch module in eval mode, from TorchScript or module path + state dict."""
+    w = manifest.weights
+    if w.torchscript:
+        return torch.jit.load(str(manifest.path(w.torchscript)), map_location="cpu").eval()
+    if not (w.torch_module and w.state_dict):
+        raise BackendError(f"{manifest.name}: torch backend needs torchscript or torch_module + state_dict")
+    mod_name, _, cls_name = w.torch_module.partition(":")
+    module = getattr(importlib.import_module(mod_name), cls_name)()
+    state = torch.load(manifest.path(w.state_dict), map_location="cpu", weights_only=True)
+    module.load_state_dict(state)
+    return module.eval()
+
+
+class Tapped(nn.Module):
+    """Wraps a model so that forward returns (logits, *watched layer outputs): the shape ONNX export keeps."""
+
+    def __init__(self, model: nn.Module, layers: list[str]) -> None:
+        super().__init__()
+        self.model, self.layers = model, list(layers)
+        self._out: dict[str, torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        missing = [name for name in self.layers if name not in modules]
+        if missing:
+            raise BackendError(f"watched layers not in the model: {missing}; have {sorted(modules)[:20]}...")
+        for name in self.layers:
+            modules[name].register_forward_hook(self._hook(name))
+
+    def _hook(self, name: str):
+        def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
+            self._out[name] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        self._out = {}
+        logits = self.model(x)
+        return (logits, *(self._out[name] for name in self.layers))
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise BackendError("device cuda asked for, but torch sees no CUDA device")
+    return torch.device(device)
+
+
+class TorchBackend:
+    name = "torch"
+    supports_gradients = True
+
+    def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0, half: bool = False) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.manifest = manifest
+        self.torch_device = pick_device(device)
+        self.device = str(self.torch_device)
+        self.layers = list(manifest.watch)
+        self.module = load_module(manifest).to(self.torch_device)
+        self.half = half and self.torch_device.type == "cuda"
+        self.tapped = Tapped(self.module, self.layers)
+        if self.half:
+            self.tapped.half()
+
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        if self.torch_device.type == "cuda":
+            t = t.pin_memory().to(self.torch_device, non_blocking=True)
+        if self.half:
+            t = t.half()
+        with torch.inference_mode():
+            outs = self.tapped(t)
+        arrays = [o.float().cpu().numpy() for o in outs]
+        return {"logits": arrays[0], **{n: reduce_tap(a) for n, a in zip(self.layers, arrays[1:], strict=True)}}

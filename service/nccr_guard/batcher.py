@@ -1,0 +1,178 @@
+"""Dynamic micro-batching across requests, one scheduler per model.
+
+Each request carries its own future. A worker takes the oldest request, gathers more until the batch holds
+`max_rows` rows or `max_delay_s` has passed since the first one's arrival, runs the batch off the event loop,
+and fans the results (or the batch's exception) out to exactly the requests of that batch. The queue is
+bounded: `submit` raises QueueFull at once when it is full. Requests whose future was cancelled (client gone,
+timed out) are dropped before the forward and free their slot. Times use `time.monotonic()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class QueueFull(RuntimeError):
+    """The model's queue holds `max_queue` requests: shed load now rather than queue without bound."""
+
+
+class Draining(RuntimeError):
+    """The service is shutting down and takes no new work."""
+
+
+@dataclass
+class Timings:
+    queue_s: float = 0.0
+    compute_s: float = 0.0
+    batch_requests: int = 0
+    batch_rows: int = 0
+
+
+@dataclass
+class _Item(Generic[T]):
+    payload: T
+    rows: int
+    future: asyncio.Future
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchStats:
+    """What one batch cost; handed to `on_batch` so the HTTP layer can export it."""
+
+    requests: int
+    rows: int
+    compute_s: float
+    queue_s: list[float]
+    failed: bool
+
+
+class Batcher(Generic[T, R]):
+    def __init__(
+        self,
+        run_batch: Callable[[list[T]], Sequence[R]],
+        max_rows: int,
+        max_delay_s: float,
+        max_queue: int,
+        workers: int = 1,
+        on_batch: Callable[[BatchStats], Any] | None = None,
+        name: str = "batcher",
+    ) -> None:
+        if max_rows < 1 or max_queue < 1 or workers < 1:
+            raise ValueError("max_rows, max_queue and workers must be >= 1")
+        self.run_batch, self.max_rows, self.max_delay_s = run_batch, max_rows, max_delay_s
+        self.max_queue, self.workers, self.on_batch, self.name = max_queue, workers, on_batch, name
+        self._queue: list[_Item[T]] = []
+        self._wakeup: asyncio.Condition | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._executor: ThreadPoolExecutor | None = None
+        self._closing = False
+        self.in_flight = 0
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    async def start(self) -> None:
+        self._wakeup = asyncio.Condition()
+        self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
+        self._tasks = [asyncio.create_task(self._worker(), name=f"{self.name}-{i}") for i in range(self.workers)]
+
+    async def submit(self, payload: T, rows: int = 1) -> tuple[R, Timings]:
+        """Queue one request and wait for its result. Raises QueueFull / Draining at once, or the batch's error."""
+        if self._closing:
+            raise Draining("shutting down")
+        if len(self._queue) >= self.max_queue:
+            raise QueueFull(f"{self.name}: {len(self._queue)} requests queued")
+        item = _Item(payload, rows, asyncio.get_running_loop().create_future())
+        async with self._wakeup:
+            self._queue.append(item)
+            self._wakeup.notify()
+        return await item.future
+
+    def _take(self) -> list[_Item[T]]:
+        """Pop live requests from the head until the row budget is used; the first one always fits."""
+        batch, rows = [], 0
+        while self._queue:
+            item = self._queue[0]
+            if item.future.done():  # cancelled by a timeout or a client that went away: frees its slot
+                self._queue.pop(0)
+                continue
+            if batch and rows + item.rows > self.max_rows:
+                break
+            batch.append(self._queue.pop(0))
+            rows += item.rows
+        return batch
+
+    def _queued_rows(self) -> int:
+        return sum(i.rows for i in self._queue if not i.future.done())
+
+    async def _gather(self) -> list[_Item[T]]:
+        async with self._wakeup:
+            while not any(not i.future.done() for i in self._queue):
+                self._queue = [i for i in self._queue if not i.future.done()]
+                await self._wakeup.wait()
+            deadline = self._queue[0].enqueued + self.max_delay_s
+            while self._queued_rows() < self.max_rows and (left := deadline - time.monotonic()) > 0:
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), left)
+                except TimeoutError:
+                    break
+            return self._take()
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._gather()
+            if not batch:
+                continue
+            start = time.monotonic()
+            self.in_flight += len(batch)
+            failed = False
+            try:
+                results = await loop.run_in_executor(self._executor, self.run_batch, [i.payload for i in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"run_batch returned {len(results)} results for {len(batch)} requests")
+            except Exception as e:  # fan the failure out to exactly this batch's requests
+                failed, results = True, [e] * len(batch)
+            finally:
+                self.in_flight -= len(batch)
+            compute = time.monotonic() - start
+            rows = sum(i.rows for i in batch)
+            waits = [start - i.enqueued for i in batch]
+            for item, res, wait in zip(batch, results, waits, strict=True):
+                if item.future.done():
+                    continue
+                if failed:
+                    item.future.set_exception(res)
+                else:
+                    item.future.set_result((res, Timings(wait, compute, len(batch), rows)))
+            if self.on_batch:
+                self.on_batch(BatchStats(len(batch), rows, compute, waits, failed))
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new work, then wait up to `timeout_s` for queued and running requests. True if all finished."""
+        self._closing = True
+        deadline = time.monotonic() + timeout_s
+        while (self._queued_rows() or self.in_flight) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return not (self._queued_rows() or self.in_flight)
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for item in self._queue:
+            if not item.future.done():
+                item.future.set_exception(Draining("shutting down"))
+        self._queue.clear()
+        if self._executor:
+            self._executor.shutdown(wait=True, cancel_futures=True)

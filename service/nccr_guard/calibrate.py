@@ -1,0 +1,80 @@
+"""Fit a model folder's NCCR calibration from clean data; the model-level NCCR of a model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nccr_guard.datasets import load_folder, load_split
+from nccr_guard.detector import Detector
+from nccr_guard.engine import Calibration, fit_calibration, get_variant
+from nccr_guard.engine.calibration import model_nccr
+from nccr_guard.manifest import Manifest, weight_hashes
+
+
+def activations(det: Detector, xs: np.ndarray, chunk: int = 32, desc: str = "forward") -> dict[str, np.ndarray]:
+    """layer -> (n, R, N) over `xs`, in chunks, with a progress bar on stderr."""
+    parts = [det.activations(xs[i : i + chunk]) for i in tqdm(range(0, len(xs), chunk), desc=desc, leave=False)]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
+def clean_inputs(manifest: Manifest, data: Path | None, split: str) -> np.ndarray:
+    return load_folder(data, manifest)[0] if data else load_split(manifest, split)[0]
+
+
+def calibrate(
+    folder: Path,
+    data: Path | None = None,
+    split: str = "calib",
+    variant: str | None = None,
+    k: int | None = None,
+    target_fpr: float = 0.05,
+    seed: int = 0,
+    backend: str = "auto",
+    write: bool = True,
+) -> Calibration:
+    """Fit and (by default) write `calibration.npz`.
+
+    Even-indexed inputs fit the neuron statistics, odd-indexed ones the score distribution and threshold.
+    """
+    det = Detector.load(folder, backend=backend, device="cpu", seed=seed, calibrated=False)
+    det.variant = get_variant(variant or det.manifest.variant)
+    k = k or det.manifest.k
+    if k:
+        det.variant = det.variant.with_k(k)
+    xs = clean_inputs(det.manifest, data, split)
+    if len(xs) < 40:
+        raise ValueError(f"need at least 40 clean inputs to calibrate, got {len(xs)}")
+    acts = activations(det, xs, desc="calibrate")
+    half_a = {key: v[0::2] for key, v in acts.items()}
+    half_b = {key: v[1::2] for key, v in acts.items()}
+    meta = {
+        "weights_sha256": weight_hashes(det.manifest),
+        "k": max(p.copies for p in det.variant.perturbations),
+        "seed": seed,
+        "n_clean": len(xs),
+        "data": str(data) if data else f"split:{split}",
+        "model": det.manifest.name,
+    }
+    calib = fit_calibration(det.variant, half_a, half_b, len(det.manifest.labels), target_fpr, meta)
+    if write:
+        calib.save(det.manifest.calibration_path)
+    return calib
+
+
+def robustness(folder: Path, data: Path | None = None, split: str = "test", backend: str = "auto") -> dict:
+    """Model-level NCCR: the mean absolute cover change rate over clean inputs (lower = more robust)."""
+    det = Detector.load(folder, backend=backend, device="cpu")
+    xs = clean_inputs(det.manifest, data, split)
+    per_input = model_nccr(det.variant, det.calib, activations(det, xs, desc="robustness"))
+    comp = det.variant.robustness
+    return {
+        "model": det.manifest.name,
+        "nccr": float(per_input.mean()),
+        "std": float(per_input.std()),
+        "n": len(xs),
+        "measure": comp.name,
+        "data": str(data) if data else f"split:{split}",
+    }

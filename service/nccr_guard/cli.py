@@ -1,0 +1,232 @@
+"""`nccr-guard`: the command line. Each command parses flags and calls the same functions as the server and
+the harness; errors print as one line with a non-zero exit, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import get_args, get_origin
+
+from nccr_guard import __version__
+from nccr_guard.config import Settings, default_models
+
+
+def _model_default() -> Path:
+    models = default_models()
+    return models[0] if models else Path("models/mnist")
+
+
+def _add_model_flags(p: argparse.ArgumentParser, backend: bool = True) -> None:
+    p.add_argument("--model", type=Path, default=_model_default(), help="model folder (default: %(default)s)")
+    if backend:
+        p.add_argument("--backend", choices=["torch", "onnx", "auto"], default="auto")
+        p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+
+
+def _add_settings_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per Settings field, so the CLI mirrors the NCCR_GUARD_* env vars exactly."""
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        env = f"NCCR_GUARD_{name.upper()}"
+        help_ = f"{field.description or name.replace('_', ' ')} (env {env})"
+        ann = field.annotation
+        if ann is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif get_origin(ann) is list:
+            p.add_argument(flag, nargs="+", type=Path, default=None, help=help_)
+        else:
+            choices = [a for a in get_args(ann) if isinstance(a, str)] if get_args(ann) else None
+            if choices and all(isinstance(a, str) for a in get_args(ann)):
+                p.add_argument(flag, choices=choices, default=None, help=help_)
+            else:
+                p.add_argument(flag, default=None, help=help_)
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    return Settings(**given)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from nccr_guard.server.run import run
+
+    return run(settings_from_args(args))
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from nccr_guard.detector import Detector
+    from nccr_guard.inputs import InputError, decode
+
+    det = Detector.load(args.model, backend=args.backend, device=args.device, k=args.k, seed=args.seed)
+    failed = 0
+    for file in args.files:
+        try:
+            x = decode(Path(file).read_bytes(), det.manifest)
+        except (OSError, InputError) as e:
+            print(f"nccr-guard: error: {file}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
+            failed += 1
+            continue
+        v = det.detect([x])[0]
+        print(
+            json.dumps(
+                {
+                    "file": str(file),
+                    "model": det.manifest.name,
+                    "verdict": v.verdict,
+                    "score": round(v.score, 6),
+                    "threshold": round(v.threshold, 6),
+                    "p_value": round(v.p_value, 6),
+                    "prediction": {"index": v.index, "label": v.label, "confidence": round(v.confidence, 6)},
+                    "passes": v.passes,
+                }
+            ),
+            flush=True,
+        )
+    return 1 if failed else 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from nccr_guard.calibrate import calibrate
+
+    c = calibrate(
+        args.model,
+        data=args.data,
+        split=args.split,
+        variant=args.variant,
+        k=args.k,
+        target_fpr=args.target_fpr,
+        seed=args.seed,
+        backend=args.backend,
+    )
+    print(
+        json.dumps(
+            {
+                "model": str(args.model),
+                "variant": c.variant,
+                "threshold": c.threshold,
+                "target_fpr": c.target_fpr,
+                "n_clean": c.meta["n_clean"],
+                "robustness_nccr": c.robustness,
+            }
+        )
+    )
+    return 0
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from nccr_guard.calibrate import robustness
+
+    print(json.dumps(robustness(args.model, data=args.data, split=args.split, backend=args.backend)))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nccr_guard.eval.harness import evaluate
+
+    evaluate(
+        args.model,
+        attacks=args.attacks,
+        n=args.n,
+        seed=args.seed,
+        out=args.out,
+        split=args.split,
+        variant=args.variant,
+        command=" ".join(["nccr-guard", *sys.argv[1:]]),
+    )
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from nccr_guard.eval.search import search
+
+    search(args.model, n=args.n, seed=args.seed, out=args.out, attack=args.attack)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="nccr-guard", description="Detect adversarial inputs by neuron cover change rate."
+    )
+    ap.add_argument("--version", action="version", version=f"nccr-guard {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "serve",
+        help="run the HTTP detection service",
+        description="Run the HTTP detection service. Every flag mirrors an NCCR_GUARD_* environment variable.",
+    )
+    _add_settings_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "score",
+        help="score image/audio files, one JSON line each",
+        description="Score files; prints one JSON object per input.",
+    )
+    p.add_argument("files", nargs="+", metavar="FILE")
+    _add_model_flags(p)
+    p.add_argument("--k", type=int, default=None, help="noise copies per family (default: calibrated K)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "calibrate",
+        help="fit neuron selection, thresholds and the verdict threshold",
+        description="Fit a model folder's calibration.npz from clean data.",
+    )
+    _add_model_flags(p, backend=False)
+    p.add_argument("--backend", choices=["torch", "onnx", "auto"], default="auto")
+    p.add_argument("--data", type=Path, default=None, help="folder of clean images/clips (default: the manifest split)")
+    p.add_argument("--split", default="calib", help="manifest split to use without --data (default: %(default)s)")
+    p.add_argument("--variant", default=None, help="NCCR variant (default: the manifest's)")
+    p.add_argument("--k", type=int, default=None, help="noise copies per family")
+    p.add_argument("--target-fpr", type=float, default=0.05, help="false-positive rate on clean data (default 0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("robustness", help="model-level NCCR over clean data (lower = more robust)")
+    _add_model_flags(p, backend=False)
+    p.add_argument("--backend", choices=["torch", "onnx", "auto"], default="auto")
+    p.add_argument("--data", type=Path, default=None, help="folder of clean inputs (default: the manifest split)")
+    p.add_argument("--split", default="test")
+    p.set_defaults(func=cmd_robustness)
+
+    p = sub.add_parser("evaluate", help="attack held-out inputs with ART and report detection vs baselines")
+    _add_model_flags(p, backend=False)
+    p.add_argument("--attacks", nargs="+", default=None, help="attack names (default: all)")
+    p.add_argument("--n", type=int, default=500, help="held-out inputs to attack (default %(default)s)")
+    p.add_argument("--split", default="test")
+    p.add_argument("--variant", default=None, help="NCCR variant to evaluate (default: the calibrated one)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("reports/mnist"))
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("search", help="the NCCR formulation search on the dev split (one attack)")
+    _add_model_flags(p, backend=False)
+    p.add_argument("--attack", default="fgsm")
+    p.add_argument("--n", type=int, default=500)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("reports/search"))
+    p.set_defaults(func=cmd_search)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from nccr_guard.backends import BackendError
+    from nccr_guard.inputs import InputError
+    from nccr_guard.manifest import ManifestError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ManifestError, BackendError, InputError, ValueError, FileNotFoundError, OSError) as e:
+        print(f"nccr-guard: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

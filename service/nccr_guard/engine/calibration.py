@@ -1,0 +1,164 @@
+"""Clean-data statistics that turn activations into an NCCR score, and the verdict threshold.
+
+Fitted on two disjoint halves of clean calibration data: half A gives the per-neuron statistics (cover
+thresholds, per-class neuron selection, per-neuron change spread), half B the score distribution (component
+standardisation, verdict threshold, p-value table). Keeping them apart keeps the false-positive rate honest.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from nccr_guard.engine.perturb import row_groups
+from nccr_guard.engine.score import EPS, component_raw, raw_components, standardise, view
+from nccr_guard.engine.variants import Variant
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Calibration:
+    variant: str
+    thresholds: dict[str, np.ndarray]  # layer key -> (N,) cover threshold
+    selection: dict[str, np.ndarray]  # layer key -> (C, m) neuron indices per predicted class
+    spread: dict[str, np.ndarray]  # "perturbation|layer" -> (N,) clean RMS change
+    comp_mu: np.ndarray  # (n_components,) mean of log raw on clean half B
+    comp_sigma: np.ndarray
+    threshold: float  # verdict threshold on the combined score
+    target_fpr: float
+    clean_scores: np.ndarray  # sorted combined scores of clean half B, for p-values
+    robustness: float  # model-level NCCR: mean robustness component over clean data
+    meta: dict = field(default_factory=dict)
+
+    def p_value(self, score: np.ndarray | float) -> np.ndarray:
+        """Share of clean calibration inputs scoring at least as high (with the +1 of a conformal p-value)."""
+        n = len(self.clean_scores)
+        above = n - np.searchsorted(self.clean_scores, np.asarray(score), side="left")
+        return (above + 1) / (n + 1)
+
+    def save(self, path: Path) -> None:
+        arrays: dict[str, np.ndarray] = {}
+        index: dict[str, dict[str, str]] = {"thresholds": {}, "selection": {}, "spread": {}}
+        for kind in index:
+            for i, (k, v) in enumerate(getattr(self, kind).items()):
+                arrays[f"{kind}_{i}"] = v
+                index[kind][k] = f"{kind}_{i}"
+        meta = {
+            "format": FORMAT_VERSION,
+            "variant": self.variant,
+            "threshold": self.threshold,
+            "target_fpr": self.target_fpr,
+            "robustness": self.robustness,
+            "index": index,
+            **self.meta,
+        }
+        np.savez_compressed(
+            path,
+            comp_mu=self.comp_mu,
+            comp_sigma=self.comp_sigma,
+            clean_scores=self.clean_scores,
+            meta=np.array(json.dumps(meta, sort_keys=True)),
+            **arrays,
+        )
+
+    @classmethod
+    def load(cls, path: Path) -> Calibration:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["meta"]))
+            if meta.get("format") != FORMAT_VERSION:
+                raise ValueError(f"{path}: calibration format {meta.get('format')} != {FORMAT_VERSION}; recalibrate")
+            index = meta.pop("index")
+            tables = {kind: {k: z[name] for k, name in index[kind].items()} for kind in index}
+            return cls(
+                variant=meta.pop("variant"),
+                threshold=float(meta.pop("threshold")),
+                target_fpr=float(meta.pop("target_fpr")),
+                robustness=float(meta.pop("robustness")),
+                comp_mu=z["comp_mu"],
+                comp_sigma=z["comp_sigma"],
+                clean_scores=z["clean_scores"],
+                meta={k: v for k, v in meta.items() if k != "format"},
+                **tables,
+            )
+
+
+def _layer_keys(variant: Variant) -> list[str]:
+    return sorted({c.layer for c in (*variant.components, variant.robustness)})
+
+
+def class_selection(a0: np.ndarray, pred: np.ndarray, n_classes: int, m: int) -> np.ndarray:
+    """(C, m) neurons most characteristic of each predicted class: largest standardised mean shift.
+
+    Uses activations only (no weights or gradients), so it works for any tapped model, ONNX included.
+    """
+    mean, std = a0.mean(0), a0.std(0) + EPS
+    m = min(m, a0.shape[1])
+    out = np.empty((n_classes, m), dtype=np.int64)
+    fallback = np.argsort(-std)[:m]
+    for c in range(n_classes):
+        rows = a0[pred == c]
+        out[c] = np.argsort(-(rows.mean(0) - mean) / std)[:m] if len(rows) else fallback
+    return out
+
+
+def fit_neuron_stats(variant: Variant, acts: dict[str, np.ndarray], n_classes: int) -> Calibration:
+    """Per-neuron statistics from clean half A. acts: layer -> (n, R, N)."""
+    pred = acts["logits"][:, 0].argmax(-1)
+    thresholds, selection, spread = {}, {}, {}
+    groups = row_groups(variant.perturbations)
+    for key in _layer_keys(variant):
+        a = view(acts, key)
+        thresholds[key] = np.quantile(a[:, 0], variant.threshold_quantile, axis=0).astype(np.float32)
+        selection[key] = class_selection(a[:, 0], pred, n_classes, variant.top_m)
+        for pkey, rows in groups.items():
+            rms = np.sqrt(np.mean(np.square(a[:, rows] - a[:, :1]), axis=(0, 1)))
+            spread[f"{pkey}|{key}"] = np.maximum(rms, 1e-2 * np.median(rms) + EPS).astype(np.float32)
+    n = len(variant.components)
+    return Calibration(
+        variant=variant.name,
+        thresholds=thresholds,
+        selection=selection,
+        spread=spread,
+        comp_mu=np.zeros(n),
+        comp_sigma=np.ones(n),
+        threshold=np.inf,
+        target_fpr=0.0,
+        clean_scores=np.zeros(0),
+        robustness=float("nan"),
+    )
+
+
+def model_nccr(variant: Variant, calib: Calibration, acts: dict[str, np.ndarray]) -> np.ndarray:
+    """(n,) absolute NCCR of the robustness component per clean input: its mean is the model-level NCCR."""
+    comp = variant.robustness
+    pred = acts["logits"][:, 0].argmax(-1)
+    return component_raw(comp, acts, calib, row_groups(variant.perturbations)[comp.perturbation], pred)
+
+
+def fit_calibration(
+    variant: Variant,
+    acts_a: dict[str, np.ndarray],
+    acts_b: dict[str, np.ndarray],
+    n_classes: int,
+    target_fpr: float = 0.05,
+    meta: dict | None = None,
+) -> Calibration:
+    """Fit everything from two disjoint halves of clean calibration rows (layer -> (n, R, N) each)."""
+    if not 0.0 < target_fpr < 1.0:
+        raise ValueError("target_fpr must be in (0, 1)")
+    calib = fit_neuron_stats(variant, acts_a, n_classes)
+    raw, _ = raw_components(variant, calib, acts_b)
+    logs = np.log(raw + EPS)
+    calib.comp_mu = logs.mean(0)
+    calib.comp_sigma = logs.std(0) + 1e-3
+    scores = np.sort(standardise(raw, calib.comp_mu, calib.comp_sigma))
+    calib.clean_scores = scores
+    calib.threshold = float(np.quantile(scores, 1.0 - target_fpr, method="higher"))
+    calib.target_fpr = target_fpr
+    calib.robustness = float(np.concatenate([model_nccr(variant, calib, a) for a in (acts_a, acts_b)]).mean())
+    calib.meta = dict(meta or {})
+    return calib

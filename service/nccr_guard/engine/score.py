@@ -1,0 +1,113 @@
+"""Per-input NCCR from the activations of an input's rows. Vectorised over a batch of inputs.
+
+acts: layer -> (B, R, N) activations, row 0 of each input its original. Layer key "*" is every watched
+layer and the logits side by side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from nccr_guard.engine.perturb import row_groups
+from nccr_guard.engine.variants import Component, Variant
+
+if TYPE_CHECKING:
+    from nccr_guard.engine.calibration import Calibration
+
+EPS = 1e-6
+
+
+@dataclass
+class Scores:
+    """score: (B,) combined standardised NCCR; raw: (B, n_components); prediction/confidence: (B,)."""
+
+    score: np.ndarray
+    raw: np.ndarray
+    prediction: np.ndarray
+    confidence: np.ndarray
+
+
+def view(acts: dict[str, np.ndarray], key: str) -> np.ndarray:
+    """(B, R, N) activations for a layer key; '*' concatenates every layer (logits last), 'last' is the deepest
+    watched layer before the logits (so a variant can name it without knowing the model)."""
+    if key == "last":
+        key = [k for k in acts if k != "logits"][-1]
+    if key != "*":
+        return acts[key]
+    names = [k for k in acts if k != "logits"] + ["logits"]
+    return np.concatenate([acts[k] for k in names], axis=-1)
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _pick(v: np.ndarray, sel: np.ndarray | None) -> np.ndarray:
+    """Keep each input's selected neurons. v: (B, R, N) or per-neuron (N,); sel: (B, m) or None for all."""
+    if sel is None:
+        return v
+    if v.ndim == 1:
+        return v[sel][:, None, :]
+    return np.take_along_axis(v, sel[:, None, :], axis=-1)
+
+
+def _margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """(B, R) logit margin of class `cls` (B,) over the best other class, per row."""
+    top = np.take_along_axis(logits, np.broadcast_to(cls[:, None, None], logits.shape[:2] + (1,)), -1)[..., 0]
+    others = logits.copy()
+    np.put_along_axis(others, np.broadcast_to(cls[:, None, None], logits.shape[:2] + (1,)), -np.inf, -1)
+    return top - others.max(axis=-1)
+
+
+def component_raw(
+    comp: Component, acts: dict[str, np.ndarray], calib: Calibration, rows: slice, pred: np.ndarray
+) -> np.ndarray:
+    """(B,) raw value of one component: how much the watched neurons move under its perturbation."""
+    if comp.measure in ("pred_flip", "margin"):
+        logits = acts["logits"]
+        if comp.measure == "pred_flip":
+            per_copy = (logits[:, rows].argmax(-1) != pred[:, None]).astype(np.float32)
+        else:
+            m = _margin(logits, pred)
+            per_copy = np.maximum(m[:, :1] - m[:, rows], 0.0) / np.maximum(np.abs(m[:, :1]), EPS)
+    else:
+        sel = calib.selection[comp.layer][pred] if comp.selection == "class" else None
+        a = _pick(view(acts, comp.layer), sel)
+        a0, ak = a[:, :1], a[:, rows]
+        if comp.measure == "flip":
+            t = _pick(calib.thresholds[comp.layer], sel)
+            per_copy = ((ak > t) != (a0 > t)).mean(axis=-1)
+        else:
+            s = _pick(calib.spread[f"{comp.perturbation}|{comp.layer}"], sel)
+            per_copy = (np.abs(ak - a0) / s).mean(axis=-1)
+    return per_copy.max(axis=1) if comp.reduce == "max" else per_copy.mean(axis=1)
+
+
+def raw_components(variant: Variant, calib: Calibration, acts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """(B, n_components) raw values and (B,) predictions of the original rows."""
+    groups = row_groups(variant.perturbations)
+    pred = acts["logits"][:, 0].argmax(-1)
+    raw = np.stack([component_raw(c, acts, calib, groups[c.perturbation], pred) for c in variant.components], -1)
+    return raw.astype(np.float64), pred
+
+
+def standardise(raw: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """Component-wise z-score of log(raw) against clean data, then the max: (B, n) -> (B,)."""
+    return ((np.log(raw + EPS) - mu) / sigma).max(axis=-1)
+
+
+def score_rows(variant: Variant, calib: Calibration, acts: dict[str, np.ndarray]) -> Scores:
+    """The full per-input verdict material for a batch of inputs' rows."""
+    raw, pred = raw_components(variant, calib, acts)
+    probs = softmax(acts["logits"][:, 0].astype(np.float64))
+    return Scores(
+        score=standardise(raw, calib.comp_mu, calib.comp_sigma),
+        raw=raw,
+        prediction=pred,
+        confidence=probs[np.arange(len(pred)), pred],
+    )

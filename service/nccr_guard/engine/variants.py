@@ -1,0 +1,111 @@
+"""Named NCCR formulations. The default was chosen by measurement (docs/nccr.md); `plain` is the literal reading.
+
+A variant says which rows to make (perturbations) and what to measure on them (components). Each component
+watches one layer under one perturbation; components are standardised against clean calibration data and
+combined by their maximum, so one unstable view of the input is enough to raise the score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+from nccr_guard.engine.perturb import Perturbation
+
+Measure = Literal["flip", "change", "pred_flip", "margin"]
+
+
+@dataclass(frozen=True)
+class Component:
+    """Watch `layer` under the perturbation with key `perturbation` and measure how its neurons move.
+
+    flip: share of (neuron, copy) pairs whose cover state (activation > per-neuron clean threshold) changes.
+    change: mean |Δ activation| / the neuron's clean RMS change under the same perturbation (a soft cover change).
+    pred_flip: share of copies whose top class differs from the original's (the logit layer's cover change).
+    margin: mean drop of the top-class logit margin relative to the original margin.
+    """
+
+    perturbation: str
+    layer: str
+    measure: Measure
+    selection: Literal["all", "class"] = "all"
+    reduce: Literal["mean", "max"] = "mean"
+
+    @property
+    def name(self) -> str:
+        return f"{self.measure}[{self.layer}/{self.selection}]@{self.perturbation}/{self.reduce}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    perturbations: tuple[Perturbation, ...]
+    components: tuple[Component, ...]
+    description: str = ""
+    threshold_quantile: float = 0.5
+    top_m: int = 20
+    # The model-level NCCR: mean of this absolute (not standardised) component over clean data.
+    robustness: Component = field(default_factory=lambda: Component("gaussian:0.1", "*", "flip", "class"))
+
+    def __post_init__(self) -> None:
+        keys = {p.key for p in self.perturbations}
+        for c in (*self.components, self.robustness):
+            if c.perturbation not in keys:
+                raise ValueError(f"{self.name}: component {c.name} uses unknown perturbation {c.perturbation}")
+
+    @property
+    def rows(self) -> int:
+        return 1 + sum(p.copies for p in self.perturbations)
+
+    def with_k(self, k: int) -> Variant:
+        """The same variant with `k` copies for every noise family (squeezers stay one row each)."""
+        return replace(self, perturbations=tuple(p.with_copies(k) for p in self.perturbations))
+
+    def layers(self, model_layers: list[str]) -> list[str]:
+        """The layers this variant reads, '*' expanded to all of the model's watched layers plus logits."""
+        out: list[str] = []
+        for c in (*self.components, self.robustness):
+            for layer in [*model_layers, "logits"] if c.layer == "*" else [c.layer]:
+                if layer not in out:
+                    out.append(layer)
+        return out
+
+
+SQUEEZERS = (
+    Perturbation("bitdepth", 1),
+    Perturbation("bitdepth", 2),
+    Perturbation("median", 2),
+    Perturbation("median", 3),
+)
+
+PLAIN = Variant(
+    name="plain",
+    perturbations=(Perturbation("gaussian", 0.05, 16), Perturbation("gaussian", 0.1, 16)),
+    components=(Component("gaussian:0.05", "*", "flip"),),
+    description="binary cover flips of all watched neurons, per-neuron median thresholds, Gaussian noise "
+    "(the literal reading)",
+)
+
+# The winner of the formulation search (docs/nccr.md, reports/search/): the best component of each perturbation
+# family on the dev split's FGSM examples, combined by the max of their clean-standardised values.
+NCCR_V1 = Variant(
+    name="nccr-v1",
+    perturbations=(Perturbation("bitdepth", 2), Perturbation("uniform", 0.2, 12)),
+    components=(
+        Component("bitdepth:2", "last", "change", "all", "mean"),
+        Component("uniform:0.2", "*", "flip", "class", "max"),
+    ),
+    description="normalised change of the deepest watched layer under 2-bit squeezing, max with the cover-flip "
+    "rate of class-selected neurons under uniform noise (worst copy)",
+    robustness=Component("uniform:0.2", "*", "flip", "class", "mean"),
+)
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (PLAIN, NCCR_V1)}
+DEFAULT_VARIANT = "nccr-v1"
+
+
+def get_variant(name: str) -> Variant:
+    try:
+        return VARIANTS[name]
+    except KeyError:
+        raise ValueError(f"unknown NCCR variant {name!r}; known: {', '.join(VARIANTS)}") from None

@@ -1,0 +1,119 @@
+"""Attacks from IBM ART around the model's torch module. Each returns adversarial inputs for `x` (n, *shape).
+
+Only successful adversarial examples are scored downstream; the harness filters on the model's predictions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    name: str
+    params: dict = field(default_factory=dict)
+
+
+ATTACKS: dict[str, AttackSpec] = {
+    a.name: a
+    for a in (
+        AttackSpec("fgsm", {"norm": "inf", "eps": 0.2}),
+        AttackSpec("pgd", {"norm": "inf", "eps": 0.2, "eps_step": 0.01, "max_iter": 40}),
+        AttackSpec(
+            "pgd_minimal",
+            {
+                "norm": "inf",
+                "eps_grid": [0.02 * i for i in range(1, 16)],
+                "max_iter": 20,
+                "rule": "smallest eps of the grid at which ART PGD succeeds",
+            },
+        ),
+        AttackSpec(
+            "cw_l2",
+            {"confidence": 0.0, "max_iter": 50, "binary_search_steps": 3, "initial_const": 1.0, "learning_rate": 0.05},
+        ),
+        AttackSpec("deepfool", {"max_iter": 50, "epsilon": 0.02, "nb_grads": 10}),
+        AttackSpec("pgd_highconf", {"norm": "inf", "eps": 0.3, "eps_step": 0.01, "max_iter": 100}),
+        AttackSpec(
+            "cw_l2_conf10",
+            {"confidence": 10.0, "max_iter": 50, "binary_search_steps": 3, "initial_const": 5.0, "learning_rate": 0.05},
+        ),
+    )
+}
+
+
+def art_classifier(module, input_shape: tuple[int, ...], n_classes: int, value_range: tuple[float, float]):
+    """ART's PyTorchClassifier around a torch module that maps model inputs to logits."""
+    import torch
+    from art.estimators.classification import PyTorchClassifier
+
+    return PyTorchClassifier(
+        module,
+        torch.nn.CrossEntropyLoss(),
+        input_shape=input_shape,
+        nb_classes=n_classes,
+        clip_values=tuple(value_range),
+        device_type="cpu",
+    )
+
+
+def _pgd(clf, x: np.ndarray, eps: float, eps_step: float, max_iter: int, seed: int) -> np.ndarray:
+    from art.attacks.evasion import ProjectedGradientDescent
+
+    np.random.seed(seed)
+    return ProjectedGradientDescent(
+        clf,
+        norm=np.inf,
+        eps=eps,
+        eps_step=eps_step,
+        max_iter=max_iter,
+        num_random_init=0,
+        batch_size=128,
+        verbose=False,
+    ).generate(x)
+
+
+def _pgd_minimal(clf, x: np.ndarray, p: dict, seed: int) -> np.ndarray:
+    """Early-stopped PGD: each input keeps the first (smallest-eps) grid point at which it is misclassified."""
+    y0 = clf.predict(x).argmax(1)
+    out, done = x.copy(), np.zeros(len(x), bool)
+    for eps in p["eps_grid"]:
+        todo = np.flatnonzero(~done)
+        if not len(todo):
+            break
+        adv = _pgd(clf, x[todo], eps, eps / 8, p["max_iter"], seed)
+        hit = clf.predict(adv).argmax(1) != y0[todo]
+        out[todo[hit]], done[todo[hit]] = adv[hit], True
+    return out
+
+
+def run_attack(name: str, clf, x: np.ndarray, seed: int = 0) -> np.ndarray:
+    from art.attacks.evasion import CarliniL2Method, DeepFool, FastGradientMethod
+
+    p = ATTACKS[name].params
+    makers: dict[str, Callable[[], np.ndarray]] = {
+        "fgsm": lambda: FastGradientMethod(clf, norm=np.inf, eps=p["eps"], batch_size=128).generate(x),
+        "pgd": lambda: _pgd(clf, x, p["eps"], p["eps_step"], p["max_iter"], seed),
+        "pgd_highconf": lambda: _pgd(clf, x, p["eps"], p["eps_step"], p["max_iter"], seed),
+        "pgd_minimal": lambda: _pgd_minimal(clf, x, p, seed),
+        "deepfool": lambda: DeepFool(
+            clf, max_iter=p["max_iter"], epsilon=p["epsilon"], nb_grads=p["nb_grads"], batch_size=128, verbose=False
+        ).generate(x),
+    }
+    for cw in ("cw_l2", "cw_l2_conf10"):
+        makers[cw] = lambda: CarliniL2Method(
+            clf,
+            confidence=p["confidence"],
+            max_iter=p["max_iter"],
+            binary_search_steps=p["binary_search_steps"],
+            initial_const=p["initial_const"],
+            learning_rate=p["learning_rate"],
+            batch_size=128,
+            verbose=False,
+        ).generate(x)
+    if name not in makers:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
+    return makers[name]().astype(np.float32)

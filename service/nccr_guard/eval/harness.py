@@ -1,0 +1,129 @@
+"""`nccr-guard evaluate`: attack held-out inputs with ART, score clean and successful adversarial inputs with
+NCCR and the baselines, and write eval.json / eval.md / roc.png / scores.png.
+
+Thresholds for TPR@5%FPR come from the calib split's clean inputs, never from the evaluated split.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from nccr_guard.calibrate import activations, calibrate
+from nccr_guard.datasets import load_split
+from nccr_guard.detector import Detector
+from nccr_guard.engine import get_variant, score_rows
+from nccr_guard.eval.attacks import ATTACKS, art_classifier, run_attack
+from nccr_guard.eval.baselines import baseline_scores
+from nccr_guard.eval.metrics import auroc, rate_above, threshold_at_fpr
+from nccr_guard.eval.report import write_report
+
+
+def nccr_scores(det: Detector, xs: np.ndarray) -> np.ndarray:
+    if not len(xs):
+        return np.zeros(0)
+    return score_rows(det.variant, det.calib, activations(det, xs, desc="nccr")).score
+
+
+def load_detector(model: Path, variant: str | None, seed: int) -> Detector:
+    """The calibrated detector; a different `variant` is calibrated in memory on the same calib split."""
+    det = Detector.load(model, device="cpu", seed=seed)
+    if variant and variant != det.variant.name:
+        det.variant = get_variant(variant)
+        det.calib = calibrate(model, variant=variant, seed=seed, write=False)
+    return det
+
+
+def detector_metrics(clean: dict, adv: dict, thresholds: dict) -> dict:
+    return {
+        name: {
+            "auroc": auroc(clean[name], adv[name]),
+            "tpr_at_fpr05": rate_above(adv[name], thresholds[name]),
+            "fpr": rate_above(clean[name], thresholds[name]),
+        }
+        for name in clean
+    }
+
+
+def evaluate(
+    model: Path,
+    attacks: list[str] | None = None,
+    n: int = 500,
+    seed: int = 0,
+    out: Path = Path("reports/mnist"),
+    split: str = "test",
+    variant: str | None = None,
+    command: str = "",
+) -> dict:
+    t0 = time.perf_counter()
+    np.random.seed(seed)
+    import torch
+
+    torch.manual_seed(seed)
+    det = load_detector(model, variant, seed)
+    attacks = attacks or list(ATTACKS)
+    unknown = [a for a in attacks if a not in ATTACKS]
+    if unknown:
+        raise ValueError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
+    n_classes = len(det.manifest.labels)
+    x_cal, _ = load_split(det.manifest, "calib")
+    thresholds = {k: threshold_at_fpr(v) for k, v in baseline_scores(det, x_cal).items()}
+    thresholds["nccr"] = det.calib.threshold
+    xs, ys = load_split(det.manifest, split)
+    xs, ys = xs[:n], ys[:n]
+    module = (
+        det.backend.module if hasattr(det.backend, "module") else Detector.load(model, backend="torch").backend.module
+    )
+    clf = art_classifier(module, tuple(det.manifest.input.shape), n_classes, det.manifest.input.range)
+    ok = clf.predict(xs).argmax(1) == ys
+    x0, y0 = xs[ok], ys[ok]
+    clean = {"nccr": nccr_scores(det, x0), **baseline_scores(det, x0)}
+    result = {
+        "model": det.manifest.name,
+        "variant": det.variant.name,
+        "command": command,
+        "seed": seed,
+        "split": split,
+        "n_clean": int(ok.sum()),
+        "clean_accuracy": float(ok.mean()),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
+        "thresholds": thresholds,
+        "attacks": {},
+    }
+    raw_scores = {"clean": {k: v.tolist() for k, v in clean.items()}}
+    for name in attacks:
+        ta = time.perf_counter()
+        adv = run_attack(name, clf, x0, seed)
+        hit = clf.predict(adv).argmax(1) != y0
+        xa = adv[hit]
+        scores = (
+            {"nccr": nccr_scores(det, xa), **baseline_scores(det, xa)} if len(xa) else {k: np.zeros(0) for k in clean}
+        )
+        delta = (xa - x0[hit]).reshape(len(xa), -1)
+        result["attacks"][name] = {
+            "params": ATTACKS[name].params,
+            "success_rate": float(hit.mean()),
+            "n_adversarial": int(hit.sum()),
+            "mean_l2": float(np.linalg.norm(delta, axis=1).mean()) if len(xa) else None,
+            "mean_linf": float(np.abs(delta).max(1).mean()) if len(xa) else None,
+            "seconds": round(time.perf_counter() - ta, 1),
+            "detectors": detector_metrics(clean, scores, thresholds),
+        }
+        raw_scores[name] = {k: v.tolist() for k, v in scores.items()}
+        print(
+            json.dumps(
+                {
+                    "attack": name,
+                    "n_adversarial": int(hit.sum()),
+                    **{d: round(m["auroc"], 4) for d, m in result["attacks"][name]["detectors"].items()},
+                }
+            ),
+            flush=True,
+        )
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_report(result, raw_scores, out)
+    return result

@@ -1,0 +1,93 @@
+"""Write an evaluation's files: eval.json (stable schema), eval.md (tables), roc.png, scores.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+DETECTORS = ("nccr", "feature_squeezing", "prediction_flip", "low_margin")
+
+
+def _md(result: dict) -> str:
+    lines = [
+        f"# Detection on {result['model']} ({result['split']} split), NCCR variant `{result['variant']}`",
+        "",
+        f"Command: `{result['command']}` · seed {result['seed']} · machine: {result['machine']} · "
+        f"{result['seconds']} s",
+        "",
+        f"Clean inputs: {result['n_clean']} correctly classified (accuracy {result['clean_accuracy']:.3f}). "
+        "Adversarial: successful ones only. TPR at the threshold fixed on the calib split's clean data (5 % FPR).",
+        "",
+        "| attack | success | n | mean L2 | mean L∞ | " + " | ".join(f"{d} AUROC / TPR" for d in DETECTORS) + " |",
+        "|---" * (5 + len(DETECTORS)) + "|",
+    ]
+    for name, a in result["attacks"].items():
+        cells = []
+        for d in DETECTORS:
+            m = a["detectors"].get(d)
+            cells.append(f"{m['auroc']:.3f} / {m['tpr_at_fpr05']:.3f}" if m else "–")
+        l2 = f"{a['mean_l2']:.2f}" if a["mean_l2"] is not None else "–"
+        li = f"{a['mean_linf']:.3f}" if a["mean_linf"] is not None else "–"
+        lines.append(
+            f"| {name} | {a['success_rate']:.2f} | {a['n_adversarial']} | {l2} | {li} | " + " | ".join(cells) + " |"
+        )
+    fpr = (
+        {d: next(iter(result["attacks"].values()))["detectors"][d]["fpr"] for d in DETECTORS}
+        if result["attacks"]
+        else {}
+    )
+    lines += [
+        "",
+        "False-positive rate on this split's clean inputs at the calib threshold: "
+        + ", ".join(f"{d} {v:.3f}" for d, v in fpr.items()),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _roc(clean: np.ndarray, adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    thr = np.unique(np.concatenate([clean, adv]))[::-1]
+    return (np.array([0, *[(clean >= t).mean() for t in thr]]), np.array([0, *[(adv >= t).mean() for t in thr]]))
+
+
+def _plots(result: dict, raw: dict, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(result["attacks"])
+    cols = max(1, min(4, len(names)))
+    rows = (len(names) + cols - 1) // cols
+    for kind in ("roc", "scores"):
+        fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
+        for ax, name in zip(axes.flat, names, strict=False):
+            for d in DETECTORS:
+                c, a = np.asarray(raw["clean"][d]), np.asarray(raw[name][d])
+                if not len(a):
+                    continue
+                if kind == "roc":
+                    fpr, tpr = _roc(c, a)
+                    ax.plot(fpr, tpr, label=f"{d} {result['attacks'][name]['detectors'][d]['auroc']:.3f}")
+                elif d == "nccr":
+                    bins = np.linspace(min(c.min(), a.min()), max(c.max(), a.max()), 40)
+                    ax.hist(c, bins, alpha=0.6, label="clean", density=True)
+                    ax.hist(a, bins, alpha=0.6, label="adversarial", density=True)
+                    ax.axvline(result["thresholds"]["nccr"], color="k", ls="--", lw=1, label="threshold")
+            ax.set_title(name)
+            ax.legend(fontsize=7)
+            ax.set_xlabel("false-positive rate" if kind == "roc" else "NCCR score")
+        for ax in list(axes.flat)[len(names) :]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / f"{kind}.png", dpi=80)
+        plt.close(fig)
+
+
+def write_report(result: dict, raw: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "eval.json").write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
+    (out / "eval.md").write_text(_md(result))
+    if result["attacks"]:
+        _plots(result, raw, out)

@@ -1,0 +1,110 @@
+"""Decode untrusted uploads into model-input arrays. Every failure is an InputError with a clear message and
+an HTTP status, never a crash: size and pixel limits are checked before the full decode."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+
+from nccr_guard.manifest import Manifest
+
+IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS")
+
+
+class InputError(ValueError):
+    def __init__(self, message: str, status: int = 400, reason: str = "bad_input") -> None:
+        super().__init__(message)
+        self.status, self.reason = status, reason
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 10 * 1024 * 1024
+    max_pixels: int = 4096 * 4096
+    max_audio_s: float = 30.0
+
+
+def sniff_modality(data: bytes, content_type: str | None = None) -> str:
+    """'image' or 'audio' from magic bytes (trusted over the declared content type)."""
+    if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
+        return "image"
+    if data.startswith(AUDIO_MAGIC):
+        return "audio"
+    if data.startswith(IMAGE_MAGIC):
+        return "image"
+    if not data:
+        raise InputError("empty upload")
+    ct = (content_type or "").split(";")[0].strip()
+    raise InputError(
+        f"unsupported file type (content type {ct or 'unknown'}; expected PNG, JPEG, WAV, FLAC or OGG)",
+        415,
+        "bad_input",
+    )
+
+
+def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> np.ndarray:
+    """Image bytes -> (C, H, W) float32 in the manifest's value range."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    spec = manifest.input.image
+    if len(data) > limits.max_bytes:
+        raise InputError(f"upload of {len(data)} bytes exceeds {limits.max_bytes}", 413, "too_large")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > limits.max_pixels:
+                raise InputError(
+                    f"image of {w}x{h} pixels exceeds the {limits.max_pixels}-pixel limit", 413, "too_large"
+                )
+            if w < 1 or h < 1:
+                raise InputError("image has no pixels")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+    except InputError:
+        raise
+    except (
+        UnidentifiedImageError,
+        OSError,
+        SyntaxError,
+        ValueError,
+        Image.DecompressionBombError,
+        Image.DecompressionBombWarning,
+    ) as e:
+        raise InputError(f"cannot decode image: {e}") from None
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255) if spec.invert else (0, 0, 0, 255))
+        img = Image.alpha_composite(bg, img)
+    if img.mode.startswith("I;16") or img.mode == "I":
+        arr = np.asarray(img, dtype=np.float32)
+        img = Image.fromarray(np.clip(arr / (256.0 if arr.max() > 255 else 1.0), 0, 255).astype(np.uint8))
+    img = img.convert(spec.mode)
+    c, h, w = manifest.input.shape
+    if img.size != (w, h):
+        img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    arr = np.asarray(img, dtype=np.float32) / 255.0
+    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+    if spec.invert:
+        arr = 1.0 - arr
+    lo, hi = manifest.input.range
+    return (arr * (hi - lo) + lo).astype(np.float32)
+
+
+def decode(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> np.ndarray:
+    """Any supported upload -> model-input array for `manifest`, checking the modality matches."""
+    if len(data) > limits.max_bytes:
+        raise InputError(f"upload of {len(data)} bytes exceeds {limits.max_bytes}", 413, "too_large")
+    kind = sniff_modality(data)
+    if kind != manifest.modality:
+        raise InputError(f"model {manifest.name} takes {manifest.modality}, got {kind}", 415)
+    if kind == "image":
+        return decode_image(data, manifest, limits)
+    from nccr_guard.audio import decode_audio
+
+    return decode_audio(data, manifest, limits)

@@ -1,0 +1,130 @@
+"""The app factory. Settings come in as an argument (never built at import); models load in the lifespan,
+and readiness stays false until each has run its warm-up batches."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from nccr_guard import __version__
+from nccr_guard.config import Settings
+from nccr_guard.detector import Detector
+from nccr_guard.inputs import InputError
+from nccr_guard.server.deps import OpenOrAuthorized
+from nccr_guard.server.metrics import Metrics
+from nccr_guard.server.middleware import ServiceMiddleware
+from nccr_guard.server.routers import detect, guard, models, v2
+from nccr_guard.server.runtime import ModelRuntime, batch_policy
+from nccr_guard.server.state import Service
+
+log = logging.getLogger("nccr_guard")
+
+
+def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
+    det = Detector.load(folder, backend=settings.backend, device=settings.device, k=settings.k, seed=settings.seed)
+    policy = batch_policy(settings, det.backend.device, det.rows_per_input)
+    if policy.torch_threads and det.backend.name == "torch":
+        import torch
+
+        torch.set_num_threads(policy.torch_threads)
+    rt = ModelRuntime(det, policy, metrics)
+    rt.configure_queue(settings.max_queue)
+    return rt
+
+
+def create_app(settings: Settings) -> FastAPI:
+    service = Service(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if not settings.models:
+            raise RuntimeError("no models to serve: pass --models DIR (a folder with model.toml)")
+        for folder in settings.models:
+            rt = await run_in_threadpool(load_runtime, settings, folder, service.metrics)
+            service.runtimes[rt.name] = rt
+            d = rt.detector
+            service.metrics.model_info.labels(
+                rt.name,
+                d.manifest.modality,
+                d.backend.name,
+                d.backend.device,
+                d.variant.name,
+                str(max(p.copies for p in d.variant.perturbations)),
+            ).set(1)
+            log.info(
+                "serving %s (%s) on %s/%s, variant %s, %d passes, batching %s",
+                rt.name,
+                d.manifest.modality,
+                d.backend.name,
+                d.backend.device,
+                d.variant.name,
+                d.rows_per_input,
+                rt.policy,
+            )
+        if settings.upstream:
+            service.upstream = httpx.AsyncClient(timeout=settings.upstream_timeout_s)
+        for rt in service.runtimes.values():
+            await rt.start()
+        service.metrics.ready.set(1)
+        yield
+        service.draining = True
+        service.metrics.ready.set(0)
+        for rt in service.runtimes.values():
+            await rt.batcher.drain(settings.drain_s)
+            await rt.batcher.stop()
+        if service.upstream:
+            await service.upstream.aclose()
+
+    app = FastAPI(
+        title="nccr-guard",
+        version=__version__,
+        lifespan=lifespan,
+        description="Detects adversarial images and audio by neuron cover change rate (NCCR).",
+    )
+    app.state.service = service
+    app.add_middleware(ServiceMiddleware, service=service)
+    for r in (detect.router, models.router, v2.router, guard.router):
+        app.include_router(r)
+    _add_error_handlers(app, service)
+
+    @app.get("/metrics", tags=["ops"], dependencies=[OpenOrAuthorized])
+    async def metrics() -> Response:
+        for name, rt in service.runtimes.items():
+            service.metrics.queue_depth.labels(name).set(rt.batcher.depth)
+        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _add_error_handlers(app: FastAPI, service: Service) -> None:
+    @app.exception_handler(InputError)
+    async def input_error(request: Request, e: InputError) -> JSONResponse:
+        service.metrics.rejections.labels(e.reason).inc()
+        headers = {"Retry-After": "1"} if e.status == 503 else None
+        if e.status == 401:
+            headers = {"WWW-Authenticate": "Bearer"}
+        return JSONResponse({"error": str(e)}, e.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        service.metrics.rejections.labels("bad_input").inc()
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        return JSONResponse({"error": f"invalid request: {where}: {first.get('msg', 'bad value')}"}, 422)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(e.detail)}, e.status_code, headers=getattr(e, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s", request.url.path)
+        return JSONResponse({"error": "internal error"}, 500)

@@ -1,0 +1,38 @@
+"""FastAPI dependencies: the service state and the API-key check, as `Annotated` aliases."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from nccr_guard.inputs import InputError
+from nccr_guard.server.state import Service
+
+
+def get_service(request: Request) -> Service:
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+def require_key(request: Request, service: ServiceDep) -> None:
+    """Bearer token or X-API-Key, compared in constant time; no key configured means open."""
+    key = service.settings.api_key
+    if not key:
+        return
+    auth = request.headers.get("authorization", "")
+    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
+    if not hmac.compare_digest(given.encode(), key.encode()):
+        raise InputError("missing or wrong API key", 401, "unauthorized")
+
+
+def require_key_unless_open(request: Request, service: ServiceDep) -> None:
+    if not service.settings.open_health:
+        require_key(request, service)
+
+
+Authorized = Depends(require_key)
+OpenOrAuthorized = Depends(require_key_unless_open)

@@ -1,0 +1,62 @@
+"""Prometheus metrics, one registry per app (so tests can build many apps). Base units, `_total` counters,
+low-cardinality labels (model, endpoint template, status code, reason)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
+SCORE = (-2, -1, 0, 0.5, 1, 1.5, 2, 3, 4, 6, 8, 12, 20, 50)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "nccr_guard_requests_total", "HTTP requests answered", ["model", "endpoint", "code"], registry=r
+        )
+        self.duration = Histogram(
+            "nccr_guard_request_duration_seconds",
+            "request latency, receipt to response",
+            ["endpoint"],
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.queue_wait = Histogram(
+            "nccr_guard_queue_wait_seconds",
+            "time a request waited for its batch",
+            ["model"],
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.compute = Histogram(
+            "nccr_guard_compute_seconds",
+            "time of one batch: rows, forward, scoring",
+            ["model"],
+            buckets=LATENCY,
+            registry=r,
+        )
+        self.batch_requests = Histogram(
+            "nccr_guard_batch_requests", "requests per batch", ["model"], buckets=BATCH, registry=r
+        )
+        self.batch_rows = Histogram(
+            "nccr_guard_batch_rows", "rows (forward passes) per batch", ["model"], buckets=BATCH, registry=r
+        )
+        self.queue_depth = Gauge("nccr_guard_queue_depth", "requests waiting for a batch", ["model"], registry=r)
+        self.in_flight = Gauge("nccr_guard_in_flight_requests", "HTTP requests being handled", registry=r)
+        self.verdicts = Counter("nccr_guard_verdicts_total", "verdicts given", ["model", "verdict"], registry=r)
+        self.scores = Histogram("nccr_guard_score", "NCCR scores given", ["model"], buckets=SCORE, registry=r)
+        self.rejections = Counter("nccr_guard_rejections_total", "requests refused", ["reason"], registry=r)
+        self.upstream = Histogram(
+            "nccr_guard_upstream_duration_seconds", "sidecar upstream call latency", buckets=LATENCY, registry=r
+        )
+        self.model_info = Gauge(
+            "nccr_guard_model_info",
+            "served models",
+            ["model", "modality", "backend", "device", "variant", "k"],
+            registry=r,
+        )
+        self.ready = Gauge("nccr_guard_ready", "1 when every model is warm and the service takes work", registry=r)
+        for reason in ("queue_full", "timeout", "too_large", "bad_input", "unauthorized", "draining", "not_found"):
+            self.rejections.labels(reason)

@@ -1,0 +1,90 @@
+"""Pure ASGI middleware (no BaseHTTPMiddleware, which hides client disconnects): request id, JSON access log,
+request metrics, and 503 for new work while draining."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nccr_guard.server.state import Service
+
+access = logging.getLogger("nccr_guard.access")
+
+ALWAYS_OPEN = ("/v2/health/live", "/metrics")
+
+
+class ServiceMiddleware:
+    def __init__(self, app: ASGIApp, service: Service) -> None:
+        self.app, self.service = app, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        svc, start = self.service, time.monotonic()
+        headers = dict(scope.get("headers") or [])
+        rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        status, sent_bytes = 500, 0
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status, sent_bytes
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+            elif message["type"] == "http.response.body":
+                sent_bytes += len(message.get("body", b""))
+            await send(message)
+
+        svc.metrics.in_flight.inc()
+        try:
+            if svc.draining and scope["path"] not in ALWAYS_OPEN and not scope["path"].startswith("/v2/health"):
+                svc.metrics.rejections.labels("draining").inc()
+                await _json(send_wrapper, 503, {"error": "shutting down"}, [(b"retry-after", b"1")])
+            else:
+                await self.app(scope, receive, send_wrapper)
+        finally:
+            svc.metrics.in_flight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            model = scope["state"].get("model", "-")
+            elapsed = time.monotonic() - start
+            svc.metrics.requests.labels(model, endpoint, str(status)).inc()
+            svc.metrics.duration.labels(endpoint).observe(elapsed)
+            if svc.settings.log_json:
+                access.info(
+                    json.dumps(
+                        {
+                            "ts": round(time.time(), 3),
+                            "request_id": rid,
+                            "method": scope["method"],
+                            "path": scope["path"],
+                            "status": status,
+                            "ms": round(elapsed * 1000, 2),
+                            "bytes_out": sent_bytes,
+                            "model": model,
+                            "verdict": scope["state"].get("verdict"),
+                            "upload": scope["state"].get("upload"),
+                        }
+                    )
+                )
+
+
+async def _json(send: Send, status: int, body: dict, extra: list[tuple[bytes, bytes]] | None = None) -> None:
+    data = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *(extra or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})

@@ -1,0 +1,65 @@
+"""Sidecar mode: POST /v1/guard scores the upload, then forwards the unchanged request to the upstream
+classifier (clean, or any verdict with on_adversarial=tag) and returns its answer with X-NCCR-* headers."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from nccr_guard.inputs import InputError
+from nccr_guard.server.deps import Authorized, ServiceDep
+from nccr_guard.server.routers.detect import ERRORS, UPLOAD_BODY, detect_upload
+from nccr_guard.server.uploads import read_body, read_uploads
+
+router = APIRouter(prefix="/v1", tags=["guard"], dependencies=[Authorized])
+
+FORWARD_HEADERS = ("content-type", "accept", "x-request-id", "traceparent", "tracestate", "user-agent")
+HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
+
+
+class _Replay:
+    """Hands a body that was already read back to the upload parser."""
+
+    def __init__(self, request: Request, body: bytes) -> None:
+        self.headers, self.query_params, self._body = request.headers, request.query_params, body
+
+    async def stream(self):
+        yield self._body
+
+
+@router.post(
+    "/guard",
+    responses={**ERRORS, 422: {"description": "adversarial; not forwarded"}, 502: {"description": "upstream failed"}},
+    openapi_extra=UPLOAD_BODY,
+)
+async def guard(request: Request, service: ServiceDep) -> Response:
+    """Score the upload; forward the request byte for byte to the upstream classifier unless blocked."""
+    s = service.settings
+    if not s.upstream or service.upstream is None:
+        raise InputError("sidecar mode is off: start with --upstream URL", 404, "not_found")
+    body = await read_body(request, s.max_upload_bytes, s.request_timeout_s)
+    uploads, fields = await read_uploads(_Replay(request, body), s.max_upload_bytes, s.request_timeout_s)
+    det = await detect_upload(request, service, uploads[0], fields.get("model"))
+    tags = {"X-NCCR-Verdict": det.verdict, "X-NCCR-Score": f"{det.score:g}", "X-NCCR-Model": det.model}
+    if det.verdict == "adversarial" and s.on_adversarial == "block":
+        return JSONResponse(det.model_dump(), 422, headers=tags)
+    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARD_HEADERS}
+    headers.update(tags)
+    start = time.monotonic()
+    try:
+        up = await service.upstream.post(s.upstream, content=body, headers=headers)
+    except httpx.TimeoutException:
+        return JSONResponse({"error": f"upstream timed out after {s.upstream_timeout_s}s"}, 504, headers=tags)
+    except httpx.HTTPError as e:
+        return JSONResponse({"error": f"upstream unreachable: {type(e).__name__}"}, 502, headers=tags)
+    finally:
+        service.metrics.upstream.observe(time.monotonic() - start)
+    out_headers = {k: v for k, v in up.headers.items() if k.lower() not in HOP_BY_HOP}
+    if up.status_code >= 500:
+        return JSONResponse(
+            {"error": f"upstream answered {up.status_code}", "upstream_body": up.text[:500]}, 502, headers=tags
+        )
+    return Response(up.content, up.status_code, headers={**out_headers, **tags})

@@ -1,0 +1,113 @@
+"""Open Inference Protocol (KServe v2) REST: health, model metadata and FP32 tensor inference."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from nccr_guard import __version__
+from nccr_guard.inputs import InputError
+from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep
+from nccr_guard.server.routers.detect import wait_unless_gone
+from nccr_guard.server.schemas import Error, V2InferRequest, V2InferResponse, V2Tensor
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"])
+MAX_V2_BATCH = 64
+
+
+@router.get("", dependencies=[OpenOrAuthorized])
+async def server_metadata() -> dict:
+    return {"name": "nccr-guard", "version": __version__, "extensions": []}
+
+
+@router.get("/health/live")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", dependencies=[OpenOrAuthorized], responses={503: {"model": Error}})
+async def ready(service: ServiceDep):
+    if service.ready:
+        return {"ready": True}
+    return JSONResponse({"ready": False, "error": "not ready"}, 503)
+
+
+def _runtime(service, name: str):
+    if name not in service.runtimes:
+        raise InputError(f"no model named {name!r}", 404, "not_found")
+    return service.runtimes[name]
+
+
+@router.get("/models/{name}", dependencies=[Authorized], responses={404: {"model": Error}})
+async def model_metadata(name: str, service: ServiceDep) -> dict:
+    rt = _runtime(service, name)
+    m = rt.detector.manifest
+    return {
+        "name": m.name,
+        "versions": [m.version],
+        "platform": f"nccr-guard/{rt.detector.backend.name}",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *m.input.shape]}],
+        "outputs": [
+            {"name": "score", "datatype": "FP32", "shape": [-1]},
+            {"name": "verdict", "datatype": "BYTES", "shape": [-1]},
+            {"name": "prediction", "datatype": "INT64", "shape": [-1]},
+        ],
+    }
+
+
+@router.get("/models/{name}/ready", dependencies=[Authorized], responses={404: {"model": Error}})
+async def model_ready(name: str, service: ServiceDep):
+    rt = _runtime(service, name)
+    return JSONResponse({"name": name, "ready": rt.ready}, 200 if rt.ready and not service.draining else 503)
+
+
+def _tensor(req: V2InferRequest, shape: list[int]) -> np.ndarray:
+    if len(req.inputs) != 1:
+        raise InputError(f"expected exactly one input tensor, got {len(req.inputs)}")
+    t = req.inputs[0]
+    if t.datatype != "FP32":
+        raise InputError(f"input datatype must be FP32, got {t.datatype}")
+    dims = t.shape if len(t.shape) == len(shape) + 1 else [1, *t.shape]
+    if list(dims[1:]) != list(shape) or dims[0] < 1 or any(d < 0 for d in dims):
+        raise InputError(f"input shape {t.shape} does not match [-1, {', '.join(map(str, shape))}]")
+    if dims[0] > MAX_V2_BATCH:
+        raise InputError(f"at most {MAX_V2_BATCH} inputs per request", 413, "too_large")
+    if len(t.data) != math.prod(dims):
+        raise InputError(f"data holds {len(t.data)} values, shape {t.shape} needs {math.prod(dims)}")
+    try:
+        x = np.asarray(t.data, dtype=np.float32).reshape(dims)
+    except (TypeError, ValueError):
+        raise InputError("data must be a flat list of numbers") from None
+    if not np.isfinite(x).all():
+        raise InputError("input holds NaN or infinite values")
+    return x
+
+
+@router.post(
+    "/models/{name}/infer",
+    dependencies=[Authorized],
+    response_model=V2InferResponse,
+    responses={400: {"model": Error}, 404: {"model": Error}, 503: {"model": Error}},
+)
+async def infer(name: str, req: V2InferRequest, request: Request, service: ServiceDep) -> V2InferResponse:
+    rt = _runtime(service, name)
+    request.scope["state"]["model"] = name
+    m = rt.detector.manifest
+    x = np.clip(_tensor(req, m.input.shape), *m.input.range)
+    timeout = service.settings.request_timeout_s
+    results = [v for v, _ in await asyncio.gather(*(wait_unless_gone(request, rt.detect(xi), timeout) for xi in x))]
+    n, d = len(results), service.settings.score_decimals
+    return V2InferResponse(
+        model_name=name,
+        model_version=m.version,
+        id=req.id,
+        outputs=[
+            V2Tensor(name="score", shape=[n], datatype="FP32", data=[round(v.score, d) for v in results]),
+            V2Tensor(name="verdict", shape=[n], datatype="BYTES", data=[v.verdict for v in results]),
+            V2Tensor(name="prediction", shape=[n], datatype="INT64", data=[v.index for v in results]),
+        ],
+    )

@@ -1,0 +1,85 @@
+"""One served model: its detector resident on the device, its batcher, and the per-device batching defaults."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from nccr_guard.batcher import Batcher, BatchStats, Draining, QueueFull, Timings
+from nccr_guard.config import Settings
+from nccr_guard.detector import Detector, Verdict
+from nccr_guard.inputs import InputError
+from nccr_guard.server.metrics import Metrics
+
+log = logging.getLogger("nccr_guard")
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    max_rows: int
+    max_delay_s: float
+    workers: int
+    torch_threads: int
+
+
+def batch_policy(settings: Settings, device: str, rows_per_input: int) -> BatchPolicy:
+    """Per-device defaults, measured (docs/performance.md): on a small CPU, small batches on one-thread workers
+    (one per core) win; on a GPU, large batches and a short gathering window."""
+    gpu = device.startswith("cuda")
+    cores = os.cpu_count() or 1
+    max_rows = settings.max_batch or (rows_per_input * (64 if gpu else 2))
+    delay = settings.max_delay_ms / 1000 if settings.max_delay_ms >= 0 else (0.002 if gpu else 0.001)
+    workers = 2 if gpu else min(cores, 4)
+    threads = settings.torch_threads or (0 if gpu else 1)
+    return BatchPolicy(max(max_rows, rows_per_input), delay, workers, threads)
+
+
+class ModelRuntime:
+    def __init__(self, detector: Detector, policy: BatchPolicy, metrics: Metrics) -> None:
+        self.detector, self.policy, self.metrics = detector, policy, metrics
+        self.name = detector.manifest.name
+        self.ready = False
+        self.batcher: Batcher[np.ndarray, Verdict] = Batcher(
+            detector.detect, policy.max_rows, policy.max_delay_s, 1, policy.workers, self._observe, f"model-{self.name}"
+        )
+
+    def configure_queue(self, max_queue: int) -> None:
+        self.batcher.max_queue = max_queue
+
+    def _observe(self, s: BatchStats) -> None:
+        m = self.metrics
+        m.compute.labels(self.name).observe(s.compute_s)
+        m.batch_requests.labels(self.name).observe(s.requests)
+        m.batch_rows.labels(self.name).observe(s.rows)
+        for w in s.queue_s:
+            m.queue_wait.labels(self.name).observe(w)
+
+    async def start(self) -> None:
+        await self.batcher.start()
+        t = time.monotonic()
+        x = np.zeros(self.detector.manifest.input.shape, np.float32)
+        for _ in range(3):  # warm-up: allocator, kernels, thread pools
+            await self.batcher.submit(x, self.detector.rows_per_input)
+        self.ready = True
+        log.info("model %s warm in %.2fs", self.name, time.monotonic() - t)
+
+    async def detect(self, x: np.ndarray) -> tuple[Verdict, Timings]:
+        self.metrics.queue_depth.labels(self.name).set(self.batcher.depth)
+        try:
+            verdict, timings = await self.batcher.submit(x, self.detector.rows_per_input)
+        except QueueFull:
+            raise InputError(f"model {self.name} is at capacity; retry shortly", 503, "queue_full") from None
+        except Draining:
+            raise InputError("shutting down", 503, "draining") from None
+        except Exception as e:  # the batch failed in the backend: only its requests see this
+            log.exception("batch failed on model %s", self.name)
+            raise InputError(
+                f"model {self.name} failed on this batch ({type(e).__name__}); retry", 503, "backend_error"
+            ) from None
+        self.metrics.verdicts.labels(self.name, verdict.verdict).inc()
+        self.metrics.scores.labels(self.name).observe(verdict.score)
+        return verdict, timings

@@ -1,0 +1,80 @@
+"""Response and request bodies (what /docs shows)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class Prediction(BaseModel):
+    index: int
+    label: str
+    confidence: float
+
+
+class TimingsMs(BaseModel):
+    queue: float
+    compute: float
+    total: float
+
+
+class Detection(BaseModel):
+    model: str
+    modality: str
+    verdict: str = Field(description="clean | adversarial")
+    score: float = Field(description="combined standardised NCCR; above `threshold` means adversarial")
+    threshold: float
+    p_value: float = Field(description="share of clean calibration inputs scoring at least as high")
+    prediction: Prediction
+    passes: int = Field(description="forward passes (rows) spent on this input")
+    timings_ms: TimingsMs
+
+
+class BatchItem(BaseModel):
+    filename: str | None = None
+    result: Detection | None = None
+    error: str | None = None
+    status: int = 200
+
+
+class BatchDetection(BaseModel):
+    results: list[BatchItem]
+
+
+class Error(BaseModel):
+    error: str
+
+
+class ModelCard(BaseModel):
+    name: str
+    modality: str
+    labels: list[str]
+    input: dict
+    backend: str
+    device: str
+    variant: str
+    components: list[str]
+    k: int
+    passes: int
+    calibration: dict
+    robustness_nccr: float
+    ready: bool
+
+
+class V2Tensor(BaseModel):
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list
+
+
+class V2InferRequest(BaseModel):
+    id: str | None = None
+    inputs: list[V2Tensor]
+    outputs: list[dict] | None = None
+
+
+class V2InferResponse(BaseModel):
+    model_name: str
+    model_version: str | None = None
+    id: str | None = None
+    outputs: list[V2Tensor]

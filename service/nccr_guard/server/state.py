@@ -1,0 +1,45 @@
+"""The service's runtime state, built in the lifespan and reached by handlers through `deps`."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import httpx
+
+from nccr_guard.config import Settings
+from nccr_guard.inputs import InputError, Limits, sniff_modality
+from nccr_guard.server.metrics import Metrics
+from nccr_guard.server.runtime import ModelRuntime
+
+log = logging.getLogger("nccr_guard")
+
+
+@dataclass
+class Service:
+    settings: Settings
+    metrics: Metrics
+    runtimes: dict[str, ModelRuntime] = field(default_factory=dict)
+    draining: bool = False
+    upstream: httpx.AsyncClient | None = None
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.runtimes) and not self.draining and all(r.ready for r in self.runtimes.values())
+
+    @property
+    def limits(self) -> Limits:
+        s = self.settings
+        return Limits(s.max_upload_bytes, s.max_pixels, s.max_audio_s)
+
+    def runtime(self, name: str | None, data: bytes | None = None) -> ModelRuntime:
+        """The named model, or the first model of the upload's modality."""
+        if name:
+            if name not in self.runtimes:
+                raise InputError(f"no model named {name!r}; serving {', '.join(self.runtimes)}", 404, "not_found")
+            return self.runtimes[name]
+        modality = sniff_modality(data or b"")
+        for rt in self.runtimes.values():
+            if rt.detector.manifest.modality == modality:
+                return rt
+        raise InputError(f"no {modality} model is served here", 415)
