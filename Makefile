@@ -9,7 +9,7 @@ EXTRAS ?= cpu,dev
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install serve test lint eval bench fuzz clean models
+.PHONY: install tools serve test lint eval bench fuzz clean models
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -22,15 +22,22 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
+# Test tools that are not Python packages: Prometheus + promtool from Debian (needs root/sudo once).
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	  $$SUDO pkill -x prometheus || true; }
+
 serve: install
 	$(BIN)/nccr-guard serve --host $(HOST) --port $(PORT)
 
-test: install
-	$(BIN)/ruff check service tests bench models
+test: install tools
+	$(BIN)/ruff check service tests bench models deploy
 	$(BIN)/python -m pytest -q tests
 
 lint: install
-	$(BIN)/ruff check service tests bench models
+	$(BIN)/ruff check service tests bench models deploy
 
 models: install
 	$(BIN)/python models/mnist/train.py

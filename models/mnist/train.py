@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
 from nccr_guard.datasets import load_split
 from nccr_guard.export import export_onnx
 from nccr_guard.manifest import load_manifest

@@ -141,7 +141,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from nccr_guard.eval.search import search
 
-    search(args.model, n=args.n, seed=args.seed, out=args.out, attack=args.attack)
+    search(args.model, n=args.n, seed=args.seed, out=args.out, attacks=tuple(args.attacks))
     return 0
 
 
@@ -205,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("search", help="the NCCR formulation search on the dev split (one attack)")
     _add_model_flags(p, backend=False)
-    p.add_argument("--attack", default="fgsm")
+    p.add_argument("--attacks", nargs="+", default=["fgsm"], help="dev attacks to rank by (worst case over them)")
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("reports/search"))

@@ -12,11 +12,16 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+DEFAULT_NAMES = ("mnist", "speaker")
 
 
 def default_models() -> list[Path]:
-    """The embedded default model folders that exist in this checkout/install."""
-    return [p for p in (REPO_MODELS / "mnist", REPO_MODELS / "speaker") if (p / "model.toml").exists()]
+    """The embedded default model folders: from the source checkout, else ./models (the container's /app)."""
+    for root in (REPO_MODELS, Path.cwd() / "models"):
+        found = [root / n for n in DEFAULT_NAMES if (root / n / "model.toml").exists()]
+        if found:
+            return found
+    return []
 
 
 class Settings(BaseSettings):
@@ -30,6 +35,7 @@ class Settings(BaseSettings):
     max_batch: int = Field(0, ge=0, description="rows (passes) per forward; 0 = per-device default")
     max_delay_ms: float = Field(-1.0, description="batch gathering window; <0 = per-device default")
     max_queue: int = Field(256, ge=1, description="queued requests per model before 503")
+    max_connections: int = Field(1024, ge=1, description="concurrent connections before uvicorn answers 503")
     request_timeout_s: float = Field(10.0, gt=0)
     api_key: str | None = None
     open_health: bool = Field(True, description="health and metrics need no API key")

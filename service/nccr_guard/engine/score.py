@@ -32,7 +32,9 @@ class Scores:
 
 def view(acts: dict[str, np.ndarray], key: str) -> np.ndarray:
     """(B, R, N) activations for a layer key; '*' concatenates every layer (logits last), 'last' is the deepest
-    watched layer before the logits (so a variant can name it without knowing the model)."""
+    watched layer before the logits (so a variant can name it without knowing the model), 'probs' the softmax."""
+    if key == "probs":
+        return softmax(acts["logits"].astype(np.float64)).astype(np.float32)
     if key == "last":
         key = [k for k in acts if k != "logits"][-1]
     if key != "*":

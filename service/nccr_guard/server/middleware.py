@@ -40,6 +40,8 @@ class ServiceMiddleware:
                 sent_bytes += len(message.get("body", b""))
             await send(message)
 
+        counted = not scope["path"].startswith(("/v2/health", "/metrics"))
+        svc.active += counted
         svc.metrics.in_flight.inc()
         try:
             if svc.draining and scope["path"] not in ALWAYS_OPEN and not scope["path"].startswith("/v2/health"):
@@ -48,6 +50,7 @@ class ServiceMiddleware:
             else:
                 await self.app(scope, receive, send_wrapper)
         finally:
+            svc.active -= counted
             svc.metrics.in_flight.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", "unmatched")

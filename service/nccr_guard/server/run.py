@@ -3,8 +3,11 @@ once; queued and in-flight requests finish within `drain_s`, then the process ex
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
+import time
 
 import uvicorn
 
@@ -13,12 +16,36 @@ from nccr_guard.server.app import create_app
 
 
 class DrainingServer(uvicorn.Server):
+    """SIGTERM: readiness false and 503 for new requests at once, while the listener stays open (so connections
+    already in the backlog get an answer, not a reset) until queued and in-flight work is done or `drain_s`
+    passes; then uvicorn's own graceful shutdown. A second signal exits at once. A drained exit is 0 (uvicorn
+    would re-raise SIGTERM and exit -15)."""
+
+    _draining_task: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self):
+        with super().capture_signals():
+            yield
+            self._captured_signals.clear()
+
     def handle_exit(self, sig: int, frame) -> None:
-        app = self.config.loaded_app
-        service = getattr(getattr(app, "state", None), "service", None) or _find_service(app)
-        if service is not None:
-            service.draining = True
-            service.metrics.ready.set(0)
+        service = _find_service(self.config.loaded_app)
+        if service is None or self._draining_task is not None:
+            super().handle_exit(sig, frame)
+            return
+        service.draining = True
+        service.metrics.ready.set(0)
+        loop = asyncio.get_event_loop()
+        self._draining_task = loop.create_task(self._drain_then_exit(service, sig, frame))
+
+    async def _drain_then_exit(self, service, sig: int, frame) -> None:
+        deadline = time.monotonic() + service.settings.drain_s
+        await asyncio.sleep(min(0.5, service.settings.drain_s))
+        while time.monotonic() < deadline and (
+            service.active or any(rt.batcher.depth or rt.batcher.in_flight for rt in service.runtimes.values())
+        ):
+            await asyncio.sleep(0.05)
         super().handle_exit(sig, frame)
 
 

@@ -21,6 +21,7 @@ class Service:
     metrics: Metrics
     runtimes: dict[str, ModelRuntime] = field(default_factory=dict)
     draining: bool = False
+    active: int = 0  # requests being handled, health and metrics excluded
     upstream: httpx.AsyncClient | None = None
 
     @property

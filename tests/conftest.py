@@ -1,0 +1,100 @@
+"""Shared fixtures: the real default model, real PNG files, and a real `nccr-guard serve` on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+MNIST = ROOT / "models" / "mnist"
+BIN = Path(sys.executable).parent / "nccr-guard"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def mnist_test() -> tuple[np.ndarray, np.ndarray]:
+    from nccr_guard.datasets import load_split
+    from nccr_guard.manifest import load_manifest
+
+    return load_split(load_manifest(MNIST), "test")
+
+
+@pytest.fixture(scope="session")
+def detector():
+    from nccr_guard.detector import Detector
+
+    return Detector.load(MNIST, backend="torch", device="cpu")
+
+
+def to_png(x: np.ndarray, path: Path) -> Path:
+    from PIL import Image
+
+    Image.fromarray((np.clip(x[0], 0, 1) * 255).round().astype(np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digit_pngs(tmp_path_factory, mnist_test) -> list[tuple[Path, int]]:
+    """Every 5th held-out test digit as a real PNG file, with its label."""
+    folder = tmp_path_factory.mktemp("digits")
+    x, y = mnist_test
+    return [(to_png(x[i], folder / f"digit_{i}_{y[i]}.png"), int(y[i])) for i in range(0, len(x), 5)]
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.proc.wait(timeout)
+
+
+def start_server(tmp_path: Path, *args: str, env: dict | None = None, ready_timeout: float = 60) -> Server:
+    port = free_port()
+    log = tmp_path / f"serve-{port}.log"
+    cmd = [str(BIN), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + ready_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                return Server(url, proc, log)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError(f"server not ready in {ready_timeout}s:\n{log.read_text()[-3000:]}")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[Server]:
+    s = start_server(tmp_path_factory.mktemp("server"))
+    yield s
+    s.stop()

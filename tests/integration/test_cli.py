@@ -1,0 +1,64 @@
+"""The `nccr-guard` console script as a user runs it, on real PNG files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+
+from tests.conftest import BIN, MNIST
+
+
+def run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_score_predicts_held_out_digits(digit_pngs):
+    r = run("score", "--model", str(MNIST), *(str(p) for p, _ in digit_pngs))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(lines) == len(digit_pngs)
+    correct = sum(o["prediction"]["index"] == label for o, (_, label) in zip(lines, digit_pngs, strict=True))
+    assert correct / len(lines) >= 0.95
+    for o in lines:
+        assert o["verdict"] in ("clean", "adversarial") and o["model"] == "mnist" and o["passes"] > 1
+        assert set(o) >= {"file", "score", "threshold", "prediction"}
+    assert sum(o["verdict"] == "clean" for o in lines) / len(lines) >= 0.85
+
+
+def test_corrupt_and_missing_files_fail_cleanly(tmp_path, digit_pngs):
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(digit_pngs[0][0].read_bytes()[:60])
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    r = run("score", str(digit_pngs[0][0]), str(corrupt), str(text), str(tmp_path / "missing.png"))
+    assert r.returncode == 1
+    assert len(r.stdout.splitlines()) == 1  # the good file still scored
+    errors = r.stderr.strip().splitlines()
+    assert len(errors) == 3 and all(e.startswith("nccr-guard: error: ") for e in errors)
+    assert "Traceback" not in r.stderr
+
+
+def test_wrong_model_folder_is_one_line(tmp_path):
+    r = run("score", "--model", str(tmp_path), "x.png")
+    assert r.returncode == 2 and "no model.toml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_help_on_every_command():
+    for cmd in ("serve", "score", "calibrate", "robustness", "evaluate", "search"):
+        r = run(cmd, "--help")
+        assert r.returncode == 0 and "usage: nccr-guard" in r.stdout
+    assert "NCCR_GUARD_MAX_BATCH" in run("serve", "--help").stdout
+
+
+def test_calibrate_and_robustness_on_a_copy(tmp_path):
+    folder = tmp_path / "mnist"
+    shutil.copytree(MNIST, folder)
+    r = run("calibrate", "--model", str(folder), "--target-fpr", "0.1")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["target_fpr"] == 0.1 and out["n_clean"] == 750
+    r = run("robustness", "--model", str(folder))
+    assert r.returncode == 0, r.stderr
+    rob = json.loads(r.stdout)
+    assert 0.0 < rob["nccr"] < 0.5 and rob["n"] == 500

@@ -1,0 +1,89 @@
+"""The default MNIST model end to end through the detector: real weights, real calibration, both backends."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from nccr_guard.detector import Detector
+from nccr_guard.manifest import ManifestError
+from tests.conftest import MNIST
+
+
+class CountingBackend:
+    """A real backend that also records each forward call's batch size."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, []
+        self.name, self.device, self.layers = inner.name, inner.device, inner.layers
+
+    def forward(self, x):
+        self.calls.append(len(x))
+        return self.inner.forward(x)
+
+
+def test_all_rows_of_an_input_go_through_one_forward(detector, mnist_test):
+    counting = CountingBackend(detector.backend)
+    det = Detector(detector.manifest, counting, detector.variant, detector.calib)
+    v = det.detect([mnist_test[0][0]])[0]
+    assert counting.calls == [det.rows_per_input] and v.passes == det.rows_per_input
+    det.detect(list(mnist_test[0][:3]))
+    assert counting.calls[-1] == 3 * det.rows_per_input
+
+
+def test_same_seed_same_score_other_seed_other_rows(detector, mnist_test):
+    x = mnist_test[0][7]
+    other = Detector(detector.manifest, detector.backend, detector.variant, detector.calib, seed=1)
+    assert detector.detect([x])[0].score == detector.detect([x])[0].score
+    assert not np.array_equal(detector.rows(x), other.rows(x))
+
+
+def test_artifact_shapes_match_the_model(detector):
+    c = detector.calib
+    width = {"logits": 10, "probs": 10, "fc1": 128, "last": 128, "*": 138}
+    assert c.thresholds and c.selection and c.spread
+    for key, t in c.thresholds.items():
+        assert t.shape == (width[key],), key
+        assert c.selection[key].shape == (10, min(detector.variant.top_m, width[key]))
+        assert c.selection[key].min() >= 0 and c.selection[key].max() < width[key]
+    for key, s in c.spread.items():
+        assert s.shape == (width[key.split("|")[1]],) and np.all(s > 0)
+    assert len(c.comp_mu) == len(detector.variant.components) == len(c.comp_sigma)
+
+
+def test_false_positive_rate_on_held_out_clean_is_near_target(detector):
+    from nccr_guard.datasets import load_split
+
+    xs = np.concatenate([load_split(detector.manifest, s)[0] for s in ("dev", "test")])
+    flagged = np.mean([v.adversarial for v in detector.detect(xs, chunk=64)])
+    assert abs(flagged - detector.calib.target_fpr) <= 0.02, flagged
+
+
+def test_torch_and_onnx_backends_agree(detector, mnist_test):
+    onnx_det = Detector.load(MNIST, backend="onnx", device="cpu")
+    xs = list(mnist_test[0][:20])
+    a, b = detector.detect(xs), onnx_det.detect(xs)
+    np.testing.assert_allclose([v.score for v in a], [v.score for v in b], atol=1e-4)
+    assert [v.index for v in a] == [v.index for v in b]
+
+
+def test_artifacts_for_other_weights_are_refused(tmp_path):
+    folder = tmp_path / "mnist"
+    shutil.copytree(MNIST, folder)
+    state = torch.load(folder / "weights.pt", weights_only=True)
+    state["head.bias"] += 0.01
+    torch.save(state, folder / "weights.pt")
+    with pytest.raises(ManifestError, match="calibration was made for weights.pt.*nccr-guard calibrate"):
+        Detector.load(folder, backend="torch")
+    Detector.load(folder, backend="onnx")  # the ONNX file still matches its own record
+
+
+def test_missing_calibration_says_what_to_run(tmp_path):
+    folder = tmp_path / "mnist"
+    shutil.copytree(MNIST, folder)
+    (folder / "calibration.npz").unlink()
+    with pytest.raises(ManifestError, match="nccr-guard calibrate"):
+        Detector.load(folder)

@@ -1,0 +1,162 @@
+"""The HTTP API against a real `nccr-guard serve` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import start_server
+
+FIELDS = {"model", "modality", "verdict", "score", "threshold", "p_value", "prediction", "passes", "timings_ms"}
+
+
+def assert_healthy(c) -> None:
+    assert c.get("/v2/health/ready").json() == {"ready": True}
+
+
+def test_detect_png_multipart_and_raw(server, digit_pngs):
+    path, label = digit_pngs[1]
+    with server.client() as c:
+        r = c.post("/v1/detect", files={"file": (path.name, path.read_bytes(), "image/png")})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert set(body) == FIELDS and body["model"] == "mnist" and body["modality"] == "image"
+        assert body["prediction"]["index"] == label and body["verdict"] in ("clean", "adversarial")
+        assert set(body["timings_ms"]) == {"queue", "compute", "total"} and 0 < body["p_value"] <= 1
+        raw = c.post("/v1/detect", content=path.read_bytes(), headers={"content-type": "image/png"})
+        assert raw.status_code == 200 and raw.json()["score"] == body["score"]
+        assert r.headers["x-request-id"]
+
+
+@pytest.mark.parametrize(
+    ("name", "make", "status"),
+    [
+        ("corrupt png", lambda png: png[:70], 400),
+        ("empty body", lambda png: b"", 400),
+        ("text file", lambda png: b"hello, this is text\n" * 10, 415),
+        ("20 MB upload", lambda png: png + b"\0" * (20 * 1024 * 1024), 413),
+    ],
+)
+def test_bad_uploads_get_clear_4xx(server, digit_pngs, name, make, status):
+    data = make(digit_pngs[0][0].read_bytes())
+    with server.client() as c:
+        r = c.post("/v1/detect", files={"file": ("x.png", data, "image/png")})
+        assert r.status_code == status, (name, r.text)
+        assert isinstance(r.json()["error"], str) and r.json()["error"]
+        assert_healthy(c)
+
+
+def test_json_where_upload_expected(server):
+    with server.client() as c:
+        r = c.post("/v1/detect", json={"image": [1, 2, 3]})
+        assert r.status_code == 415 and "upload" in r.json()["error"]
+
+
+def test_batch_endpoint_mixes_results_and_errors(server, digit_pngs):
+    files = [("file", (p.name, p.read_bytes(), "image/png")) for p, _ in digit_pngs[:3]]
+    files.append(("file", ("bad.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")))
+    with server.client() as c:
+        r = c.post("/v1/detect/batch", files=files)
+    assert r.status_code == 200
+    res = r.json()["results"]
+    assert [x["status"] for x in res] == [200, 200, 200, 400]
+    assert [x["result"]["prediction"]["index"] for x in res[:3]] == [lbl for _, lbl in digit_pngs[:3]]
+
+
+def test_models_endpoints(server):
+    with server.client() as c:
+        models = c.get("/v1/models").json()
+        assert [m["name"] for m in models] == ["mnist"]
+        m = c.get("/v1/models/mnist").json()
+        assert m["backend"] in ("torch", "onnx") and m["device"] == "cpu" and m["variant"] == "nccr-v2"
+        assert m["calibration"]["target_fpr"] == 0.05 and m["passes"] > 1 and m["robustness_nccr"] > 0
+        assert c.get("/v1/models/nope").status_code == 404
+
+
+def test_kserve_v2_protocol(server, mnist_test):
+    x, y = mnist_test
+    with server.client() as c:
+        assert c.get("/v2").json()["name"] == "nccr-guard"
+        assert c.get("/v2/health/live").json() == {"live": True}
+        meta = c.get("/v2/models/mnist").json()
+        assert meta["inputs"][0] == {"name": "input", "datatype": "FP32", "shape": [-1, 1, 28, 28]}
+        assert c.get("/v2/models/mnist/ready").json()["ready"] is True
+        req = {
+            "id": "r1",
+            "inputs": [{"name": "input", "shape": [2, 1, 28, 28], "datatype": "FP32", "data": x[:2].ravel().tolist()}],
+        }
+        r = c.post("/v2/models/mnist/infer", json=req)
+        assert r.status_code == 200, r.text
+        out = {o["name"]: o for o in r.json()["outputs"]}
+        assert r.json()["model_name"] == "mnist" and r.json()["id"] == "r1"
+        assert out["prediction"]["data"] == y[:2].tolist() and out["score"]["shape"] == [2]
+        assert out["verdict"]["datatype"] == "BYTES" and set(out["verdict"]["data"]) <= {"clean", "adversarial"}
+
+
+@pytest.mark.parametrize(
+    ("tensor", "needle"),
+    [
+        ({"name": "input", "shape": [1, 28, 28], "datatype": "INT8", "data": [0] * 784}, "FP32"),
+        ({"name": "input", "shape": [1, 27, 28], "datatype": "FP32", "data": [0.0] * 756}, "shape"),
+        ({"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "data": [0.0] * 10}, "values"),
+        ({"name": "input", "shape": [1, 28, 28], "datatype": "FP32", "data": ["NaN"] + [0.0] * 783}, "NaN"),
+    ],
+)
+def test_kserve_v2_errors(server, tensor, needle):
+    with server.client() as c:
+        r = c.post("/v2/models/mnist/infer", json={"inputs": [tensor]})
+        assert r.status_code == 400 and needle in r.json()["error"], r.text
+        assert c.post("/v2/models/nope/infer", json={"inputs": [tensor]}).status_code == 404
+        bad = c.post("/v2/models/mnist/infer", json={"inputs": "nope"})
+        assert bad.status_code == 422 and "error" in bad.json()
+
+
+def test_metrics_exposition(server, digit_pngs):
+    with server.client() as c:
+        c.post("/v1/detect", files={"file": ("a.png", digit_pngs[2][0].read_bytes(), "image/png")})
+        text = c.get("/metrics").text
+    for name in (
+        "nccr_guard_requests_total",
+        "nccr_guard_request_duration_seconds_bucket",
+        "nccr_guard_queue_wait_seconds_bucket",
+        "nccr_guard_compute_seconds_bucket",
+        "nccr_guard_batch_requests_bucket",
+        "nccr_guard_batch_rows_bucket",
+        "nccr_guard_queue_depth",
+        "nccr_guard_in_flight_requests",
+        "nccr_guard_verdicts_total",
+        "nccr_guard_score_bucket",
+        "nccr_guard_rejections_total",
+        "nccr_guard_model_info",
+    ):
+        assert name in text, name
+    assert (
+        'nccr_guard_model_info{backend="torch",device="cpu",k="12",modality="image",model="mnist",'
+        'variant="nccr-v2"} 1.0' in text
+    )
+
+
+def test_api_key(tmp_path, digit_pngs):
+    s = start_server(tmp_path, env={"NCCR_GUARD_API_KEY": "s3cret"})
+    try:
+        png = digit_pngs[0][0].read_bytes()
+        with s.client() as c:
+            assert c.post("/v1/detect", content=png, headers={"content-type": "image/png"}).status_code == 401
+            wrong = c.post("/v1/detect", content=png, headers={"content-type": "image/png", "x-api-key": "nope"})
+            assert wrong.status_code == 401 and wrong.json() == {"error": "missing or wrong API key"}
+            ok = c.post(
+                "/v1/detect", content=png, headers={"content-type": "image/png", "authorization": "Bearer s3cret"}
+            )
+            assert ok.status_code == 200
+            assert c.get("/v1/models", headers={"x-api-key": "s3cret"}).status_code == 200
+            assert c.get("/v1/models").status_code == 401
+            assert c.get("/v2/health/ready").status_code == 200 and c.get("/metrics").status_code == 200
+            assert 'nccr_guard_rejections_total{reason="unauthorized"} 3.0' in c.get("/metrics").text
+    finally:
+        assert s.stop() == 0
+
+
+def test_openapi_lists_the_api(server):
+    with server.client() as c:
+        paths = c.get("/openapi.json").json()["paths"]
+    for p in ("/v1/detect", "/v1/detect/batch", "/v1/models", "/v1/guard", "/v2/models/{name}/infer", "/metrics"):
+        assert p in paths

@@ -1,0 +1,122 @@
+"""Sidecar mode against a real upstream HTTP server: clean uploads arrive byte-identical, attacked ones do not."""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from tests.conftest import free_port, start_server, to_png
+
+
+class Upstream:
+    """A stand-in production classifier that records what reaches it."""
+
+    def __init__(self, status: int = 200) -> None:
+        self.bodies: list[bytes] = []
+        self.headers: list[dict] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                outer.bodies.append(body)
+                outer.headers.append({k.lower(): v for k, v in self.headers.items()})
+                out = json.dumps({"label": "from-upstream", "bytes": len(body)}).encode()
+                self.send_response(status)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args):
+                pass
+
+        self.port = free_port()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/classify"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture(scope="module")
+def attacked_pngs(tmp_path_factory, detector, mnist_test):
+    """FGSM (ART) versions of held-out digits, saved as 8-bit PNGs, that still fool the model."""
+    from nccr_guard.eval.attacks import art_classifier, run_attack
+    from nccr_guard.inputs import decode
+
+    x, y = mnist_test
+    clf = art_classifier(detector.backend.module, (1, 28, 28), 10, (0.0, 1.0))
+    adv = run_attack("fgsm", clf, x[:40])
+    folder = tmp_path_factory.mktemp("adv")
+    out = []
+    for i, a in enumerate(adv):
+        p = to_png(a, folder / f"adv_{i}.png")
+        v = detector.detect([decode(p.read_bytes(), detector.manifest)])[0]
+        if v.index != y[i]:
+            out.append((p, v))
+    assert len(out) >= 10
+    return out
+
+
+def test_clean_forwarded_byte_identical_adversarial_blocked(tmp_path, digit_pngs, attacked_pngs):
+    up = Upstream()
+    s = start_server(tmp_path, "--upstream", up.url)
+    try:
+        with s.client() as c:
+            forwarded = 0
+            for path, _ in digit_pngs[:12]:
+                data = path.read_bytes()
+                r = c.post("/v1/guard", content=data, headers={"content-type": "image/png", "x-request-id": "abc"})
+                assert r.headers["x-nccr-verdict"] in ("clean", "adversarial")
+                if r.headers["x-nccr-verdict"] == "clean":
+                    forwarded += 1
+                    assert r.status_code == 200 and r.json()["label"] == "from-upstream"
+                    assert up.bodies[-1] == data and up.headers[-1]["content-type"] == "image/png"
+                    assert up.headers[-1]["x-request-id"] == "abc"
+                else:
+                    assert r.status_code == 422
+            assert forwarded >= 9 and len(up.bodies) == forwarded
+            multipart = c.post("/v1/guard", files={"file": ("d.png", digit_pngs[1][0].read_bytes(), "image/png")})
+            if multipart.headers["x-nccr-verdict"] == "clean":
+                assert up.bodies[-1].startswith(b"--") and digit_pngs[1][0].read_bytes() in up.bodies[-1]
+            before = len(up.bodies)
+            blocked = [p for p, v in attacked_pngs if v.adversarial]
+            assert len(blocked) >= 0.8 * len(attacked_pngs)
+            for p in blocked:
+                r = c.post("/v1/guard", content=p.read_bytes(), headers={"content-type": "image/png"})
+                assert r.status_code == 422 and r.json()["verdict"] == "adversarial"
+                assert r.headers["x-nccr-verdict"] == "adversarial"
+            assert len(up.bodies) == before
+    finally:
+        s.stop()
+        up.close()
+
+
+def test_tag_mode_forwards_with_headers_and_upstream_failures_map(tmp_path, attacked_pngs):
+    up = Upstream(status=500)
+    s = start_server(tmp_path, "--upstream", up.url, "--on-adversarial", "tag")
+    dead = start_server(tmp_path, "--upstream", f"http://127.0.0.1:{free_port()}/x")
+    try:
+        p, _ = next((p, v) for p, v in attacked_pngs if v.adversarial)
+        with s.client() as c:
+            r = c.post("/v1/guard", content=p.read_bytes(), headers={"content-type": "image/png"})
+            assert len(up.bodies) == 1 and up.headers[0]["x-nccr-verdict"] == "adversarial"
+            assert r.status_code == 502 and "upstream answered 500" in r.json()["error"]
+        with dead.client() as c:
+            r = c.post("/v1/guard", content=p.read_bytes(), headers={"content-type": "image/png"})
+            assert r.status_code in (422, 502)
+            if r.status_code == 502:
+                assert "unreachable" in r.json()["error"]
+    finally:
+        s.stop()
+        dead.stop()
+        up.close()

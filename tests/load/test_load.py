@@ -1,0 +1,89 @@
+"""Bounded load on loopback: concurrency batches across requests, a full queue sheds load with 503 +
+Retry-After, and SIGTERM drains accepted work. Request counts and durations are fixed and small."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import httpx
+
+from tests.conftest import start_server
+
+
+async def _post_many(url: str, png: bytes, n: int, delay_s: float = 0.0) -> list:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+
+        async def one(i: int):
+            await asyncio.sleep(delay_s * i)
+            try:
+                return await c.post("/v1/detect", content=png, headers={"content-type": "image/png"})
+            except httpx.HTTPError as e:
+                return e
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def metric(text: str, name: str) -> float:
+    return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def test_200_concurrent_requests_are_all_answered_in_shared_batches(server, digit_pngs):
+    png = digit_pngs[3][0].read_bytes()
+    with server.client() as c:
+        before = c.get("/metrics").text
+    answers = asyncio.run(_post_many(server.url, png, 200))
+    assert [getattr(a, "status_code", a) for a in answers] == [200] * 200
+    with server.client() as c:
+        after = c.get("/metrics").text
+    batches = metric(after, "nccr_guard_batch_requests_count") - metric(before, "nccr_guard_batch_requests_count")
+    requests = metric(after, "nccr_guard_batch_requests_sum") - metric(before, "nccr_guard_batch_requests_sum")
+    assert requests == 200 and requests / batches > 1.0, (requests, batches)
+
+
+def test_full_queue_sheds_load_with_503_and_retry_after(tmp_path, digit_pngs):
+    s = start_server(tmp_path, "--max-queue", "2", "--max-batch", "14")
+    try:
+        answers = asyncio.run(_post_many(s.url, digit_pngs[0][0].read_bytes(), 120, delay_s=0.002))
+        codes = [getattr(a, "status_code", None) for a in answers]
+        assert None not in codes and set(codes) <= {200, 503}, set(map(str, answers))
+        assert codes.count(200) >= 2 and codes.count(503) >= 1
+        for a in answers:
+            if a.status_code == 503:
+                assert a.headers["retry-after"] == "1" and "capacity" in a.json()["error"]
+        with s.client() as c:
+            text = c.get("/metrics").text
+            assert metric(text, 'nccr_guard_rejections_total{reason="queue_full"}') == codes.count(503)
+            assert (
+                c.post(
+                    "/v1/detect", content=digit_pngs[0][0].read_bytes(), headers={"content-type": "image/png"}
+                ).status_code
+                == 200
+            )
+    finally:
+        assert s.stop() == 0
+
+
+def test_sigterm_under_load_answers_every_accepted_request(tmp_path, digit_pngs):
+    s = start_server(tmp_path, "--drain-s", "20")
+    png = digit_pngs[0][0].read_bytes()
+
+    async def scenario():
+        task = asyncio.ensure_future(_post_many(s.url, png, 80, delay_s=0.005))
+        await asyncio.sleep(0.25)
+        s.proc.terminate()
+        return await task
+
+    t0 = time.monotonic()
+    answers = asyncio.run(scenario())
+    code = s.proc.wait(30)
+    assert code == 0, s.log.read_text()[-2000:]
+    answered = [a for a in answers if isinstance(a, httpx.Response)]
+    refused = [a for a in answers if isinstance(a, httpx.ConnectError)]
+    lost = [a for a in answers if not isinstance(a, (httpx.Response, httpx.ConnectError))]
+    assert not lost, [repr(e) for e in lost]
+    assert {a.status_code for a in answered} <= {200, 503}
+    assert sum(a.status_code == 200 for a in answered) >= 1
+    assert len(answered) + len(refused) == 80 and time.monotonic() - t0 < 40

@@ -1,0 +1,98 @@
+"""The NCCR engine on its own: pure arrays in, scores out."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nccr_guard.engine import Component, Perturbation, Variant, build_rows, fit_calibration, get_variant, score_rows
+from nccr_guard.engine.perturb import perturb, row_groups
+
+
+def fake_acts(n: int, r: int, rng: np.random.Generator, spread: float) -> dict[str, np.ndarray]:
+    base = rng.normal(size=(n, 1, 32))
+    hidden = np.maximum(base + spread * rng.normal(size=(n, r, 32)), 0)
+    hidden[:, 0] = np.maximum(base[:, 0], 0)
+    logits = hidden[..., :10] * 3
+    return {"fc": hidden.astype(np.float32), "logits": logits.astype(np.float32)}
+
+
+def test_rows_original_first_and_counts():
+    x = np.full((1, 4, 4), 0.5, np.float32)
+    ps = (Perturbation("bitdepth", 1), Perturbation("gaussian", 0.1, 5))
+    rows = build_rows(x, ps, np.random.default_rng(0), (0.0, 1.0))
+    assert rows.shape == (7, 1, 4, 4)
+    np.testing.assert_array_equal(rows[0], x)
+    assert row_groups(ps) == {"bitdepth:1": slice(1, 2), "gaussian:0.1": slice(2, 7)}
+    assert rows.min() >= 0 and rows.max() <= 1
+
+
+def test_squeezers_are_what_they_say():
+    x = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 4, 4)
+    one_bit = perturb(x, Perturbation("bitdepth", 1), np.random.default_rng(0), (0, 1))[0]
+    assert set(np.unique(one_bit)) <= {0.0, 1.0}
+    med = perturb(np.eye(5, dtype=np.float32)[None], Perturbation("median", 3), np.random.default_rng(0), (0, 1))[0]
+    assert med.sum() < np.eye(5).sum()  # a thin diagonal line is (mostly) filtered away
+
+
+def test_zero_scale_gives_zero_score():
+    v = Variant(
+        "zero",
+        (Perturbation("gaussian", 0.0, 8),),
+        (Component("gaussian:0", "fc", "flip"), Component("gaussian:0", "fc", "change", "class")),
+        robustness=Component("gaussian:0", "*", "flip", "class"),
+    )
+    rng = np.random.default_rng(1)
+    x = rng.random((1, 6, 6)).astype(np.float32)
+    rows = build_rows(x, v.perturbations, rng, (0, 1))
+    assert np.all(rows == x)
+    clean = fake_acts(60, v.rows, rng, 0.0)
+    calib = fit_calibration(v, {k: a[::2] for k, a in clean.items()}, {k: a[1::2] for k, a in clean.items()}, 10)
+    s = score_rows(v, calib, clean)
+    assert np.all(s.raw == 0)
+
+
+def test_unstable_inputs_score_higher():
+    v = Variant(
+        "t",
+        (Perturbation("gaussian", 0.1, 8),),
+        (Component("gaussian:0.1", "fc", "change"), Component("gaussian:0.1", "fc", "flip", "class", "max")),
+        robustness=Component("gaussian:0.1", "*", "flip", "class"),
+    )
+    rng = np.random.default_rng(2)
+    a, b = fake_acts(200, v.rows, rng, 0.1), fake_acts(200, v.rows, rng, 0.1)
+    calib = fit_calibration(v, a, b, 10, target_fpr=0.1)
+    clean = score_rows(v, calib, fake_acts(100, v.rows, rng, 0.1)).score
+    unstable = score_rows(v, calib, fake_acts(100, v.rows, rng, 0.6)).score
+    assert np.median(unstable) > np.quantile(clean, 0.95)
+    assert calib.selection["fc"].shape == (10, 20)
+    assert calib.thresholds["fc"].shape == (32,)
+
+
+def test_calibration_roundtrip(tmp_path):
+    v = get_variant("nccr-v2")
+    rng = np.random.default_rng(3)
+    a, b = fake_acts(80, v.rows, rng, 0.1), fake_acts(80, v.rows, rng, 0.1)
+    calib = fit_calibration(v, a, b, 10, meta={"weights_sha256": {"w": "x"}})
+    calib.save(tmp_path / "c.npz")
+    from nccr_guard.engine import Calibration
+
+    back = Calibration.load(tmp_path / "c.npz")
+    acts = fake_acts(5, v.rows, rng, 0.3)
+    np.testing.assert_allclose(score_rows(v, calib, acts).score, score_rows(v, back, acts).score)
+    assert back.meta["weights_sha256"] == {"w": "x"} and back.threshold == calib.threshold
+
+
+def test_p_value_is_monotone():
+    v = get_variant("nccr-v2")
+    rng = np.random.default_rng(4)
+    calib = fit_calibration(v, fake_acts(80, v.rows, rng, 0.1), fake_acts(80, v.rows, rng, 0.1), 10)
+    p = calib.p_value(np.array([-10.0, 0.0, 10.0, 1e9]))
+    assert np.all(np.diff(p) <= 0) and p[0] == 1.0 and p[-1] == pytest.approx(1 / (len(calib.clean_scores) + 1))
+
+
+def test_unknown_variant_and_family_fail_clearly():
+    with pytest.raises(ValueError, match="unknown NCCR variant"):
+        get_variant("nope")
+    with pytest.raises(ValueError, match="unknown perturbation family"):
+        Perturbation("blur", 1)
