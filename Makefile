@@ -47,8 +47,8 @@ eval: install
 	$(BIN)/nccr-guard evaluate --model models/mnist --out reports/mnist --seed 0
 
 bench: install
-	$(BIN)/python bench/engine.py
-	$(BIN)/python bench/serve.py
+	$(BIN)/python -m bench.engine
+	$(BIN)/python -m bench.serve
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

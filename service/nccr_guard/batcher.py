@@ -90,6 +90,8 @@ class Batcher(Generic[T, R]):
         """Queue one request and wait for its result. Raises QueueFull / Draining at once, or the batch's error."""
         if self._closing:
             raise Draining("shutting down")
+        if len(self._queue) >= self.max_queue:  # cancelled requests (client gone, timed out) free their slot now
+            self._queue = [i for i in self._queue if not i.future.done()]
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"{self.name}: {len(self._queue)} requests queued")
         item = _Item(payload, rows, asyncio.get_running_loop().create_future())

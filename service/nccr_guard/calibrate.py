@@ -34,12 +34,13 @@ def calibrate(
     seed: int = 0,
     backend: str = "auto",
     write: bool = True,
+    device: str = "cpu",
 ) -> Calibration:
     """Fit and (by default) write `calibration.npz`.
 
     Even-indexed inputs fit the neuron statistics, odd-indexed ones the score distribution and threshold.
     """
-    det = Detector.load(folder, backend=backend, device="cpu", seed=seed, calibrated=False)
+    det = Detector.load(folder, backend=backend, device=device, seed=seed, calibrated=False)
     det.variant = get_variant(variant or det.manifest.variant)
     k = k or det.manifest.k
     if k:

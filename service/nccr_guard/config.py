@@ -30,8 +30,10 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     models: list[Path] = Field(default_factory=default_models, description="model folders to serve")
+    processes: int = Field(1, ge=1, le=64, description="server processes (each loads the models; CPU: one per core)")
     backend: Literal["torch", "onnx", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    half: bool = Field(False, description="half precision on CUDA (torch backend)")
     max_batch: int = Field(0, ge=0, description="rows (passes) per forward; 0 = per-device default")
     max_delay_ms: float = Field(-1.0, description="batch gathering window; <0 = per-device default")
     max_queue: int = Field(256, ge=1, description="queued requests per model before 503")

@@ -75,9 +75,10 @@ class Detector:
         seed: int = 0,
         threads: int = 0,
         calibrated: bool = True,
+        half: bool = False,
     ) -> Detector:
         manifest = load_manifest(folder)
-        be = make_backend(backend, manifest, device=device, threads=threads)
+        be = make_backend(backend, manifest, device=device, threads=threads, half=half)
         calib = None
         variant = get_variant(manifest.variant)
         if calibrated:

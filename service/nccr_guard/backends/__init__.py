@@ -36,7 +36,7 @@ def reduce_tap(a: np.ndarray) -> np.ndarray:
     return a.reshape(a.shape[0], -1)
 
 
-def make_backend(name: str, manifest: Manifest, device: str = "auto", threads: int = 0) -> Backend:
+def make_backend(name: str, manifest: Manifest, device: str = "auto", threads: int = 0, half: bool = False) -> Backend:
     """Build the named backend; `auto` prefers torch where the folder has torch weights and torch imports."""
     if name == "auto":
         has_torch_weights = bool(manifest.weights.state_dict or manifest.weights.torchscript)
@@ -44,7 +44,7 @@ def make_backend(name: str, manifest: Manifest, device: str = "auto", threads: i
     if name == "torch":
         from nccr_guard.backends.torch_backend import TorchBackend
 
-        return TorchBackend(manifest, device=device, threads=threads)
+        return TorchBackend(manifest, device=device, threads=threads, half=half)
     if name == "onnx":
         from nccr_guard.backends.onnx_backend import OnnxBackend
 

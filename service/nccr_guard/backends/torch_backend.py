@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import threading
 
 import numpy as np
 import torch
@@ -27,12 +28,14 @@ def load_module(manifest: Manifest) -> nn.Module:
 
 
 class Tapped(nn.Module):
-    """Wraps a model so that forward returns (logits, *watched layer outputs): the shape ONNX export keeps."""
+    """Wraps a model so that forward returns (logits, *watched layer outputs): the shape ONNX export keeps.
+
+    Hooks write to thread-local storage: the batcher runs forwards from several threads at once."""
 
     def __init__(self, model: nn.Module, layers: list[str]) -> None:
         super().__init__()
         self.model, self.layers = model, list(layers)
-        self._out: dict[str, torch.Tensor] = {}
+        self._local = threading.local()
         modules = dict(model.named_modules())
         missing = [name for name in self.layers if name not in modules]
         if missing:
@@ -42,14 +45,16 @@ class Tapped(nn.Module):
 
     def _hook(self, name: str):
         def hook(_mod: nn.Module, _inp: object, out: torch.Tensor) -> None:
-            self._out[name] = out[0] if isinstance(out, tuple) else out
+            store = getattr(self._local, "out", None)  # None: another wrapper of the same module is running
+            if store is not None:
+                store[name] = out[0] if isinstance(out, tuple) else out
 
         return hook
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self._out = {}
+        self._local.out = out = {}
         logits = self.model(x)
-        return (logits, *(self._out[name] for name in self.layers))
+        return (logits, *(out[name] for name in self.layers))
 
 
 def pick_device(device: str) -> torch.device:

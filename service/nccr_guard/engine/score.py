@@ -70,13 +70,15 @@ def component_raw(
     comp: Component, acts: dict[str, np.ndarray], calib: Calibration, rows: slice, pred: np.ndarray
 ) -> np.ndarray:
     """(B,) raw value of one component: how much the watched neurons move under its perturbation."""
-    if comp.measure in ("pred_flip", "margin"):
+    if comp.measure in ("pred_flip", "margin", "margin_change"):
         logits = acts["logits"]
         if comp.measure == "pred_flip":
             per_copy = (logits[:, rows].argmax(-1) != pred[:, None]).astype(np.float32)
         else:
             m = _margin(logits, pred)
-            per_copy = np.maximum(m[:, :1] - m[:, rows], 0.0) / np.maximum(np.abs(m[:, :1]), EPS)
+            delta = m[:, :1] - m[:, rows]
+            delta = np.maximum(delta, 0.0) if comp.measure == "margin" else np.abs(delta)
+            per_copy = delta / np.maximum(np.abs(m[:, :1]), EPS)
     else:
         sel = calib.selection[comp.layer][pred] if comp.selection == "class" else None
         a = _pick(view(acts, comp.layer), sel)

@@ -12,7 +12,7 @@ from typing import Literal
 
 from nccr_guard.engine.perturb import Perturbation
 
-Measure = Literal["flip", "change", "pred_flip", "margin"]
+Measure = Literal["flip", "change", "pred_flip", "margin", "margin_change"]
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,9 @@ class Component:
     flip: share of (neuron, copy) pairs whose cover state (activation > per-neuron clean threshold) changes.
     change: mean |Δ activation| / the neuron's clean RMS change under the same perturbation (a soft cover change).
     pred_flip: share of copies whose top class differs from the original's (the logit layer's cover change).
-    margin: mean drop of the top-class logit margin relative to the original margin.
+    margin: mean drop of the top-class logit margin relative to the original margin (how far the decision
+        neuron moves towards its cover threshold).
+    margin_change: the same in both directions, |Δ margin| / |margin|.
     """
 
     perturbation: str

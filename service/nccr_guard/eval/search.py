@@ -36,7 +36,7 @@ def candidate_variant(layers: list[str]) -> Variant:
             [*layers, "logits", "*"], ("flip", "change"), ("all", "class"), reduces
         ):
             comps.append(Component(p.key, layer, measure, sel, red))
-        comps += [Component(p.key, "logits", m, "all", "mean") for m in ("pred_flip", "margin")]
+        comps += [Component(p.key, "logits", m, "all", "mean") for m in ("pred_flip", "margin", "margin_change")]
     return Variant("search", (*NOISE, *SQUEEZE), tuple(comps), robustness=comps[0])
 
 

@@ -4,6 +4,7 @@ and readiness stays false until each has run its warm-up batches."""
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import asynccontextmanager
 
 import httpx
@@ -26,10 +27,12 @@ from nccr_guard.server.runtime import ModelRuntime, batch_policy
 from nccr_guard.server.state import Service
 
 log = logging.getLogger("nccr_guard")
+SETTINGS_ENV = "NCCR_GUARD_SETTINGS_JSON"
 
 
 def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
-    det = Detector.load(folder, backend=settings.backend, device=settings.device, k=settings.k, seed=settings.seed)
+    det = Detector.load(folder, backend=settings.backend, device=settings.device, k=settings.k, seed=settings.seed,
+                        half=settings.half)
     policy = batch_policy(settings, det.backend.device, det.rows_per_input)
     if policy.torch_threads and det.backend.name == "torch":
         import torch
@@ -102,6 +105,11 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory for multi-process serving: each worker process rebuilds the parent's settings."""
+    return create_app(Settings.model_validate_json(os.environ[SETTINGS_ENV]))
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:

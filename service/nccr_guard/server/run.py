@@ -6,13 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import sys
 import time
 
 import uvicorn
 
 from nccr_guard.config import Settings
-from nccr_guard.server.app import create_app
+from nccr_guard.server.app import SETTINGS_ENV, create_app
 
 
 class DrainingServer(uvicorn.Server):
@@ -72,16 +73,20 @@ def configure_logging(json_logs: bool) -> None:
 
 def run(settings: Settings) -> int:
     configure_logging(settings.log_json)
-    config = uvicorn.Config(
-        create_app(settings),
+    common = dict(
         host=settings.host,
         port=settings.port,
         access_log=False,
-        timeout_graceful_shutdown=max(1, int(settings.drain_s)),
         log_config=None,
         timeout_keep_alive=5,
-        limit_concurrency=settings.max_queue * 4 + 64,
+        timeout_graceful_shutdown=max(1, int(settings.drain_s)),
+        limit_concurrency=settings.max_connections,
     )
-    server = DrainingServer(config)
+    if settings.processes > 1:
+        # uvicorn's supervisor forwards SIGTERM to each worker, which drains through its lifespan.
+        os.environ[SETTINGS_ENV] = settings.model_dump_json()
+        uvicorn.run("nccr_guard.server.app:app_from_env", factory=True, workers=settings.processes, **common)
+        return 0
+    server = DrainingServer(uvicorn.Config(create_app(settings), **common))
     server.run()
     return 0 if server.started else 1

@@ -33,7 +33,7 @@ def batch_policy(settings: Settings, device: str, rows_per_input: int) -> BatchP
     cores = os.cpu_count() or 1
     max_rows = settings.max_batch or (rows_per_input * (64 if gpu else 2))
     delay = settings.max_delay_ms / 1000 if settings.max_delay_ms >= 0 else (0.002 if gpu else 0.001)
-    workers = 2 if gpu else min(cores, 4)
+    workers = 2 if gpu else max(1, min(cores, 4) // settings.processes)
     threads = settings.torch_threads or (0 if gpu else 1)
     return BatchPolicy(max(max_rows, rows_per_input), delay, workers, threads)
 

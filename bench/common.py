@@ -1,0 +1,75 @@
+"""Shared benchmark helpers: machine description, report writing, bare in-process loops."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "reports" / "bench"
+
+
+def machine() -> dict:
+    import torch
+
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+    cpu = names[0] if names else platform.processor()
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+    }
+
+
+def write_report(name: str, data: dict, command: str) -> Path:
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    path = REPORTS / f"{name}.json"
+    path.write_text(json.dumps({"command": command, "machine": machine(), **data}, indent=1) + "\n")
+    return path
+
+
+def sample_inputs(model: Path, n: int = 64) -> np.ndarray:
+    from nccr_guard.datasets import load_split
+    from nccr_guard.manifest import load_manifest
+
+    return load_split(load_manifest(model), "test")[0][:n]
+
+
+def _bare_worker(args: tuple) -> int:
+    model, threads, per_forward, seconds, backend = args
+    import torch
+
+    from nccr_guard.detector import Detector
+
+    torch.set_num_threads(threads)
+    det = Detector.load(model, backend=backend, device="cpu", threads=threads)
+    xs = sample_inputs(model)
+    det.detect(list(xs[:per_forward]))  # warm-up
+    done, i, end = 0, 0, time.monotonic() + seconds
+    while time.monotonic() < end:
+        batch = [xs[(i + j) % len(xs)] for j in range(per_forward)]
+        det.detect(batch)
+        done += per_forward
+        i += per_forward
+    return done
+
+
+def bare_detections_per_s(
+    model: Path, procs: int, threads: int, per_forward: int, seconds: float, backend: str = "torch"
+) -> float:
+    """Detections/s of `procs` processes each looping Detector.detect over `per_forward` inputs per forward."""
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(procs) as pool:
+        counts = pool.map(_bare_worker, [(model, threads, per_forward, seconds, backend)] * procs)
+    return sum(counts) / seconds

@@ -1,0 +1,242 @@
+"""GPU checks and benchmarks, run on a machine with an NVIDIA GPU (bench/gpu.sh sets up the environment).
+
+    python -m bench.gpu [--seconds 6]   ->  reports/bench/gpu-<device>.json
+
+1. correctness: the default model's scores on CUDA (fp32, and fp16) against CPU on 100 held-out digits;
+2. MNIST engine: detections/s against inputs per forward, split into row building (CPU), forward, scoring;
+3. ResNet-50-shaped model (random weights, 224 px, K=32): p50/p99 latency of one verdict, fp32 and fp16;
+4. the HTTP service on CUDA at saturation (async closed-loop client) against the best bare loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from io import BytesIO
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from bench.common import REPORTS, ROOT, machine, sample_inputs
+
+MNIST = ROOT / "models" / "mnist"
+
+
+DEVICE = "cuda"
+
+
+def sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int) -> list[float]:
+    out = []
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t)
+    return out
+
+
+def correctness() -> dict:
+    from nccr_guard.detector import Detector
+
+    xs = list(sample_inputs(MNIST, 100))
+    cpu = Detector.load(MNIST, backend="torch", device="cpu").detect(xs)
+    res = {}
+    for half in (False, True):
+        gpu = Detector.load(MNIST, backend="torch", device=DEVICE, half=half).detect(xs)
+        diff = np.abs(np.array([v.score for v in cpu]) - np.array([v.score for v in gpu]))
+        res["fp16" if half else "fp32"] = {
+            "max_abs_score_diff": float(diff.max()),
+            "median_abs_score_diff": float(np.median(diff)),
+            "same_prediction": float(np.mean([a.index == b.index for a, b in zip(cpu, gpu, strict=True)])),
+            "same_verdict": float(np.mean([a.verdict == b.verdict for a, b in zip(cpu, gpu, strict=True)])),
+        }
+    return res
+
+
+def engine_split(det, xs: np.ndarray, per: int, reps: int) -> dict:
+    """Per-call time of each stage for `per` inputs per forward."""
+    from nccr_guard.engine import score_rows
+
+    batch = list(xs[:per]) if per <= len(xs) else [xs[i % len(xs)] for i in range(per)]
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        rows = np.concatenate([det.rows(x) for x in batch])
+    t_rows = (time.perf_counter() - t0) / reps
+    fwd = timed(lambda: det.forward(rows), reps)
+    acts = det.forward(rows)
+    acts = {k: v.reshape(per, det.rows_per_input, -1) for k, v in acts.items()}
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        score_rows(det.variant, det.calib, acts)
+    t_score = (time.perf_counter() - t0) / reps
+    total = timed(lambda: det.detect(batch), reps)
+    return {
+        "inputs_per_forward": per,
+        "rows_per_forward": per * det.rows_per_input,
+        "rows_ms": t_rows * 1e3,
+        "forward_ms": float(np.median(fwd)) * 1e3,
+        "score_ms": t_score * 1e3,
+        "detect_ms": float(np.median(total)) * 1e3,
+        "detections_per_s": per / float(np.median(total)),
+    }
+
+
+def mnist_engine() -> list[dict]:
+    from nccr_guard.detector import Detector
+
+    det = Detector.load(MNIST, backend="torch", device=DEVICE)
+    xs = sample_inputs(MNIST, 128)
+    det.detect(list(xs[:8]))
+    return [engine_split(det, xs, per, 20) for per in (1, 8, 32, 128, 512)]
+
+
+def resnet_folder(tmp: Path) -> Path:
+    from PIL import Image
+
+    from nccr_guard.calibrate import calibrate
+    from nccr_guard.nets import ResNet50
+
+    folder = tmp / "resnet50"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(ResNet50().eval().state_dict(), folder / "weights.pt")
+    labels = ", ".join(f'"c{i}"' for i in range(1000))
+    (folder / "model.toml").write_text(
+        f'name = "resnet50"\nmodality = "image"\nlabels = [{labels}]\nwatch = ["layer4"]\nvariant = "nccr-v2"\n'
+        'k = 32\n[input]\nshape = [3, 224, 224]\nrange = [0.0, 1.0]\n[input.image]\nmode = "RGB"\n'
+        "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]\n"
+        '[weights]\ntorch_module = "nccr_guard.nets:ResNet50"\nstate_dict = "weights.pt"\n'
+    )
+    data = tmp / "clean"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(48):  # smooth random images: calibration quality is irrelevant for speed
+        small = rng.random((8, 8, 3))
+        Image.fromarray((small * 255).astype(np.uint8)).resize((224, 224), Image.BILINEAR).save(data / f"{i}.png")
+    calibrate(folder, data=data, device=DEVICE)
+    return folder
+
+
+def resnet_latency(folder: Path, reps: int = 60) -> dict:
+    from nccr_guard.detector import Detector
+
+    out = {}
+    x = np.random.default_rng(1).random((3, 224, 224)).astype(np.float32)
+    for half in (False, True):
+        det = Detector.load(folder, backend="torch", device=DEVICE, half=half)
+        for _ in range(5):
+            det.detect([x])
+        lat = np.array(timed(lambda det=det: det.detect([x]), reps)) * 1e3
+        split = engine_split(det, x[None], 1, 20)
+        out["fp16" if half else "fp32"] = {
+            "rows": det.rows_per_input,
+            "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)),
+            "split_1_input": split,
+            "split_8_inputs": engine_split(det, np.stack([x] * 8), 8, 10),
+        }
+    return out
+
+
+async def closed_loop(url: str, body: bytes, conns: int, seconds: float) -> dict:
+    done, lat = 0, []
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=conns)) as c:
+
+        async def worker(end: float):
+            nonlocal done
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                r = await c.post(url, content=body, headers={"content-type": "image/png"})
+                lat.append(time.perf_counter() - t)
+                done += r.status_code == 200
+
+        end = time.perf_counter() + seconds
+        await asyncio.gather(*(worker(end) for _ in range(conns)))
+    a = np.array(lat) * 1e3
+    return {
+        "connections": conns,
+        "rps": done / seconds,
+        "p50_ms": float(np.percentile(a, 50)),
+        "p99_ms": float(np.percentile(a, 99)),
+    }
+
+
+def serve_gpu(seconds: float) -> dict:
+    from PIL import Image
+
+    port = 18765
+    exe = [sys.executable, "-m", "nccr_guard.cli"]
+    proc = subprocess.Popen(
+        [*exe, "serve", "--port", str(port), "--device", DEVICE, "--no-log-json"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        buf = BytesIO()
+        Image.fromarray((sample_inputs(MNIST, 1)[0, 0] * 255).astype(np.uint8)).save(buf, format="PNG")
+        url = f"http://127.0.0.1:{port}/v1/detect"
+        runs = [asyncio.run(closed_loop(url, buf.getvalue(), c, seconds)) for c in (16, 64, 256)]
+        m = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+        model = httpx.get(f"http://127.0.0.1:{port}/v1/models/mnist").json()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    import re
+
+    s = dict(re.findall(r"^nccr_guard_batch_requests_(sum|count)\{[^}]*\} (\S+)$", m, re.M))
+    return {
+        "runs": runs,
+        "peak_rps": max(r["rps"] for r in runs),
+        "device": model["device"],
+        "batching": model["calibration"]["batching"],
+        "mean_batch_requests": float(s["sum"]) / float(s["count"]),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=6.0)
+    ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    assert DEVICE == "cpu" or torch.cuda.is_available(), "no CUDA device"
+    report = {"command": "python -m bench.gpu " + " ".join(sys.argv[1:]), "machine": machine()}
+    steps = [("correctness", correctness), ("mnist_engine", mnist_engine), ("serve", lambda: serve_gpu(args.seconds))]
+    tmp = Path(tempfile.mkdtemp())
+    steps.append(("resnet50_k32", lambda: resnet_latency(resnet_folder(tmp))))
+    for name, fn in steps:
+        t = time.perf_counter()
+        try:
+            report[name] = fn()
+        except Exception as e:  # report what failed and go on: device time is scarce
+            report[name] = {"error": f"{type(e).__name__}: {e}"}
+        print(name, round(time.perf_counter() - t, 1), "s", json.dumps(report[name])[:600], flush=True)
+    shutil.rmtree(tmp, ignore_errors=True)
+    dev = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
+    REPORTS.mkdir(parents=True, exist_ok=True)
+    (REPORTS / f"gpu-{dev}.json").write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()

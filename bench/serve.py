@@ -1,0 +1,183 @@
+"""Service throughput at saturation vs the best bare in-process loop, and latency vs offered load.
+
+    python -m bench.serve [--seconds 8] [--serve-args "--processes 2"]
+
+Bare loops run Detector.detect (rows + one forward of K+1 rows + scoring) in-process over several process/
+thread/batch configurations; the best one is the baseline. The service is a real `nccr-guard serve` on
+127.0.0.1 driven by wrk (closed loop) at several concurrencies for the peak, then by an open-loop client at
+fractions of the peak for latency. Writes reports/bench/serve.json and reports/bench/latency.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from bench.common import REPORTS, ROOT, bare_detections_per_s, sample_inputs, write_report
+
+MODEL = ROOT / "models" / "mnist"
+BARE_CONFIGS = [  # (processes, torch threads, inputs per forward)
+    (1, 1, 1),
+    (1, 2, 1),
+    (2, 1, 1),
+    (1, 2, 8),
+    (2, 1, 4),
+]
+
+
+def png_bytes() -> bytes:
+    from io import BytesIO
+
+    from PIL import Image
+
+    x = sample_inputs(MODEL, 1)[0, 0]
+    buf = BytesIO()
+    Image.fromarray((x * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def start_server(port: int, extra: list[str]) -> subprocess.Popen:
+    exe = Path(sys.executable).parent / "nccr-guard"
+    proc = subprocess.Popen(
+        [str(exe), "serve", "--port", str(port), "--no-log-json", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def wrk(url: str, body_file: Path, conns: int, seconds: float) -> dict:
+    script = body_file.with_suffix(".lua")
+    script.write_text(
+        f'local f = io.open("{body_file}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\nf:close()\n'
+        'wrk.headers["Content-Type"] = "image/png"\n'
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    return {"connections": conns, "rps": rps, "non_2xx": int(non2xx.group(1)) if non2xx else 0}
+
+
+async def open_loop(url: str, body: bytes, rate: float, seconds: float) -> dict:
+    """Poisson arrivals at `rate`/s; latency of each answered request."""
+    rng = np.random.default_rng(0)
+    lat, codes = [], []
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=512)) as c:
+
+        async def one():
+            t = time.perf_counter()
+            r = await c.post(url, content=body, headers={"content-type": "image/png"})
+            lat.append(time.perf_counter() - t)
+            codes.append(r.status_code)
+
+        tasks, t_end = [], time.perf_counter() + seconds
+        while time.perf_counter() < t_end:
+            tasks.append(asyncio.ensure_future(one()))
+            await asyncio.sleep(rng.exponential(1 / rate))
+        await asyncio.gather(*tasks, return_exceptions=True)
+    a = np.array(lat) * 1000
+    return {
+        "offered_rps": rate,
+        "n": len(a),
+        "ok": codes.count(200),
+        "p50_ms": float(np.percentile(a, 50)),
+        "p90_ms": float(np.percentile(a, 90)),
+        "p99_ms": float(np.percentile(a, 99)),
+    }
+
+
+def plot(points: list[dict], peak: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = [p["offered_rps"] for p in points]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for q in ("p50_ms", "p90_ms", "p99_ms"):
+        ax.plot(x, [p[q] for p in points], marker="o", label=q.split("_")[0])
+    ax.axvline(peak, color="k", ls="--", lw=1, label="peak (wrk)")
+    ax.set_xlabel("offered load (requests/s)")
+    ax.set_ylabel("latency (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(REPORTS / "latency.png", dpi=90)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--serve-args", default="", help="extra flags for nccr-guard serve")
+    args = ap.parse_args()
+    if not shutil.which("wrk"):
+        sys.exit("wrk not found: apt-get install wrk")
+    bare = []
+    for procs, threads, per in BARE_CONFIGS:
+        rate = bare_detections_per_s(MODEL, procs, threads, per, args.seconds)
+        bare.append({"processes": procs, "threads": threads, "inputs_per_forward": per, "detections_per_s": rate})
+        print(f"bare {procs}p x {threads}t x {per}/fwd: {rate:.1f} det/s", flush=True)
+    best = max(bare, key=lambda b: b["detections_per_s"])
+    port = 18000 + os.getpid() % 1000
+    proc = start_server(port, args.serve_args.split())
+    try:
+        url = f"http://127.0.0.1:{port}/v1/detect"
+        with tempfile.TemporaryDirectory() as tmp:
+            body = Path(tmp) / "digit.png"
+            body.write_bytes(png_bytes())
+            sat = [wrk(url, body, c, args.seconds) for c in (4, 16, 64)]
+        peak = max(s["rps"] for s in sat)
+        curve = [asyncio.run(open_loop(url, png_bytes(), f * peak, args.seconds)) for f in (0.1, 0.25, 0.5, 0.75)]
+        metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    s = dict(re.findall(r"^nccr_guard_batch_requests_(sum|count)\{[^}]*\} (\S+)$", metrics, re.M))
+    half = curve[2]
+    ratio = peak / best["detections_per_s"]
+    data = {
+        "bare": bare,
+        "bare_best": best,
+        "service_saturation": sat,
+        "service_peak_rps": peak,
+        "ratio_service_vs_best_bare": ratio,
+        "latency_vs_load": curve,
+        "half_load": half,
+        "mean_batch_requests": float(s["sum"]) / float(s["count"]) if s else None,
+        "serve_args": args.serve_args,
+        "goal_ratio": 0.90,
+    }
+    write_report("serve", data, "python -m bench.serve " + " ".join(sys.argv[1:]))
+    plot(curve, peak)
+    print(
+        f"serve: {peak:.1f} det/s over HTTP vs best bare {best['detections_per_s']:.1f} det/s "
+        f"({best['processes']}p x {best['threads']}t x {best['inputs_per_forward']}) = {ratio:.2f}x (goal 0.90x); "
+        f"half load p50 {half['p50_ms']:.1f} ms p99 {half['p99_ms']:.1f} ms"
+    )
+
+
+if __name__ == "__main__":
+    main()

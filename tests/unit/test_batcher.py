@@ -1,0 +1,103 @@
+"""The micro-batcher with real threads and a real event loop: batching, fan-out of results and errors,
+bounded queue, cancelled requests freeing their slot, draining."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+
+from nccr_guard.batcher import Batcher, Draining, QueueFull
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_requests_share_batches_and_get_their_own_results():
+    sizes: list[int] = []
+
+    def double(xs):
+        sizes.append(len(xs))
+        time.sleep(0.01)
+        return [x * 2 for x in xs]
+
+    async def main():
+        b = Batcher(double, max_rows=8, max_delay_s=0.02, max_queue=100)
+        await b.start()
+        out = await asyncio.gather(*(b.submit(i) for i in range(20)))
+        await b.stop()
+        return out
+
+    out = run(main())
+    assert [r for r, _ in out] == [i * 2 for i in range(20)]
+    assert max(sizes) > 1 and sum(sizes) == 20 and max(sizes) <= 8
+    assert all(t.batch_requests >= 1 and t.compute_s > 0 for _, t in out)
+
+
+def test_a_failing_batch_fails_only_its_own_requests():
+    def fail_on_13(xs):
+        if 13 in xs:
+            raise RuntimeError("boom")
+        return xs
+
+    async def main():
+        b = Batcher(fail_on_13, max_rows=2, max_delay_s=0.0, max_queue=100)
+        await b.start()
+        res = await asyncio.gather(*(b.submit(i) for i in range(20)), return_exceptions=True)
+        again = await b.submit(99)
+        await b.stop()
+        return res, again
+
+    res, again = run(main())
+    failed = [i for i, r in enumerate(res) if isinstance(r, Exception)]
+    assert 13 in failed and 1 <= len(failed) <= 2 and again[0] == 99
+
+
+def test_full_queue_raises_at_once_and_cancelled_requests_free_slots():
+    gate = threading.Event()
+
+    def slow(xs):
+        gate.wait(5)
+        return xs
+
+    async def main():
+        b = Batcher(slow, max_rows=1, max_delay_s=0.0, max_queue=2)
+        await b.start()
+        first = asyncio.ensure_future(b.submit(0))
+        await asyncio.sleep(0.05)  # now running, queue empty
+        queued = [asyncio.ensure_future(b.submit(i)) for i in (1, 2)]
+        await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull):
+            await b.submit(3)
+        queued[0].cancel()
+        await asyncio.sleep(0.01)
+        late = asyncio.ensure_future(b.submit(4))
+        gate.set()
+        results = [await first, await queued[1], await late]
+        await b.stop()
+        return [r for r, _ in results]
+
+    assert run(main()) == [0, 2, 4]
+
+
+def test_drain_finishes_queued_work_then_refuses():
+    async def main():
+        b = Batcher(lambda xs: (time.sleep(0.02), xs)[1], max_rows=1, max_delay_s=0.0, max_queue=10)
+        await b.start()
+        pending = [asyncio.ensure_future(b.submit(i)) for i in range(5)]
+        await asyncio.sleep(0)
+        assert await b.drain(5.0)
+        with pytest.raises(Draining):
+            await b.submit(9)
+        await b.stop()
+        return [p.result()[0] for p in pending]
+
+    assert run(main()) == [0, 1, 2, 3, 4]
+
+
+def test_bad_arguments_fail_at_construction():
+    with pytest.raises(ValueError):
+        Batcher(lambda xs: xs, max_rows=0, max_delay_s=0, max_queue=1)
