@@ -154,7 +154,7 @@ def resnet_latency(folder: Path, reps: int = 60) -> dict:
 
 async def closed_loop(url: str, body: bytes, conns: int, seconds: float) -> dict:
     done, lat = 0, []
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=conns)) as c:
+    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=conns), trust_env=False) as c:
 
         async def worker(end: float):
             nonlocal done
@@ -187,8 +187,10 @@ def serve_gpu(seconds: float) -> dict:
     )
     try:
         for _ in range(300):
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode}: {(REPORTS / 'gpu-serve.log').read_text()[-800:]}")
             try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1, trust_env=False).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
@@ -196,8 +198,8 @@ def serve_gpu(seconds: float) -> dict:
         Image.fromarray((sample_inputs(MNIST, 1)[0, 0] * 255).astype(np.uint8)).save(buf, format="PNG")
         url = f"http://127.0.0.1:{port}/v1/detect"
         runs = [asyncio.run(closed_loop(url, buf.getvalue(), c, seconds)) for c in (16, 64, 256)]
-        m = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-        model = httpx.get(f"http://127.0.0.1:{port}/v1/models/mnist").json()
+        m = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
+        model = httpx.get(f"http://127.0.0.1:{port}/v1/models/mnist", trust_env=False).json()
     finally:
         proc.terminate()
         proc.wait(30)

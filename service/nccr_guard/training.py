@@ -26,8 +26,15 @@ def pgd(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, st
     return (x + delta).clamp(0, 1).detach()
 
 
-def train(model: torch.nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, seed: int,
-          noise: float = 0.0, adv_eps: float = 0.0) -> torch.nn.Module:
+def train(
+    model: torch.nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    epochs: int,
+    seed: int,
+    noise: float = 0.0,
+    adv_eps: float = 0.0,
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)

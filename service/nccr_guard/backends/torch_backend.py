@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nccr_guard.backends import BackendError, reduce_tap
+from nccr_guard.backends import BackendError
 from nccr_guard.manifest import Manifest
 
 
@@ -65,6 +65,15 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def _reduce(t: torch.Tensor) -> torch.Tensor:
+    """Same reduction as `reduce_tap`, on the device, so only (B, channels) crosses to the host."""
+    if t.ndim == 4:
+        return t.mean((2, 3))
+    if t.ndim == 3:
+        return t.mean(1)
+    return t.flatten(1)
+
+
 class TorchBackend:
     name = "torch"
     supports_gradients = True
@@ -81,14 +90,43 @@ class TorchBackend:
         self.tapped = Tapped(self.module, self.layers)
         if self.half:
             self.tapped.half()
+        # On CUDA the rows are built on the device (backends/torch_rows.py); on the CPU numpy is as fast.
+        self.device_rows = self.torch_device.type == "cuda"
+        if self.device_rows:
+            torch.backends.cudnn.benchmark = True
 
-    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+    def _to_device(self, x: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         if self.torch_device.type == "cuda":
             t = t.pin_memory().to(self.torch_device, non_blocking=True)
-        if self.half:
-            t = t.half()
+        return t
+
+    def _run(self, t: torch.Tensor) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            outs = self.tapped(t)
-        arrays = [o.float().cpu().numpy() for o in outs]
-        return {"logits": arrays[0], **{n: reduce_tap(a) for n, a in zip(self.layers, arrays[1:], strict=True)}}
+            outs = self.tapped(t.half() if self.half else t)
+            outs = [outs[0], *(_reduce(o) for o in outs[1:])]
+            arrays = [o.float().cpu().numpy() for o in outs]
+        return {"logits": arrays[0], **dict(zip(self.layers, arrays[1:], strict=True))}
+
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        return self._run(self._to_device(x))
+
+    def forward_perturbed(
+        self,
+        xs: np.ndarray,
+        perturbations: tuple,
+        value_range: tuple[float, float],
+        seed: int,
+        mean: np.ndarray,
+        std: np.ndarray,
+    ) -> dict[str, np.ndarray]:
+        """Build every input's rows on the device and run them: xs (B, *shape) -> layer -> (B * R, N)."""
+        from nccr_guard.backends.torch_rows import build_rows
+
+        gen = torch.Generator(device=self.torch_device).manual_seed(seed)
+        with torch.inference_mode():
+            x = self._to_device(xs)
+            rows = build_rows(x, perturbations, gen, value_range)
+            rows = rows.reshape(-1, *xs.shape[1:])
+            m, s = (torch.as_tensor(a, device=self.torch_device) for a in (mean, std))
+            return self._run((rows - m) / s)

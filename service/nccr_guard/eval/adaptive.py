@@ -20,8 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nccr_guard.backends.torch_rows import perturb
 from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
+from nccr_guard.engine import Perturbation
 from nccr_guard.engine.perturb import row_groups
 from nccr_guard.engine.score import EPS
 
@@ -29,15 +31,9 @@ TAU = 0.05  # temperature of the sigmoid that relaxes a cover flip, in units of 
 
 
 def _squeeze(x: torch.Tensor, family: str, scale: float, lo: float, hi: float) -> torch.Tensor:
-    if family == "bitdepth":
-        levels = 2 ** int(scale) - 1
-        q = torch.round((x - lo) / (hi - lo) * levels) / levels * (hi - lo) + lo
-    else:  # median over the last two axes, 'reflect' padding like scipy
-        k = int(scale)
-        pad = (k // 2, k - 1 - k // 2, k // 2, k - 1 - k // 2)
-        patches = F.pad(x, pad, mode="reflect").unfold(-2, k, 1).unfold(-2, k, 1)
-        q = patches.reshape(*patches.shape[:-2], -1).median(-1).values
-    return x + (q - x).detach()  # BPDA: forward squeezes, backward is the identity
+    """The squeezer in the forward pass, the identity in the backward pass (BPDA)."""
+    q = perturb(x, Perturbation(family, scale), torch.Generator(), lo, hi)[:, 0]
+    return x + (q - x).detach()
 
 
 class SurrogateScore(torch.nn.Module):

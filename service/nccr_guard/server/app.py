@@ -31,8 +31,9 @@ SETTINGS_ENV = "NCCR_GUARD_SETTINGS_JSON"
 
 
 def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
-    det = Detector.load(folder, backend=settings.backend, device=settings.device, k=settings.k, seed=settings.seed,
-                        half=settings.half)
+    det = Detector.load(
+        folder, backend=settings.backend, device=settings.device, k=settings.k, seed=settings.seed, half=settings.half
+    )
     policy = batch_policy(settings, det.backend.device, det.rows_per_input)
     if policy.torch_threads and det.backend.name == "torch":
         import torch
