@@ -179,11 +179,12 @@ def serve_gpu(seconds: float) -> dict:
     from PIL import Image
 
     port = 18765
+    REPORTS.mkdir(parents=True, exist_ok=True)
     exe = [sys.executable, "-m", "nccr_guard.cli"]
     proc = subprocess.Popen(
         [*exe, "serve", "--port", str(port), "--device", DEVICE, "--no-log-json"],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=(REPORTS / "gpu-serve.log").open("w"),
     )
     try:
         for _ in range(300):
@@ -219,6 +220,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
+    ap.add_argument("--only", nargs="*", default=None, help="run only these steps")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
@@ -227,7 +229,7 @@ def main() -> None:
     steps = [("correctness", correctness), ("mnist_engine", mnist_engine), ("serve", lambda: serve_gpu(args.seconds))]
     tmp = Path(tempfile.mkdtemp())
     steps.append(("resnet50_k32", lambda: resnet_latency(resnet_folder(tmp))))
-    for name, fn in steps:
+    for name, fn in [s for s in steps if args.only is None or s[0] in args.only]:
         t = time.perf_counter()
         try:
             report[name] = fn()
