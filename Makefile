@@ -9,7 +9,7 @@ EXTRAS ?= cpu,dev
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install tools serve test lint eval bench fuzz clean models
+.PHONY: install tools serve test lint eval search bench clean models
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -43,8 +43,17 @@ models: install
 	$(BIN)/python models/mnist/train.py
 	$(BIN)/nccr-guard calibrate --model models/mnist
 
+# Detection reports (about 10 min), the adaptive attacker (a few min), the model-level study (about 15 min).
 eval: install
 	$(BIN)/nccr-guard evaluate --model models/mnist --out reports/mnist --seed 0
+	$(BIN)/python -m nccr_guard.eval.adaptive --model models/mnist --out reports/adaptive --seed 0
+	$(BIN)/python -m nccr_guard.eval.robustness_study --model models/mnist --out reports/robustness --seed 0
+
+# The formulation search on the dev split (never the test split), one report per protocol.
+search: install
+	$(BIN)/nccr-guard search --model models/mnist --attacks fgsm --out reports/search/fgsm
+	$(BIN)/nccr-guard search --model models/mnist --attacks fgsm deepfool --out reports/search/fgsm-deepfool
+	$(BIN)/nccr-guard search --model models/mnist --attacks fgsm deepfool cw_l2 --out reports/search/fgsm-deepfool-cw
 
 bench: install
 	$(BIN)/python -m bench.engine

@@ -175,14 +175,14 @@ async def closed_loop(url: str, body: bytes, conns: int, seconds: float) -> dict
     }
 
 
-def serve_gpu(seconds: float) -> dict:
+def serve_gpu(seconds: float, extra: tuple[str, ...] = ()) -> dict:
     from PIL import Image
 
     port = 18765
     REPORTS.mkdir(parents=True, exist_ok=True)
     exe = [sys.executable, "-m", "nccr_guard.cli"]
     proc = subprocess.Popen(
-        [*exe, "serve", "--port", str(port), "--device", DEVICE, "--no-log-json"],
+        [*exe, "serve", "--port", str(port), "--device", DEVICE, "--no-log-json", *extra],
         stdout=subprocess.DEVNULL,
         stderr=(REPORTS / "gpu-serve.log").open("w"),
     )
@@ -221,12 +221,17 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     ap.add_argument("--only", nargs="*", default=None, help="run only these steps")
+    ap.add_argument("--processes", type=int, nargs="*", default=[1], help="server process counts to measure")
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
     assert DEVICE == "cpu" or torch.cuda.is_available(), "no CUDA device"
     report = {"command": "python -m bench.gpu " + " ".join(sys.argv[1:]), "machine": machine()}
-    steps = [("correctness", correctness), ("mnist_engine", mnist_engine), ("serve", lambda: serve_gpu(args.seconds))]
+    steps = [
+        ("correctness", correctness),
+        ("mnist_engine", mnist_engine),
+        ("serve", lambda: [serve_gpu(args.seconds, ("--processes", str(n))) for n in args.processes]),
+    ]
     tmp = Path(tempfile.mkdtemp())
     steps.append(("resnet50_k32", lambda: resnet_latency(resnet_folder(tmp))))
     for name, fn in [s for s in steps if args.only is None or s[0] in args.only]:
@@ -239,7 +244,8 @@ def main() -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     dev = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
     REPORTS.mkdir(parents=True, exist_ok=True)
-    (REPORTS / f"gpu-{dev}.json").write_text(json.dumps(report, indent=1) + "\n")
+    suffix = "-" + "-".join(args.only) if args.only else ""
+    (REPORTS / f"gpu-{dev}{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -70,7 +71,8 @@ class Batcher(Generic[T, R]):
             raise ValueError("max_rows, max_queue and workers must be >= 1")
         self.run_batch, self.max_rows, self.max_delay_s = run_batch, max_rows, max_delay_s
         self.max_queue, self.workers, self.on_batch, self.name = max_queue, workers, on_batch, name
-        self._queue: list[_Item[T]] = []
+        self._queue: deque[_Item[T]] = deque()
+        self._rows = 0  # rows of everything queued, cancelled items included until purged
         self._wakeup: asyncio.Condition | None = None
         self._tasks: list[asyncio.Task] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -91,14 +93,23 @@ class Batcher(Generic[T, R]):
         if self._closing:
             raise Draining("shutting down")
         if len(self._queue) >= self.max_queue:  # cancelled requests (client gone, timed out) free their slot now
-            self._queue = [i for i in self._queue if not i.future.done()]
+            self._purge()
         if len(self._queue) >= self.max_queue:
             raise QueueFull(f"{self.name}: {len(self._queue)} requests queued")
         item = _Item(payload, rows, asyncio.get_running_loop().create_future())
         async with self._wakeup:
             self._queue.append(item)
+            self._rows += rows
             self._wakeup.notify()
         return await item.future
+
+    def _purge(self) -> None:
+        self._queue = deque(i for i in self._queue if not i.future.done())
+        self._rows = sum(i.rows for i in self._queue)
+
+    def _drop_dead_head(self) -> None:
+        while self._queue and self._queue[0].future.done():
+            self._rows -= self._queue.popleft().rows
 
     def _take(self) -> list[_Item[T]]:
         """Pop live requests from the head until the row budget is used; the first one always fits."""
@@ -106,24 +117,23 @@ class Batcher(Generic[T, R]):
         while self._queue:
             item = self._queue[0]
             if item.future.done():  # cancelled by a timeout or a client that went away: frees its slot
-                self._queue.pop(0)
+                self._rows -= self._queue.popleft().rows
                 continue
             if batch and rows + item.rows > self.max_rows:
                 break
-            batch.append(self._queue.pop(0))
+            batch.append(self._queue.popleft())
+            self._rows -= item.rows
             rows += item.rows
         return batch
 
-    def _queued_rows(self) -> int:
-        return sum(i.rows for i in self._queue if not i.future.done())
-
     async def _gather(self) -> list[_Item[T]]:
         async with self._wakeup:
-            while not any(not i.future.done() for i in self._queue):
-                self._queue = [i for i in self._queue if not i.future.done()]
+            self._drop_dead_head()
+            while not self._queue:
                 await self._wakeup.wait()
+                self._drop_dead_head()
             deadline = self._queue[0].enqueued + self.max_delay_s
-            while self._queued_rows() < self.max_rows and (left := deadline - time.monotonic()) > 0:
+            while self._rows < self.max_rows and (left := deadline - time.monotonic()) > 0:
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), left)
                 except TimeoutError:
@@ -164,9 +174,13 @@ class Batcher(Generic[T, R]):
         """Refuse new work, then wait up to `timeout_s` for queued and running requests. True if all finished."""
         self._closing = True
         deadline = time.monotonic() + timeout_s
-        while (self._queued_rows() or self.in_flight) and time.monotonic() < deadline:
+        while (self._live() or self.in_flight) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        return not (self._queued_rows() or self.in_flight)
+        return not (self._live() or self.in_flight)
+
+    def _live(self) -> bool:
+        self._drop_dead_head()
+        return bool(self._queue)
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -176,5 +190,6 @@ class Batcher(Generic[T, R]):
             if not item.future.done():
                 item.future.set_exception(Draining("shutting down"))
         self._queue.clear()
+        self._rows = 0
         if self._executor:
             self._executor.shutdown(wait=True, cancel_futures=True)

@@ -51,7 +51,7 @@ class Manifest(BaseModel):
     input: InputSpec
     weights: WeightsSpec
     watch: list[str] = Field(default_factory=list, description="watched layers besides the logits")
-    variant: str = "nccr-v2"
+    variant: str = "nccr-v3"
     calibration: str = "calibration.npz"
     k: int | None = None
     split: dict = Field(default_factory=dict)

@@ -67,7 +67,7 @@ def test_models_endpoints(server):
         models = c.get("/v1/models").json()
         assert [m["name"] for m in models] == ["mnist"]
         m = c.get("/v1/models/mnist").json()
-        assert m["backend"] in ("torch", "onnx") and m["device"] == "cpu" and m["variant"] == "nccr-v2"
+        assert m["backend"] in ("torch", "onnx") and m["device"] == "cpu" and m["variant"] == "nccr-v3"
         assert m["calibration"]["target_fpr"] == 0.05 and m["passes"] > 1 and m["robustness_nccr"] > 0
         assert c.get("/v1/models/nope").status_code == 404
 
@@ -130,8 +130,8 @@ def test_metrics_exposition(server, digit_pngs):
     ):
         assert name in text, name
     assert (
-        'nccr_guard_model_info{backend="torch",device="cpu",k="12",modality="image",model="mnist",'
-        'variant="nccr-v2"} 1.0' in text
+        'nccr_guard_model_info{backend="torch",device="cpu",k="1",modality="image",model="mnist",'
+        'variant="nccr-v3"} 1.0' in text
     )
 
 

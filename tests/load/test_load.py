@@ -87,3 +87,15 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path, digit_pngs)
     assert {a.status_code for a in answered} <= {200, 503}
     assert sum(a.status_code == 200 for a in answered) >= 1
     assert len(answered) + len(refused) == 80 and time.monotonic() - t0 < 40
+
+
+def test_request_timeout_gives_504(tmp_path, digit_pngs):
+    s = start_server(tmp_path, "--request-timeout-s", "0.0001")
+    try:
+        with s.client() as c:
+            r = c.post("/v1/detect", content=digit_pngs[0][0].read_bytes(), headers={"content-type": "image/png"})
+            assert r.status_code in (408, 504) and r.json()["error"]
+            assert metric(c.get("/metrics").text, 'nccr_guard_rejections_total{reason="timeout"}') == 1
+            assert c.get("/v2/health/ready").status_code == 200
+    finally:
+        assert s.stop() == 0

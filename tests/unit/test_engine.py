@@ -70,7 +70,7 @@ def test_unstable_inputs_score_higher():
 
 
 def test_calibration_roundtrip(tmp_path):
-    v = get_variant("nccr-v2")
+    v = get_variant("nccr-v3")
     rng = np.random.default_rng(3)
     a, b = fake_acts(80, v.rows, rng, 0.1), fake_acts(80, v.rows, rng, 0.1)
     calib = fit_calibration(v, a, b, 10, meta={"weights_sha256": {"w": "x"}})
@@ -84,7 +84,7 @@ def test_calibration_roundtrip(tmp_path):
 
 
 def test_p_value_is_monotone():
-    v = get_variant("nccr-v2")
+    v = get_variant("nccr-v3")
     rng = np.random.default_rng(4)
     calib = fit_calibration(v, fake_acts(80, v.rows, rng, 0.1), fake_acts(80, v.rows, rng, 0.1), 10)
     p = calib.p_value(np.array([-10.0, 0.0, 10.0, 1e9]))

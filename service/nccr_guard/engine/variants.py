@@ -102,7 +102,7 @@ SQUEEZE_FLIP = Variant(
     robustness=Component("uniform:0.2", "*", "flip", "class", "mean"),
 )
 
-# The default (docs/nccr.md; reports/search/fgsm-deepfool/): greedy max-combination ranked by the worst dev AUROC
+# Second protocol (reports/search/fgsm-deepfool/): greedy max-combination ranked by the worst dev AUROC
 # over one high-confidence (FGSM) and one minimal (DeepFool) attack. Watches the logit layer: how far the
 # predicted class's margin moves towards its cover threshold (margin) and how far all logits move relative to
 # their clean spread (change), under 1- and 3-bit squeezing and small Gaussian noise.
@@ -119,8 +119,25 @@ NCCR_V2 = Variant(
     robustness=Component("bitdepth:1", "*", "flip", "class", "mean"),
 )
 
-VARIANTS: dict[str, Variant] = {v.name: v for v in (PLAIN, SQUEEZE_FLIP, NCCR_V2)}
-DEFAULT_VARIANT = "nccr-v2"
+# The default (docs/nccr.md; reports/search/fgsm-deepfool-cw/): greedy max-combination ranked by the worst
+# dev AUROC over FGSM, DeepFool and CW-L2. It watches the decision neuron of the logit layer: how far, relative
+# to its own margin, the top class's margin over the runner-up moves when the input is squeezed to 1, 2 and
+# 3 bits. Clean inputs sit deep inside their class and barely move; adversarial ones sit near a boundary they
+# were pushed across, or on a fragile high-frequency pattern that squeezing erases.
+NCCR_V3 = Variant(
+    name="nccr-v3",
+    perturbations=(Perturbation("bitdepth", 3), Perturbation("bitdepth", 1), Perturbation("bitdepth", 2)),
+    components=(
+        Component("bitdepth:3", "logits", "margin_change", "all", "mean"),
+        Component("bitdepth:1", "logits", "margin_change", "all", "mean"),
+        Component("bitdepth:2", "logits", "margin_change", "all", "mean"),
+    ),
+    description="relative change of the logit margin under 3-, 1- and 2-bit squeezing, max-combined",
+    robustness=Component("bitdepth:1", "*", "flip", "class", "mean"),
+)
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (PLAIN, SQUEEZE_FLIP, NCCR_V2, NCCR_V3)}
+DEFAULT_VARIANT = "nccr-v3"
 
 
 def get_variant(name: str) -> Variant:

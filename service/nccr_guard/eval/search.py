@@ -114,14 +114,14 @@ def _metrics(idx: list[int], z_clean: np.ndarray, z_adv: np.ndarray, zb: np.ndar
     return auroc(sc, sa), rate_above(sa, threshold_at_fpr(sb))
 
 
-def greedy(rows: list[dict], z_clean: np.ndarray, z_adv: dict, zb: np.ndarray, size: int = 4, pool: int = 60) -> list:
+def greedy(rows: list[dict], z_clean: np.ndarray, z_adv: dict, zb: np.ndarray, size: int = 4) -> list:
     """Forward selection of max-combined components, each step maximising the worst (AUROC, TPR) over attacks."""
 
     def worst(idx: list[int]) -> tuple[float, float]:
         per = [_metrics(idx, z_clean, z, zb) for z in z_adv.values()]
         return min(p[0] for p in per), min(p[1] for p in per)
 
-    candidates = rows[:pool]
+    candidates = rows
     picked: list[dict] = []
     out = []
     for _ in range(size):
