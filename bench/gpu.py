@@ -153,14 +153,18 @@ def resnet_latency(folder: Path, reps: int = 60) -> dict:
 
 
 async def closed_loop(url: str, body: bytes, conns: int, seconds: float) -> dict:
-    done, lat = 0, []
+    done, errors, lat = 0, 0, []
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=conns), trust_env=False) as c:
 
         async def worker(end: float):
-            nonlocal done
+            nonlocal done, errors
             while time.perf_counter() < end:
                 t = time.perf_counter()
-                r = await c.post(url, content=body, headers={"content-type": "image/png"})
+                try:
+                    r = await c.post(url, content=body, headers={"content-type": "image/png"})
+                except httpx.HTTPError:
+                    errors += 1
+                    continue
                 lat.append(time.perf_counter() - t)
                 done += r.status_code == 200
 

@@ -58,5 +58,15 @@ class Metrics:
             registry=r,
         )
         self.ready = Gauge("nccr_guard_ready", "1 when every model is warm and the service takes work", registry=r)
-        for reason in ("queue_full", "timeout", "too_large", "bad_input", "unauthorized", "draining", "not_found"):
+        for reason in (
+            "queue_full",
+            "timeout",
+            "too_large",
+            "bad_input",
+            "unauthorized",
+            "draining",
+            "not_found",
+            "client_gone",
+            "backend_error",
+        ):
             self.rejections.labels(reason)

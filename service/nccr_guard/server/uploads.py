@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from nccr_guard.inputs import InputError
 
@@ -36,6 +36,8 @@ async def _capped(request: Request, cap: int, deadline: float) -> AsyncIterator[
             chunk = await asyncio.wait_for(stream.__anext__(), left)
         except StopAsyncIteration:
             return
+        except ClientDisconnect:
+            raise InputError("client disconnected during upload", 499, "client_gone") from None
         except TimeoutError:
             raise InputError("upload too slow: body not received within the request timeout", 408, "timeout") from None
         seen += len(chunk)
