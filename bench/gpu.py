@@ -174,6 +174,7 @@ async def closed_loop(url: str, body: bytes, conns: int, seconds: float) -> dict
     return {
         "connections": conns,
         "rps": done / seconds,
+        "transport_errors": errors,
         "p50_ms": float(np.percentile(a, 50)),
         "p99_ms": float(np.percentile(a, 99)),
     }
@@ -212,6 +213,7 @@ def serve_gpu(seconds: float, extra: tuple[str, ...] = ()) -> dict:
 
     s = dict(re.findall(r"^nccr_guard_batch_requests_(sum|count)\{[^}]*\} (\S+)$", m, re.M))
     return {
+        "serve_args": list(extra),
         "runs": runs,
         "peak_rps": max(r["rps"] for r in runs),
         "device": model["device"],
