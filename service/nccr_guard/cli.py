@@ -61,7 +61,9 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     det = Detector.load(args.model, backend=args.backend, device=args.device, k=args.k, seed=args.seed)
     failed = 0
-    for file in args.files:
+    from tqdm import tqdm
+
+    for file in tqdm(args.files, desc="score", unit="file", disable=len(args.files) < 20, leave=False):
         try:
             x = decode(Path(file).read_bytes(), det.manifest)
         except (OSError, InputError) as e:
