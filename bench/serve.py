@@ -27,12 +27,14 @@ import numpy as np
 from bench.common import REPORTS, ROOT, bare_detections_per_s, sample_inputs, write_report
 
 MODEL = ROOT / "models" / "mnist"
-BARE_CONFIGS = [  # (processes, torch threads, inputs per forward)
-    (1, 1, 1),
-    (1, 2, 1),
-    (2, 1, 1),
-    (1, 2, 8),
-    (2, 1, 4),
+BARE_CONFIGS = [  # (processes, threads, inputs per forward, backend)
+    (1, 1, 1, "torch"),
+    (2, 1, 1, "torch"),
+    (2, 1, 4, "torch"),
+    (1, 1, 1, "onnx"),
+    (2, 1, 1, "onnx"),
+    (2, 1, 4, "onnx"),
+    (1, 2, 8, "onnx"),
 ]
 
 
@@ -136,10 +138,18 @@ def main() -> None:
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
     bare = []
-    for procs, threads, per in BARE_CONFIGS:
-        rate = bare_detections_per_s(MODEL, procs, threads, per, args.seconds)
-        bare.append({"processes": procs, "threads": threads, "inputs_per_forward": per, "detections_per_s": rate})
-        print(f"bare {procs}p x {threads}t x {per}/fwd: {rate:.1f} det/s", flush=True)
+    for procs, threads, per, backend in BARE_CONFIGS:
+        rate = bare_detections_per_s(MODEL, procs, threads, per, args.seconds, backend)
+        bare.append(
+            {
+                "processes": procs,
+                "threads": threads,
+                "inputs_per_forward": per,
+                "backend": backend,
+                "detections_per_s": rate,
+            }
+        )
+        print(f"bare {backend} {procs}p x {threads}t x {per}/fwd: {rate:.1f} det/s", flush=True)
     best = max(bare, key=lambda b: b["detections_per_s"])
     port = 18000 + os.getpid() % 1000
     proc = start_server(port, args.serve_args.split())
@@ -170,7 +180,8 @@ def main() -> None:
         "serve_args": args.serve_args,
         "goal_ratio": 0.90,
     }
-    write_report("serve", data, "python -m bench.serve " + " ".join(sys.argv[1:]))
+    name = "serve" + "".join("-" + a.strip("-") for a in args.serve_args.split())
+    write_report(name, data, "python -m bench.serve " + " ".join(sys.argv[1:]))
     plot(curve, peak)
     print(
         f"serve: {peak:.1f} det/s over HTTP vs best bare {best['detections_per_s']:.1f} det/s "

@@ -13,8 +13,12 @@ DETECTORS = {"nccr", "prediction_flip", "feature_squeezing", "low_margin"}
 
 def test_harness_smoke(tmp_path):
     out = tmp_path / "report"
-    r = subprocess.run([str(BIN), "evaluate", "--model", str(MNIST), "--n", "40", "--seed", "0", "--out", str(out)],
-                       capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [str(BIN), "evaluate", "--model", str(MNIST), "--n", "40", "--seed", "0", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert {p.name for p in out.iterdir()} >= {"eval.json", "eval.md", "roc.png", "scores.png"}
     ev = json.loads((out / "eval.json").read_text())

@@ -12,8 +12,10 @@ from nccr_guard.engine import build_rows as np_build_rows
 from nccr_guard.engine.perturb import perturb
 
 
-@pytest.mark.parametrize("p", [Perturbation("bitdepth", 1), Perturbation("bitdepth", 3), Perturbation("median", 2),
-                               Perturbation("median", 3)])
+@pytest.mark.parametrize(
+    "p",
+    [Perturbation("bitdepth", 1), Perturbation("bitdepth", 3), Perturbation("median", 2), Perturbation("median", 3)],
+)
 def test_squeezers_match_numpy_exactly(p):
     x = np.random.default_rng(0).random((4, 3, 9, 11)).astype(np.float32)
     want = np.stack([perturb(xi, p, np.random.default_rng(0), (0.0, 1.0))[0] for xi in x])

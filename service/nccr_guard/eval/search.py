@@ -49,7 +49,7 @@ def search(
 ) -> dict:
     """Rank every candidate component (and greedy max-combinations) by its worst dev AUROC over `attacks`."""
     t0 = time.perf_counter()
-    det = Detector.load(model, device="cpu", seed=seed, calibrated=False)
+    det = Detector.load(model, backend="torch", device="cpu", seed=seed, calibrated=False)
     det.variant = variant = candidate_variant(det.manifest.watch)
     n_classes = len(det.manifest.labels)
     xc, _ = load_split(det.manifest, "calib")

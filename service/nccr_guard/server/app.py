@@ -31,14 +31,18 @@ SETTINGS_ENV = "NCCR_GUARD_SETTINGS_JSON"
 
 
 def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
+    # Intra-op threads per batch worker come from the CPU policy, so they must be known before the backend is built.
+    cpu_threads = batch_policy(settings, "cpu", 1).torch_threads
     det = Detector.load(
-        folder, backend=settings.backend, device=settings.device, k=settings.k, seed=settings.seed, half=settings.half
+        folder,
+        backend=settings.backend,
+        device=settings.device,
+        k=settings.k,
+        seed=settings.seed,
+        half=settings.half,
+        threads=cpu_threads if settings.device != "cuda" else 0,
     )
     policy = batch_policy(settings, det.backend.device, det.rows_per_input)
-    if policy.torch_threads and det.backend.name == "torch":
-        import torch
-
-        torch.set_num_threads(policy.torch_threads)
     rt = ModelRuntime(det, policy, metrics)
     rt.configure_queue(settings.max_queue)
     return rt
