@@ -30,7 +30,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = 8000
     models: list[Path] = Field(default_factory=default_models, description="model folders to serve")
-    processes: int = Field(1, ge=1, le=64, description="server processes (each loads the models; CPU: one per core)")
+    processes: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes, each loading the models (measured slower here: docs/performance.md)",
+    )
     backend: Literal["torch", "onnx", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = Field(False, description="half precision on CUDA (torch backend)")
@@ -48,7 +53,7 @@ class Settings(BaseSettings):
     seed: int = 0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096
-    max_audio_s: float = 30.0
+    max_audio_s: float = Field(30.0, description="audio duration cap (for audio models; none is embedded yet)")
     drain_s: float = Field(10.0, ge=0, description="grace period for queued work on SIGTERM")
     score_decimals: int = Field(4, ge=0, le=12, description="rounding of returned scores (limits probing)")
     log_json: bool = True
