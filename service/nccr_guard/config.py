@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="server processes, each loading the models (measured slower here: docs/performance.md)",
+        description="server processes, each loading the models (2 doubled CPU throughput here: docs/performance.md)",
     )
     backend: Literal["torch", "onnx", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
