@@ -99,3 +99,12 @@ def test_request_timeout_gives_504(tmp_path, digit_pngs):
             assert c.get("/v2/health/ready").status_code == 200
     finally:
         assert s.stop() == 0
+
+
+def test_two_processes_serve_and_stop(tmp_path, digit_pngs):
+    s = start_server(tmp_path, "--processes", "2")
+    try:
+        answers = asyncio.run(_post_many(s.url, digit_pngs[0][0].read_bytes(), 40))
+        assert [getattr(a, "status_code", a) for a in answers] == [200] * 40
+    finally:
+        assert s.stop() == 0
