@@ -56,6 +56,8 @@ search: install
 	$(BIN)/nccr-guard search --model models/mnist --attacks fgsm deepfool cw_l2 --out reports/search/fgsm-deepfool-cw
 
 bench: install
+	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.serve
 
