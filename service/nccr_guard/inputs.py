@@ -68,13 +68,13 @@ def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> 
             img = ImageOps.exif_transpose(img)
     except InputError:
         raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(f"image too large to decode safely: {e}", 413, "too_large") from None
     except (
         UnidentifiedImageError,
         OSError,
         SyntaxError,
         ValueError,
-        Image.DecompressionBombError,
-        Image.DecompressionBombWarning,
     ) as e:
         raise InputError(f"cannot decode image: {e}") from None
     if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
