@@ -9,6 +9,8 @@ from typing import Literal
 
 from pydantic import BaseModel, Field, ValidationError, model_validator
 
+from nccr_guard.engine.variants import DEFAULT_VARIANT
+
 
 class ManifestError(ValueError):
     """A model folder that cannot be served as it is; the message says what to fix."""
@@ -51,7 +53,7 @@ class Manifest(BaseModel):
     input: InputSpec
     weights: WeightsSpec
     watch: list[str] = Field(default_factory=list, description="watched layers besides the logits")
-    variant: str = "nccr-v3"
+    variant: str = DEFAULT_VARIANT
     calibration: str = "calibration.npz"
     k: int | None = None
     split: dict = Field(default_factory=dict)

@@ -97,7 +97,3 @@ def row_groups(perturbations: tuple[Perturbation, ...]) -> dict[str, slice]:
         groups[p.key] = slice(start, start + p.copies)
         start += p.copies
     return groups
-
-
-def n_rows(perturbations: tuple[Perturbation, ...]) -> int:
-    return 1 + sum(p.copies for p in perturbations)
