@@ -6,6 +6,8 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -73,3 +75,25 @@ def bare_detections_per_s(
     with ctx.Pool(procs) as pool:
         counts = pool.map(_bare_worker, [(model, threads, per_forward, seconds, backend)] * procs)
     return sum(counts) / seconds
+
+
+def start_server(port: int, extra: list[str] | tuple[str, ...], log: Path | None = None) -> subprocess.Popen:
+    """`nccr-guard serve` on 127.0.0.1:`port` (via this interpreter), returned once ready; stderr to `log`."""
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nccr_guard.cli", "serve", "--port", str(port), "--no-log-json", *extra],
+        stdout=subprocess.DEVNULL,
+        stderr=log.open("w") if log else subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        if proc.poll() is not None:
+            tail = log.read_text()[-800:] if log else ""
+            raise RuntimeError(f"server exited {proc.returncode}: {tail}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1, trust_env=False).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")

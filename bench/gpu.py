@@ -14,7 +14,6 @@ import argparse
 import asyncio
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,7 +24,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench.common import REPORTS, ROOT, machine, sample_inputs
+from bench.common import REPORTS, ROOT, machine, sample_inputs, start_server
 
 MNIST = ROOT / "models" / "mnist"
 
@@ -185,21 +184,8 @@ def serve_gpu(seconds: float, extra: tuple[str, ...] = ()) -> dict:
 
     port = 18765
     REPORTS.mkdir(parents=True, exist_ok=True)
-    exe = [sys.executable, "-m", "nccr_guard.cli"]
-    proc = subprocess.Popen(
-        [*exe, "serve", "--port", str(port), "--device", DEVICE, "--no-log-json", *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=(REPORTS / "gpu-serve.log").open("w"),
-    )
+    proc = start_server(port, ("--device", DEVICE, *extra), log=REPORTS / "gpu-serve.log")
     try:
-        for _ in range(300):
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited {proc.returncode}: {(REPORTS / 'gpu-serve.log').read_text()[-800:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1, trust_env=False).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         buf = BytesIO()
         Image.fromarray((sample_inputs(MNIST, 1)[0, 0] * 255).astype(np.uint8)).save(buf, format="PNG")
         url = f"http://127.0.0.1:{port}/v1/detect"

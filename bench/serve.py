@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from bench.common import REPORTS, ROOT, bare_detections_per_s, sample_inputs, write_report
+from bench.common import REPORTS, ROOT, bare_detections_per_s, sample_inputs, start_server, write_report
 
 MODEL = ROOT / "models" / "mnist"
 BARE_CONFIGS = [  # (processes, threads, inputs per forward, backend)
@@ -47,23 +47,6 @@ def png_bytes() -> bytes:
     buf = BytesIO()
     Image.fromarray((x * 255).round().astype(np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def start_server(port: int, extra: list[str]) -> subprocess.Popen:
-    exe = Path(sys.executable).parent / "nccr-guard"
-    proc = subprocess.Popen(
-        [str(exe), "serve", "--port", str(port), "--no-log-json", *extra],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
 
 
 def wrk(url: str, body_file: Path, conns: int, seconds: float) -> dict:

@@ -65,7 +65,7 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _reduce(t: torch.Tensor) -> torch.Tensor:
+def reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     """Same reduction as `reduce_tap`, on the device, so only (B, channels) crosses to the host."""
     if t.ndim == 4:
         return t.mean((2, 3))
@@ -104,7 +104,7 @@ class TorchBackend:
     def _run(self, t: torch.Tensor) -> dict[str, np.ndarray]:
         with torch.inference_mode():
             outs = self.tapped(t.half() if self.half else t)
-            outs = [outs[0], *(_reduce(o) for o in outs[1:])]
+            outs = [outs[0], *(reduce_tensor(o) for o in outs[1:])]
             arrays = [o.float().cpu().numpy() for o in outs]
         return {"logits": arrays[0], **dict(zip(self.layers, arrays[1:], strict=True))}
 

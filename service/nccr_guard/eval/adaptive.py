@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from nccr_guard.backends.torch_backend import reduce_tensor
 from nccr_guard.backends.torch_rows import perturb
 from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
@@ -68,8 +69,7 @@ class SurrogateScore(torch.nn.Module):
         outs = self.tapped(rows.reshape(b * r, *rows.shape[2:]))
         acts = {"logits": outs[0]}
         for name, a in zip(self.tapped.layers, outs[1:], strict=True):
-            a = a.mean((2, 3)) if a.ndim == 4 else a.mean(1) if a.ndim == 3 else a.flatten(1)
-            acts[name] = a
+            acts[name] = reduce_tensor(a)
         return {k: v.reshape(b, r, -1) for k, v in acts.items()}
 
     def _view(self, acts: dict[str, torch.Tensor], key: str) -> torch.Tensor:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from nccr_guard.backends.torch_backend import load_module
 from nccr_guard.calibrate import activations, calibrate
 from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
@@ -75,9 +76,7 @@ def evaluate(
     thresholds["nccr"] = det.calib.threshold
     xs, ys = load_split(det.manifest, split)
     xs, ys = xs[:n], ys[:n]
-    module = (
-        det.backend.module if hasattr(det.backend, "module") else Detector.load(model, backend="torch").backend.module
-    )
+    module = det.backend.module if hasattr(det.backend, "module") else load_module(det.manifest)
     clf = art_classifier(module, tuple(det.manifest.input.shape), n_classes, det.manifest.input.range)
     ok = clf.predict(xs).argmax(1) == ys
     x0, y0 = xs[ok], ys[ok]

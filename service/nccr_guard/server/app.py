@@ -43,9 +43,7 @@ def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
         threads=cpu_threads if settings.device != "cuda" else 0,
     )
     policy = batch_policy(settings, det.backend.device, det.rows_per_input)
-    rt = ModelRuntime(det, policy, metrics)
-    rt.configure_queue(settings.max_queue)
-    return rt
+    return ModelRuntime(det, policy, metrics, settings.max_queue)
 
 
 def create_app(settings: Settings) -> FastAPI:

@@ -39,16 +39,19 @@ def batch_policy(settings: Settings, device: str, rows_per_input: int) -> BatchP
 
 
 class ModelRuntime:
-    def __init__(self, detector: Detector, policy: BatchPolicy, metrics: Metrics) -> None:
+    def __init__(self, detector: Detector, policy: BatchPolicy, metrics: Metrics, max_queue: int) -> None:
         self.detector, self.policy, self.metrics = detector, policy, metrics
         self.name = detector.manifest.name
         self.ready = False
         self.batcher: Batcher[np.ndarray, Verdict] = Batcher(
-            detector.detect, policy.max_rows, policy.max_delay_s, 1, policy.workers, self._observe, f"model-{self.name}"
+            detector.detect,
+            policy.max_rows,
+            policy.max_delay_s,
+            max_queue,
+            policy.workers,
+            self._observe,
+            f"model-{self.name}",
         )
-
-    def configure_queue(self, max_queue: int) -> None:
-        self.batcher.max_queue = max_queue
 
     def _observe(self, s: BatchStats) -> None:
         m = self.metrics
@@ -68,7 +71,6 @@ class ModelRuntime:
         log.info("model %s warm in %.2fs", self.name, time.monotonic() - t)
 
     async def detect(self, x: np.ndarray) -> tuple[Verdict, Timings]:
-        self.metrics.queue_depth.labels(self.name).set(self.batcher.depth)
         try:
             verdict, timings = await self.batcher.submit(x, self.detector.rows_per_input)
         except QueueFull:
