@@ -13,7 +13,8 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 COPY pyproject.toml README.md ./
 COPY service/nccr_guard/__init__.py service/nccr_guard/__init__.py
-RUN pip install ".[cpu]" && pip uninstall -y nccr-guard
+# The speaker model's encoder weights ship in resemblyzer (Apache-2.0); only its files are needed, not its deps.
+RUN pip install ".[cpu]" && pip install --no-deps resemblyzer==0.1.4 && pip uninstall -y nccr-guard
 
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 AS gpu-deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
@@ -25,7 +26,7 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY service/nccr_guard/__init__.py service/nccr_guard/__init__.py
-RUN pip install ".[gpu]" && pip uninstall -y nccr-guard
+RUN pip install ".[gpu]" && pip install --no-deps resemblyzer==0.1.4 && pip uninstall -y nccr-guard
 
 FROM ${PYTHON_IMAGE} AS cpu
 RUN apt-get update && apt-get install -y --no-install-recommends libsndfile1 curl \

@@ -18,8 +18,11 @@ def _model_default() -> Path:
     return models[0] if models else Path("models/mnist")
 
 
-def _add_model_flags(p: argparse.ArgumentParser, backend: bool = True) -> None:
-    p.add_argument("--model", type=Path, default=_model_default(), help="model folder (default: %(default)s)")
+def _add_model_flags(p: argparse.ArgumentParser, backend: bool = True, by_type: bool = False) -> None:
+    if by_type:
+        p.add_argument("--model", type=Path, default=None, help="model folder (default: by each file's type)")
+    else:
+        p.add_argument("--model", type=Path, default=_model_default(), help="model folder (default: %(default)s)")
     if backend:
         p.add_argument("--backend", choices=["torch", "onnx", "auto"], default="auto")
         p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
@@ -56,17 +59,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    from nccr_guard.detector import Detector
-    from nccr_guard.inputs import InputError, decode
-
-    det = Detector.load(args.model, backend=args.backend, device=args.device, k=args.k, seed=args.seed)
-    failed = 0
     from tqdm import tqdm
 
+    from nccr_guard.detector import Detector
+    from nccr_guard.inputs import InputError, decode, sniff_modality
+    from nccr_guard.manifest import ManifestError, load_manifest
+
+    # Without --model, each file goes to the first default model of its modality (image -> mnist, audio -> speaker).
+    folders = {}
+    for folder in [args.model] if args.model else default_models():
+        folders.setdefault(load_manifest(folder).modality, folder)
+    loaded: dict[str, Detector] = {}
+
+    def detector_for(data: bytes) -> Detector:
+        modality = sniff_modality(data) if not args.model else next(iter(folders))
+        if modality not in folders:
+            raise InputError(f"no {modality} model among {', '.join(map(str, default_models()))}", 415)
+        if modality not in loaded:
+            loaded[modality] = Detector.load(
+                folders[modality], backend=args.backend, device=args.device, k=args.k, seed=args.seed
+            )
+        return loaded[modality]
+
+    failed = 0
     for file in tqdm(args.files, desc="score", unit="file", disable=len(args.files) < 20, leave=False):
         try:
-            x = decode(Path(file).read_bytes(), det.manifest)
-        except (OSError, InputError) as e:
+            data = Path(file).read_bytes()
+            det = detector_for(data)
+            x = decode(data, det.manifest)
+        except (OSError, InputError, ManifestError) as e:
             print(f"nccr-guard: error: {file}: {getattr(e, 'strerror', None) or e}", file=sys.stderr)
             failed += 1
             continue
@@ -136,6 +157,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         split=args.split,
         variant=args.variant,
         command=" ".join(["nccr-guard", *sys.argv[1:]]),
+        calib_n=args.calib_n,
     )
     return 0
 
@@ -168,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Score files; prints one JSON object per input.",
     )
     p.add_argument("files", nargs="+", metavar="FILE")
-    _add_model_flags(p)
+    _add_model_flags(p, by_type=True)
+    p.description += " Without --model, images go to the default image model and audio to the default audio model."
     p.add_argument("--k", type=int, default=None, help="noise copies per family (default: calibrated K)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_score)
@@ -201,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=500, help="held-out inputs to attack (default %(default)s)")
     p.add_argument("--split", default="test")
     p.add_argument("--variant", default=None, help="NCCR variant to evaluate (default: the calibrated one)")
+    p.add_argument(
+        "--calib-n", type=int, default=None, help="calib inputs for the baselines' thresholds (default: all)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("reports/mnist"))
     p.set_defaults(func=cmd_evaluate)

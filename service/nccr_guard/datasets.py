@@ -34,7 +34,7 @@ def load_split(manifest: Manifest, name: str) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) of a named split recorded in the manifest."""
     source = manifest.split.get("source")
     if source == "speaker-corpus":
-        from nccr_guard.speaker import load_corpus_split
+        from nccr_guard.speaker_corpus import load_corpus_split
 
         return load_corpus_split(manifest, name)
     if source not in SOURCES:

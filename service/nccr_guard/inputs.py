@@ -28,6 +28,9 @@ class Limits:
     max_audio_s: float = 30.0
 
 
+DEFAULT_LIMITS = Limits()
+
+
 def sniff_modality(data: bytes, content_type: str | None = None) -> str:
     """'image' or 'audio' from magic bytes (trusted over the declared content type)."""
     if data.startswith(b"RIFF") and data[8:12] == b"WEBP":

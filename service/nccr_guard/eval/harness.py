@@ -18,7 +18,7 @@ from nccr_guard.calibrate import activations, calibrate
 from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant, score_rows
-from nccr_guard.eval.attacks import ATTACKS, art_classifier, run_attack
+from nccr_guard.eval.attacks import art_classifier, attack_succeeded, attack_table, run_attack, spread
 from nccr_guard.eval.baselines import baseline_scores
 from nccr_guard.eval.metrics import auroc, rate_above, threshold_at_fpr
 from nccr_guard.eval.report import write_report
@@ -28,6 +28,12 @@ def nccr_scores(det: Detector, xs: np.ndarray) -> np.ndarray:
     if not len(xs):
         return np.zeros(0)
     return score_rows(det.variant, det.calib, activations(det, xs, desc="nccr")).score
+
+
+def median_snr_db(x: np.ndarray, delta: np.ndarray) -> float:
+    """Signal-to-perturbation ratio, the audio literature's size of an attack."""
+    power = np.square(x.reshape(len(x), -1), dtype=np.float64).sum(1)
+    return float(np.median(10 * np.log10(power / np.maximum(np.square(delta, dtype=np.float64).sum(1), 1e-20))))
 
 
 def load_detector(model: Path, variant: str | None, seed: int) -> Detector:
@@ -59,6 +65,7 @@ def evaluate(
     split: str = "test",
     variant: str | None = None,
     command: str = "",
+    calib_n: int | None = None,
 ) -> dict:
     t0 = time.perf_counter()
     np.random.seed(seed)
@@ -66,16 +73,17 @@ def evaluate(
 
     torch.manual_seed(seed)
     det = load_detector(model, variant, seed)
-    attacks = attacks or list(ATTACKS)
-    unknown = [a for a in attacks if a not in ATTACKS]
+    table = attack_table(det.manifest.modality)
+    attacks = attacks or list(table)
+    unknown = [a for a in attacks if a not in table]
     if unknown:
-        raise ValueError(f"unknown attacks {unknown}; known: {', '.join(ATTACKS)}")
+        raise ValueError(f"unknown attacks {unknown}; known: {', '.join(table)}")
     n_classes = len(det.manifest.labels)
-    x_cal, _ = load_split(det.manifest, "calib")
+    x_cal, _ = spread(*load_split(det.manifest, "calib"), calib_n or 1 << 30)
     thresholds = {k: threshold_at_fpr(v) for k, v in baseline_scores(det, x_cal).items()}
     thresholds["nccr"] = det.calib.threshold
     xs, ys = load_split(det.manifest, split)
-    xs, ys = xs[:n], ys[:n]
+    xs, ys = spread(xs, ys, n)
     module = det.backend.module if hasattr(det.backend, "module") else load_module(det.manifest)
     clf = art_classifier(module, tuple(det.manifest.input.shape), n_classes, det.manifest.input.range)
     ok = clf.predict(xs).argmax(1) == ys
@@ -96,19 +104,20 @@ def evaluate(
     raw_scores = {"clean": {k: v.tolist() for k, v in clean.items()}}
     for name in attacks:
         ta = time.perf_counter()
-        adv = run_attack(name, clf, x0, seed)
-        hit = clf.predict(adv).argmax(1) != y0
+        adv = run_attack(name, clf, x0, seed, table)
+        hit = attack_succeeded(name, clf.predict(adv).argmax(1), y0, n_classes)
         xa = adv[hit]
         scores = (
             {"nccr": nccr_scores(det, xa), **baseline_scores(det, xa)} if len(xa) else {k: np.zeros(0) for k in clean}
         )
         delta = (xa - x0[hit]).reshape(len(xa), -1)
         result["attacks"][name] = {
-            "params": ATTACKS[name].params,
+            "params": table[name].params,
             "success_rate": float(hit.mean()),
             "n_adversarial": int(hit.sum()),
             "mean_l2": float(np.linalg.norm(delta, axis=1).mean()) if len(xa) else None,
             "mean_linf": float(np.abs(delta).max(1).mean()) if len(xa) else None,
+            "median_snr_db": median_snr_db(x0[hit], delta) if len(xa) else None,
             "seconds": round(time.perf_counter() - ta, 1),
             "detectors": detector_metrics(clean, scores, thresholds),
         }

@@ -17,31 +17,44 @@ from nccr_guard.calibrate import activations
 from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
 from nccr_guard.engine import Component, Perturbation, Variant, fit_calibration
+from nccr_guard.engine.perturb import RANDOM_FAMILIES
 from nccr_guard.engine.score import EPS, raw_components
-from nccr_guard.eval.attacks import art_classifier, run_attack
+from nccr_guard.eval.attacks import art_classifier, attack_succeeded, attack_table, run_attack, spread
 from nccr_guard.eval.metrics import auroc, rate_above, threshold_at_fpr
 
-NOISE = (
-    *(Perturbation("gaussian", s, 12) for s in (0.02, 0.05, 0.1, 0.2)),
-    *(Perturbation("uniform", s, 12) for s in (0.1, 0.2)),
-)
-SQUEEZE = (*(Perturbation("bitdepth", b) for b in (1, 2, 3)), *(Perturbation("median", s) for s in (2, 3)))
+NOISE = {
+    "image": (
+        *(Perturbation("gaussian", s, 12) for s in (0.02, 0.05, 0.1, 0.2)),
+        *(Perturbation("uniform", s, 12) for s in (0.1, 0.2)),
+    ),
+    # audio: noise at an SNR relative to the clip, time shifts (5 and 25 ms at 16 kHz), gain jitter
+    "audio": (
+        *(Perturbation("snr", db, 8) for db in (20, 30, 40)),
+        *(Perturbation("shift", n, 8) for n in (80, 400)),
+        Perturbation("gain", 3, 8),
+    ),
+}
+SQUEEZE = {
+    "image": (*(Perturbation("bitdepth", b) for b in (1, 2, 3)), *(Perturbation("median", s) for s in (2, 3))),
+    "audio": (*(Perturbation("bitdepth", b) for b in (8, 10, 12)), Perturbation("median", 3)),
+}
 
 
-def candidate_variant(layers: list[str]) -> Variant:
+def candidate_variant(layers: list[str], modality: str = "image") -> Variant:
     comps = []
-    for p in (*NOISE, *SQUEEZE):
-        reduces = ("mean", "max") if p in NOISE else ("mean",)
+    noise, squeeze = NOISE[modality], SQUEEZE[modality]
+    for p in (*noise, *squeeze):
+        reduces = ("mean", "max") if p in noise else ("mean",)
         for layer, measure, sel, red in itertools.product(
             [*layers, "logits", "*"], ("flip", "change"), ("all", "class"), reduces
         ):
             comps.append(Component(p.key, layer, measure, sel, red))
         comps += [Component(p.key, "logits", m, "all", "mean") for m in ("pred_flip", "margin", "margin_change")]
-    return Variant("search", (*NOISE, *SQUEEZE), tuple(comps), robustness=comps[0])
+    return Variant("search", (*noise, *squeeze), tuple(comps), robustness=comps[0])
 
 
 def family(key: str) -> str:
-    return "noise" if key.split(":")[0] in ("gaussian", "uniform") else "squeeze"
+    return "noise" if key.split(":")[0] in RANDOM_FAMILIES else "squeeze"
 
 
 def search(
@@ -50,7 +63,8 @@ def search(
     """Rank every candidate component (and greedy max-combinations) by its worst dev AUROC over `attacks`."""
     t0 = time.perf_counter()
     det = Detector.load(model, backend="torch", device="cpu", seed=seed, calibrated=False)
-    det.variant = variant = candidate_variant(det.manifest.watch)
+    det.variant = variant = candidate_variant(det.manifest.watch, det.manifest.modality)
+    table = attack_table(det.manifest.modality)
     n_classes = len(det.manifest.labels)
     xc, _ = load_split(det.manifest, "calib")
     acts = activations(det, xc, desc="calib rows")
@@ -61,14 +75,14 @@ def search(
         np.log(raw_components(variant, calib, {k: v[1::2] for k, v in acts.items()})[0] + EPS) - calib.comp_mu
     ) / calib.comp_sigma
     xd, yd = load_split(det.manifest, "dev")
-    xd, yd = xd[:n], yd[:n]
+    xd, yd = spread(xd, yd, n)
     clf = art_classifier(det.backend.module, tuple(det.manifest.input.shape), n_classes, det.manifest.input.range)
     ok = clf.predict(xd).argmax(1) == yd
     z_clean = zscores(det, calib, xd[ok], "clean")
     z_adv, n_adv = {}, {}
     for attack in attacks:
-        adv = run_attack(attack, clf, xd[ok], seed)
-        hit = clf.predict(adv).argmax(1) != yd[ok]
+        adv = run_attack(attack, clf, xd[ok], seed, table)
+        hit = attack_succeeded(attack, clf.predict(adv).argmax(1), yd[ok], n_classes)
         z_adv[attack], n_adv[attack] = zscores(det, calib, adv[hit], attack), int(hit.sum())
     rows = []
     for i, c in enumerate(variant.components):

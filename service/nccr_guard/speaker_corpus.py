@@ -1,0 +1,183 @@
+"""A reproducible synthetic speaker corpus: Debian's espeak-ng voices (with variants) and festival voices.
+
+Each speaker reads its own seeded sentences, different for every split (enrolment = `train`, `calib`, `dev`,
+`test`), with small per-utterance jitter of speed and pitch so that no two clips are the same recording. The
+synthesisers' raw output (16, 22.05 and 32 kHz WAV) is cached on disk and goes through the same decoder as
+uploads (`nccr_guard.audio`), so resampling and level normalisation are part of what is evaluated.
+
+A model folder declares its corpus in `model.toml` `[split]`: `source = "speaker-corpus"`, `voices`, `counts`
+(clips per speaker per split) and `seed`; labels are the voice names in order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from nccr_guard.manifest import Manifest, ManifestError
+
+SPLITS = ("train", "calib", "dev", "test")
+
+_SUBJECTS = [
+    "the old farmer",
+    "my sister",
+    "a quiet student",
+    "the night nurse",
+    "our neighbour",
+    "the tall pilot",
+    "a young painter",
+    "the city council",
+    "the baker next door",
+    "his grandmother",
+    "the new teacher",
+    "a tired driver",
+    "the ship's captain",
+    "her cousin",
+]
+_VERBS = [
+    "carried",
+    "painted",
+    "forgot",
+    "found",
+    "sold",
+    "repaired",
+    "described",
+    "borrowed",
+    "watched",
+    "counted",
+    "opened",
+    "measured",
+    "wrote about",
+    "cleaned",
+]
+_OBJECTS = [
+    "a wooden box",
+    "the broken clock",
+    "seven yellow apples",
+    "an old map",
+    "the kitchen window",
+    "a letter from home",
+    "the silver bicycle",
+    "twelve green bottles",
+    "the garden gate",
+    "a heavy suitcase",
+    "the morning paper",
+    "a red umbrella",
+]
+_PLACES = [
+    "before the storm",
+    "near the river",
+    "after lunch",
+    "on Tuesday morning",
+    "under the bridge",
+    "at the station",
+    "in the early evening",
+    "behind the market",
+    "during the holidays",
+    "beside the lake",
+    "at midnight",
+    "in the north field",
+]
+_ENDINGS = ("", " and then went home", " without saying a word", " as quickly as possible", " for the second time")
+
+
+def sentences(seed: int, n: int) -> list[str]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        s = " ".join(str(rng.choice(words)) for words in (_SUBJECTS, _VERBS, _OBJECTS, _PLACES)) + str(
+            rng.choice(_ENDINGS)
+        )
+        out.append(s[0].upper() + s[1:] + ".")
+    return out
+
+
+def synthesise(voice: str, text: str, jitter: float, out: Path) -> None:
+    """One clip: `espeak:<voice>` or `festival:<voice>`; `jitter` in [-1, 1] moves speed and pitch a little."""
+    engine, _, name = voice.partition(":")
+    if engine == "espeak":
+        cmd = ["espeak-ng", "-v", name, "-s", str(int(165 + 20 * jitter)), "-p", str(int(50 + 8 * jitter))]
+        subprocess.run([*cmd, "-w", str(out), text], check=True, capture_output=True, timeout=60)
+    elif engine == "festival":
+        with tempfile.NamedTemporaryFile("w", suffix=".txt", delete=False) as f:
+            f.write(text)
+        stretch = f"(Parameter.set 'Duration_Stretch {1.0 + 0.1 * jitter:.3f})"
+        try:
+            subprocess.run(
+                ["text2wave", "-eval", f"(voice_{name})", "-eval", stretch, "-o", str(out), f.name],
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
+        finally:
+            os.unlink(f.name)
+    else:
+        raise ManifestError(f"unknown synthesiser in voice {voice!r} (espeak:<voice> or festival:<voice>)")
+
+
+def missing_tools(voices: list[str]) -> list[str]:
+    need = {"espeak-ng" if v.startswith("espeak:") else "text2wave" for v in voices}
+    return sorted(t for t in need if shutil.which(t) is None)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("NCCR_GUARD_CACHE", Path.home() / ".cache" / "nccr-guard")) / "speaker-corpus"
+
+
+def corpus_plan(split: dict, name: str) -> list[tuple[int, str, str, float]]:
+    """(speaker index, voice, sentence, jitter) for every clip of split `name`, in a fixed order."""
+    voices, counts, seed = split["voices"], split["counts"], int(split.get("seed", 0))
+    if name not in counts:
+        raise ManifestError(f"speaker corpus has no split {name!r} (have {sorted(counts)})")
+    offset = sum(counts[s] for s in SPLITS[: SPLITS.index(name)]) if name in SPLITS else 0
+    plan = []
+    for i, voice in enumerate(voices):
+        texts = sentences(seed * 1000 + i, offset + counts[name])[offset:]
+        rng = np.random.default_rng([seed, i, SPLITS.index(name) if name in SPLITS else 9])
+        plan += [(i, voice, t, float(j)) for t, j in zip(texts, rng.uniform(-1, 1, len(texts)), strict=True)]
+    return plan
+
+
+def clip_path(voice: str, text: str, jitter: float) -> Path:
+    key = hashlib.sha256(f"{voice}|{text}|{jitter:.6f}".encode()).hexdigest()[:20]
+    return cache_dir() / voice.replace(":", "_").replace("+", "_") / f"{key}.wav"
+
+
+def corpus_files(split: dict, name: str, limit: int | None = None) -> tuple[list[Path], np.ndarray]:
+    """The raw clips of a split (synthesised once, then cached) and their speaker indices."""
+    plan = corpus_plan(split, name)
+    if limit is not None:  # a few clips of every speaker, for smoke runs
+        per = max(1, limit // len(split["voices"]))
+        plan = [p for i, p in enumerate(plan) if i % split["counts"][name] < per]
+    tools = missing_tools(split["voices"])
+    todo = [p for p in plan if not clip_path(*p[1:]).exists()]
+    if todo and tools:
+        raise ManifestError(f"the speaker corpus needs {', '.join(tools)} (apt-get install espeak-ng festival ...)")
+
+    def make(p: tuple[int, str, str, float]) -> None:
+        path = clip_path(*p[1:])
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.wav")
+        synthesise(p[1], p[2], p[3], tmp)
+        tmp.replace(path)
+
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        list(pool.map(make, todo))
+    return [clip_path(*p[1:]) for p in plan], np.array([p[0] for p in plan], np.int64)
+
+
+def load_corpus_split(manifest: Manifest, name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs (n, 1, samples), speaker labels) of a split, decoded like uploads."""
+    from nccr_guard.audio import decode_audio
+    from nccr_guard.inputs import Limits
+
+    files, ys = corpus_files(manifest.split, name, limit)
+    xs = np.stack([decode_audio(f.read_bytes(), manifest, Limits(max_bytes=1 << 30)) for f in files])
+    return xs, ys

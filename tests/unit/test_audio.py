@@ -1,0 +1,131 @@
+"""The audio input path on real encoded files: resampling, mixdown, level, length, and every malformed case."""
+
+from __future__ import annotations
+
+import io
+import struct
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from nccr_guard.audio import decode_audio, encode_wav, read_audio
+from nccr_guard.inputs import InputError, Limits, decode
+from nccr_guard.manifest import load_manifest
+from tests.conftest import ROOT
+
+SPEAKER = load_manifest(ROOT / "models" / "speaker")
+MNIST = load_manifest(ROOT / "models" / "mnist")
+
+
+def tone(rate: int, seconds: float = 2.0, freq: float = 440.0, amp: float = 0.5) -> np.ndarray:
+    t = np.arange(int(rate * seconds)) / rate
+    return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+
+
+def peak_hz(x: np.ndarray, rate: int = 16000) -> float:
+    spec = np.abs(np.fft.rfft(x))
+    return float(np.fft.rfftfreq(len(x), 1 / rate)[spec.argmax()])
+
+
+@pytest.mark.parametrize("rate", [8000, 22050, 44100, 48000, 16000])
+def test_resampling_keeps_pitch_and_length(rate: int) -> None:
+    x = decode_audio(encode_wav(tone(rate, freq=1000.0), rate), SPEAKER)
+    assert x.shape == (1, 48000) and x.dtype == np.float32
+    voiced = x[0, : 32000 - 200]  # 2 s of tone, then zero padding to 3 s
+    assert abs(peak_hz(voiced) - 1000.0) < 2.0
+    assert np.abs(x[0, 32100:]).max() == 0.0
+    rms_db = 20 * np.log10(np.sqrt(np.mean(x[0, :32000].astype(np.float64) ** 2)))
+    assert abs(rms_db + 30.0) < 0.1  # -30 dBFS, set on the clip before padding
+
+
+def test_resampling_removes_content_above_the_new_nyquist() -> None:
+    """A polyphase filter, not sample dropping: an 11 kHz tone at 44.1 kHz must not alias into 0-8 kHz."""
+    wav = tone(44100, freq=1000.0, amp=0.3) + tone(44100, freq=11000.0, amp=0.3)
+    x = decode_audio(encode_wav(wav, 44100, "FLOAT"), SPEAKER)[0, :30000]
+    spec = np.abs(np.fft.rfft(x))
+    freqs = np.fft.rfftfreq(len(x), 1 / 16000)
+    alias = spec[np.abs(freqs - 5000) < 50].max()  # 16 kHz - 11 kHz
+    assert alias < 1e-3 * spec.max()
+
+
+def test_stereo_is_mixed_down() -> None:
+    left, right = tone(16000, freq=500.0), tone(16000, freq=2000.0)
+    stereo = decode_audio(encode_wav(np.stack([left, right], 1), 16000, "FLOAT"), SPEAKER)
+    mono = decode_audio(encode_wav((left + right) / 2, 16000, "FLOAT"), SPEAKER)
+    np.testing.assert_allclose(stereo, mono, atol=1e-6)
+
+
+@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("WAV", "FLOAT")])
+def test_formats(fmt: str, subtype: str) -> None:
+    x = decode(encode_wav(tone(22050, freq=700.0), 22050, subtype, fmt), SPEAKER)
+    assert x.shape == (1, 48000) and abs(peak_hz(x[0, :30000]) - 700.0) < 3.0
+
+
+def test_long_clips_are_cropped() -> None:
+    x = decode_audio(encode_wav(tone(16000, seconds=10.0), 16000), SPEAKER)
+    assert x.shape == (1, 48000) and np.abs(x[0, -100:]).max() > 0
+
+
+def wav_header(rate: int, channels: int, data_bytes: int, bits: int = 16, fmt: int = 1) -> bytes:
+    block = channels * bits // 8
+    return (
+        b"RIFF"
+        + struct.pack("<I", 36 + data_bytes)
+        + b"WAVEfmt "
+        + struct.pack("<IHHIIHH", 16, fmt, channels, rate, rate * block, block, bits)
+        + b"data"
+        + struct.pack("<I", data_bytes)
+    )
+
+
+def hostile_cases() -> dict[str, tuple[bytes, int]]:
+    """name -> (bytes, expected HTTP status of the InputError)."""
+    nan = tone(16000)
+    nan[100] = np.nan
+    inf = tone(16000)
+    inf[5] = np.inf
+    flac = encode_wav(tone(16000), 16000, fmt="FLAC")
+    return {
+        "zero samples": (encode_wav(np.zeros(0, np.float32), 16000), 400),
+        "NaN float samples": (encode_wav(nan, 16000, "FLOAT"), 400),
+        "Inf float samples": (encode_wav(inf, 16000, "FLOAT"), 400),
+        "1 Hz sample rate": (wav_header(1, 1, 2000) + bytes(2000), 400),
+        "1 MHz sample rate": (wav_header(1_000_000, 1, 2000) + bytes(2000), 400),
+        "1000 channels": (wav_header(16000, 1000, 4000) + bytes(4000), 400),
+        "header claims 5 hours": (wav_header(16000, 1, 16000 * 2 * 3600 * 5) + bytes(4000), 413),
+        "60 s over the 30 s cap": (encode_wav(np.zeros(16000 * 60, np.float32), 16000), 413),
+        "truncated FLAC": (flac[: len(flac) // 3], 400),
+        "FLAC magic then garbage": (b"fLaC" + bytes(range(256)) * 4, 400),
+        "RIFF header only": (b"RIFF\x00\x00\x00\x00WAVE", 400),
+        "image sent to the audio model": (b"\x89PNG\r\n\x1a\n" + bytes(64), 415),
+    }
+
+
+@pytest.mark.parametrize("name", list(hostile_cases()))
+def test_hostile_audio_is_a_clear_4xx(name: str) -> None:
+    data, status = hostile_cases()[name]
+    with pytest.raises(InputError) as e:
+        decode(data, SPEAKER, Limits())
+    assert e.value.status == status, str(e.value)
+    assert str(e.value)
+
+
+def test_audio_sent_to_the_image_model_is_415() -> None:
+    with pytest.raises(InputError) as e:
+        decode(encode_wav(tone(16000), 16000), MNIST)
+    assert e.value.status == 415 and "takes image" in str(e.value)
+
+
+def test_eight_channels_are_legitimate() -> None:
+    wav = np.repeat(tone(16000)[:, None], 8, axis=1)
+    samples, rate = read_audio(encode_wav(wav, 16000))
+    assert samples.shape == (32000, 8) and rate == 16000
+
+
+def test_read_stops_at_the_cap_even_if_the_header_lies_low() -> None:
+    """A header that understates its length cannot make the decoder read more than the cap."""
+    buf = io.BytesIO()
+    sf.write(buf, np.zeros(16000 * 4, np.float32), 16000, format="WAV", subtype="PCM_16")
+    samples, _ = read_audio(buf.getvalue(), Limits(max_audio_s=5.0))
+    assert len(samples) == 16000 * 4
