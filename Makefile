@@ -9,7 +9,7 @@ EXTRAS ?= cpu,dev
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install tools serve test lint eval search bench clean models
+.PHONY: install tools serve test lint eval search bench soak fuzz clean models
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -42,13 +42,17 @@ test: install tools
 lint: install
 	$(BIN)/ruff check service tests bench models deploy
 
-models: install
+models: install tools
 	$(BIN)/python models/mnist/train.py
 	$(BIN)/nccr-guard calibrate --model models/mnist
+	$(BIN)/python models/speaker/build.py
+	$(BIN)/nccr-guard calibrate --model models/speaker
 
 # Detection reports (about 10 min), the adaptive attacker (a few min), the model-level study (about 15 min).
-eval: install
+eval: install tools
 	$(BIN)/nccr-guard evaluate --model models/mnist --out reports/mnist --seed 0
+	$(BIN)/nccr-guard evaluate --model models/speaker --out reports/speaker --n 100 --seed 0
+	$(BIN)/nccr-guard robustness --model models/speaker > reports/speaker/robustness.json
 	$(BIN)/python -m nccr_guard.eval.adaptive --model models/mnist --out reports/adaptive --seed 0
 	$(BIN)/python -m nccr_guard.eval.robustness_study --model models/mnist --out reports/robustness --seed 0
 
@@ -57,12 +61,22 @@ search: install
 	$(BIN)/nccr-guard search --model models/mnist --attacks fgsm --out reports/search/fgsm
 	$(BIN)/nccr-guard search --model models/mnist --attacks fgsm deepfool --out reports/search/fgsm-deepfool
 	$(BIN)/nccr-guard search --model models/mnist --attacks fgsm deepfool cw_l2 --out reports/search/fgsm-deepfool-cw
+	$(BIN)/nccr-guard search --model models/speaker --attacks fgsm pgd cw_l2 --n 100 --out reports/search/speaker
 
 bench: install
 	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk >/dev/null; }
 	$(BIN)/python -m bench.engine
 	$(BIN)/python -m bench.serve
+	$(BIN)/python -m bench.scaling
+
+# Ten minutes of mixed image + audio traffic; RSS growth and errors in reports/bench/soak.json.
+soak: install tools
+	$(BIN)/python -m bench.soak --minutes 10
+
+# Schema fuzzing with more examples than the CI pass.
+fuzz: install
+	NCCR_GUARD_FUZZ_EXAMPLES=200 $(BIN)/python -m pytest -q tests/fuzz -s
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

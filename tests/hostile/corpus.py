@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from bench.common import rss_mb
+
 
 @dataclass(frozen=True)
 class Case:
@@ -24,6 +26,7 @@ class Case:
     content_type: str
     expected: int
     multipart: bool = True
+    path: str = "/v1/detect"
 
 
 def _img(mode: str, size: tuple[int, int], fmt: str, **save) -> bytes:
@@ -85,6 +88,87 @@ def wav_bytes() -> bytes:
 
 PNG = lambda: _img("L", (28, 28), "PNG")  # noqa: E731
 
+
+def _audio(wav: np.ndarray, rate: int = 16000, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+    import soundfile as sf
+
+    buf = io.BytesIO()
+    sf.write(buf, wav, rate, subtype=subtype, format=fmt)
+    return buf.getvalue()
+
+
+def _tone(rate: int = 16000, seconds: float = 1.0, poison: float | None = None) -> np.ndarray:
+    wav = (0.3 * np.sin(2 * np.pi * 300 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
+    if poison is not None:
+        wav[len(wav) // 2] = poison
+    return wav
+
+
+def wav_header(rate: int, channels: int, data_bytes: int, bits: int = 16) -> bytes:
+    """A PCM WAV header with whatever it is told to claim."""
+    block = channels * bits // 8
+    fmt = struct.pack("<IHHIIHH", 16, 1, channels, rate, rate * block, block, bits)
+    return b"RIFF" + struct.pack("<I", 36 + data_bytes) + b"WAVEfmt " + fmt + b"data" + struct.pack("<I", data_bytes)
+
+
+def flac_truncated() -> bytes:
+    flac = _audio(_tone(), fmt="FLAC")
+    return flac[: len(flac) // 3]
+
+
+def kserve(tensor: dict | str, raw: bool = False) -> Callable[[], bytes]:
+    import json
+
+    return lambda: tensor.encode() if raw else json.dumps({"inputs": [tensor]}).encode()
+
+
+def _t(shape: list[int], datatype: str = "FP32", data: list | None = None) -> dict:
+    return {"name": "input", "shape": shape, "datatype": datatype, "data": data if data is not None else [0.0] * 784}
+
+
+V2 = "/v2/models/mnist/infer"
+AUDIO_CASES = [
+    Case("WAV, 16 kHz mono", lambda: _audio(_tone()), "audio/wav", 200),
+    Case("WAV, 44.1 kHz stereo", lambda: _audio(np.stack([_tone(44100)] * 2, 1), 44100), "audio/wav", 200),
+    Case("WAV, 8 channels (mixed down)", lambda: _audio(np.stack([_tone()] * 8, 1)), "audio/wav", 200),
+    Case("FLAC, 48 kHz", lambda: _audio(_tone(48000), 48000, fmt="FLAC"), "audio/flac", 200),
+    Case("OGG Vorbis, 22.05 kHz", lambda: _audio(_tone(22050), 22050, "VORBIS", "OGG"), "audio/ogg", 200),
+    Case("WAV with zero samples", lambda: _audio(np.zeros(0, np.float32)), "audio/wav", 400),
+    Case("float WAV with a NaN sample", lambda: _audio(_tone(poison=np.nan), subtype="FLOAT"), "audio/wav", 400),
+    Case("float WAV with an Inf sample", lambda: _audio(_tone(poison=np.inf), subtype="FLOAT"), "audio/wav", 400),
+    Case("WAV at 1 Hz", lambda: wav_header(1, 1, 2000) + bytes(2000), "audio/wav", 400),
+    Case("WAV at 1 MHz", lambda: wav_header(1_000_000, 1, 2000) + bytes(2000), "audio/wav", 400),
+    Case("WAV with 1000 channels", lambda: wav_header(16000, 1000, 4000) + bytes(4000), "audio/wav", 400),
+    Case("WAV header claiming 5 hours", lambda: wav_header(16000, 1, 576_000_000) + bytes(4000), "audio/wav", 413),
+    Case("WAV of 60 s (cap 30 s)", lambda: _audio(np.zeros(16000 * 60, np.float32)), "audio/wav", 413),
+    Case("truncated FLAC", flac_truncated, "audio/flac", 400),
+    Case("FLAC magic, then garbage", lambda: b"fLaC" + bytes(range(256)) * 4, "audio/flac", 400),
+    Case("OGG magic, then garbage", lambda: b"OggS" + bytes(200), "audio/ogg", 400),
+    Case("image sent to the audio model", PNG, "audio/wav", 415, path="/v1/detect?model=speaker"),
+    Case("audio sent to the image model", lambda: _audio(_tone()), "image/png", 415, path="/v1/detect?model=mnist"),
+]
+KSERVE_CASES = [
+    Case("KServe v2: valid 1x28x28 tensor", kserve(_t([1, 1, 28, 28])), "application/json", 200, False, V2),
+    Case("KServe v2: wrong shape", kserve(_t([1, 27, 28], data=[0.0] * 756)), "application/json", 400, False, V2),
+    Case("KServe v2: INT8 datatype", kserve(_t([1, 28, 28], "INT8", [0] * 784)), "application/json", 400, False, V2),
+    Case("KServe v2: too few values", kserve(_t([1, 28, 28], data=[0.0] * 10)), "application/json", 400, False, V2),
+    Case(
+        "KServe v2: NaN value", kserve(_t([1, 28, 28], data=["NaN"] + [0.0] * 783)), "application/json", 400, False, V2
+    ),
+    Case(
+        "KServe v2: bare NaN literal",
+        kserve('{"inputs": [{"name": "input", "shape": [1, 1], "datatype": "FP32", "data": [NaN]}]}', raw=True),
+        "application/json",
+        400,
+        False,
+        V2,
+    ),
+    Case("KServe v2: negative dimension", kserve(_t([-1, 28, 28])), "application/json", 400, False, V2),
+    Case("KServe v2: inputs not a list", kserve('{"inputs": 3}', raw=True), "application/json", 422, False, V2),
+    Case("KServe v2: not JSON", lambda: b"\x89PNG", "application/json", 422, False, V2),
+    Case("KServe v2: unknown model", kserve(_t([1, 28, 28])), "application/json", 404, False, "/v2/models/nope/infer"),
+]
+
 CASES = [
     Case("plain 28x28 PNG", PNG, "image/png", 200),
     Case("truncated PNG", lambda: PNG()[:60], "image/png", 400),
@@ -105,15 +189,69 @@ CASES = [
     Case("EXIF-rotated JPEG", jpeg_exif_rotated, "image/jpeg", 200),
     Case("empty file", lambda: b"", "image/png", 400),
     Case("plain text", lambda: b"just some words\n" * 20, "text/plain", 415),
-    Case("audio (WAV) sent as image", wav_bytes, "image/png", 415),
+    Case("silent WAV sent with an image content type", wav_bytes, "image/png", 200),
     Case("image sent with an audio content type", PNG, "audio/wav", 200),
     Case("raw text body", lambda: b"hello", "text/plain", 415, multipart=False),
     Case("raw JSON body", lambda: b'{"image": [1, 2, 3]}', "application/json", 415, multipart=False),
     Case("raw empty body", lambda: b"", "image/png", 400, multipart=False),
     Case("raw 11 MB body", lambda: b"\x89PNG\r\n\x1a\n" + b"\0" * (11 << 20), "image/png", 413, multipart=False),
+    *AUDIO_CASES,
+    *KSERVE_CASES,
 ]
 
 
+def send(client, case: Case):
+    data = case.make()
+    if case.multipart:
+        return client.post(case.path, files={"file": ("upload", data, case.content_type)})
+    return client.post(case.path, content=data, headers={"content-type": case.content_type})
+
+
+def observe() -> None:
+    """Start a real server with both default models, send every case, print the table with observed answers."""
+    import tempfile
+    from pathlib import Path
+
+    from tests.conftest import start_server
+
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start_server(Path(tmp))
+        try:
+            with server.client() as c:
+                send(c, CASES[0])
+                before = rss_mb(server.proc.pid)
+                rows, fivexx = [], 0
+                for case in CASES:
+                    r = send(c, case)
+                    fivexx += r.status_code >= 500
+                    ready = c.get("/v2/health/ready").status_code == 200
+                    note = "" if ready else " (not ready after!)"
+                    rows.append(
+                        f"| {case.name} | {case.path} | {'multipart' if case.multipart else 'raw'} | "
+                        f"{case.content_type} | {case.expected} | {r.status_code}{note} |"
+                    )
+                for _ in range(2):  # memory back to baseline: the whole corpus twice more
+                    for case in CASES:
+                        send(c, case)
+                after = rss_mb(server.proc.pid)
+        finally:
+            server.stop()
+    print("| case | path | body | declared type | expected | observed |")
+    print("|---|---|---|---|---|---|")
+    print("\n".join(rows))
+    print(
+        f"\n{len(CASES)} cases, {fivexx} 5xx; server RSS {before:.0f} MB after the first request, "
+        f"{after:.0f} MB after the corpus three times"
+    )
+
+
 if __name__ == "__main__":
-    for c in CASES:
-        print(f"| {c.name} | {'multipart' if c.multipart else 'raw'} | {c.content_type} | {c.expected} |")
+    import sys
+
+    if "--observe" in sys.argv:
+        observe()
+    else:
+        for c in CASES:
+            print(
+                f"| {c.name} | {c.path} | {'multipart' if c.multipart else 'raw'} | {c.content_type} | {c.expected} |"
+            )

@@ -12,7 +12,6 @@ import pytest
 from nccr_guard.manifest import load_manifest
 from nccr_guard.speaker_corpus import corpus_files
 from tests.conftest import BIN, ROOT
-from tests.unit.test_audio import hostile_cases
 
 SPEAKER_DIR = ROOT / "models" / "speaker"
 SPEAKER = load_manifest(SPEAKER_DIR)
@@ -46,20 +45,6 @@ def test_held_out_speakers_are_identified_over_http(server, held_out_clips):
         sf.write(buf, wav, rate, format="FLAC")
         r = c.post("/v1/detect?model=speaker", content=buf.getvalue(), headers={"content-type": "audio/flac"})
         assert r.status_code == 200 and r.json()["prediction"]["label"] == held_out_clips[0][1]
-
-
-def test_hostile_audio_over_http_is_4xx_and_server_stays_healthy(server):
-    with server.client() as c:
-        for name, (data, status) in hostile_cases().items():
-            if name == "image sent to the audio model":
-                r = c.post("/v1/detect?model=speaker", content=data, headers={"content-type": "image/png"})
-            else:
-                r = c.post("/v1/detect", files={"file": ("x.wav", data, "audio/wav")})
-            assert r.status_code == status, (name, r.text)
-            assert r.json()["error"]["message"], name
-        r = c.post("/v1/detect?model=mnist", content=hostile_cases()["NaN float samples"][0])
-        assert r.status_code == 415
-        assert c.get("/v2/health/ready").json() == {"ready": True}
 
 
 def test_cli_scores_a_clip(tmp_path, held_out_clips):

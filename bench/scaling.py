@@ -1,0 +1,120 @@
+"""How the cost of a verdict grows: against the number of perturbed copies K, and against input size.
+
+    python -m bench.scaling [--reps 5]   ->  reports/bench/scaling.json
+
+Cost = wall time of `Detector.activations` for one input (row building + the forward of every row), which is
+all a verdict costs besides scoring (microseconds). One thread, CPU, median of `--reps` calls.
+- K: the MNIST CNN under `nccr-v2` (two squeezers + K Gaussian copies: K + 3 rows), K = 1 ... 64.
+- input size, each model's default variant: MNIST 28x28; a ResNet-50-shaped net (random weights) at 224x224;
+  the speaker model on 1, 3, 5 and 10 s clips (the encoder runs one 1.6 s LSTM partial per ~0.77 s of audio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from bench.common import ROOT, write_report
+from nccr_guard.detector import Detector
+from nccr_guard.engine import get_variant
+
+MNIST, SPEAKER = ROOT / "models" / "mnist", ROOT / "models" / "speaker"
+
+
+def cost_ms(det: Detector, x: np.ndarray, reps: int) -> float:
+    det.activations(x[None])
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        det.activations(x[None])
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def speaker_folder(tmp: Path, seconds: float) -> Path:
+    folder = tmp / f"speaker-{seconds:g}s"
+    folder.mkdir()
+    shutil.copy(SPEAKER / "head.pt", folder / "head.pt")
+    toml = (SPEAKER / "model.toml").read_text()
+    n = int(16000 * seconds)
+    toml = toml.replace("shape = [1, 48000]", f"shape = [1, {n}]").replace("seconds = 3.0", f"seconds = {seconds}")
+    (folder / "model.toml").write_text(toml)
+    return folder
+
+
+def resnet_folder(tmp: Path) -> Path:
+    from nccr_guard.nets import ResNet50
+
+    folder = tmp / "resnet50"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(ResNet50().eval().state_dict(), folder / "weights.pt")
+    labels = ", ".join(f'"c{i}"' for i in range(1000))
+    (folder / "model.toml").write_text(
+        f'name = "resnet50"\nmodality = "image"\nlabels = [{labels}]\nwatch = ["layer4"]\n'
+        '[input]\nshape = [3, 224, 224]\n[input.image]\nmode = "RGB"\n'
+        '[weights]\ntorch_module = "nccr_guard.nets:ResNet50"\nstate_dict = "weights.pt"\n'
+    )
+    return folder
+
+
+def load(folder: Path, variant: str | None = None) -> Detector:
+    det = Detector.load(folder, backend="torch", device="cpu", threads=1, calibrated=False)
+    det.variant = get_variant(variant or det.manifest.variant)
+    return det
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    result: dict = {"threads": 1, "reps": args.reps, "by_k": [], "by_size": []}
+
+    det = load(MNIST, "nccr-v2")
+    x = rng.random((1, 28, 28), dtype=np.float32)
+    base = None
+    for k in (1, 2, 4, 8, 16, 32, 64):
+        det.variant = get_variant("nccr-v2").with_k(k)
+        ms = cost_ms(det, x, args.reps * 4)
+        base = base or ms
+        result["by_k"].append({"k": k, "rows": det.variant.rows, "ms": round(ms, 3), "vs_k1": round(ms / base, 2)})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = [("mnist 28x28", MNIST, rng.random((1, 28, 28), dtype=np.float32))]
+        sizes.append(("resnet50 224x224", resnet_folder(Path(tmp)), rng.random((3, 224, 224), dtype=np.float32)))
+        for s in (1.0, 3.0, 5.0, 10.0):
+            wav = (0.03 * rng.standard_normal((1, int(16000 * s)))).astype(np.float32)
+            sizes.append((f"speaker {s:g} s", speaker_folder(Path(tmp), s), wav))
+        for name, folder, xin in sizes:
+            det = load(folder)
+            ms = cost_ms(det, xin, args.reps)
+            result["by_size"].append(
+                {
+                    "input": name,
+                    "variant": det.variant.name,
+                    "rows": det.variant.rows,
+                    "values": int(xin.size),
+                    "ms": round(ms, 2),
+                    "ms_per_row": round(ms / det.variant.rows, 2),
+                }
+            )
+    write_report("scaling", result, f"python -m bench.scaling --reps {args.reps}")
+    k = {r["k"]: r for r in result["by_k"]}
+    sz = {r["input"]: r for r in result["by_size"]}
+    print(
+        f"scaling: MNIST K=64 costs {k[64]['vs_k1']}x K=1 ({k[1]['ms']} -> {k[64]['ms']} ms); per verdict "
+        + ", ".join(f"{n} {r['ms']} ms" for n, r in sz.items())
+    )
+
+
+if __name__ == "__main__":
+    main()

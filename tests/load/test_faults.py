@@ -1,0 +1,231 @@
+"""Overload, disconnects, backend faults, huge and slow bodies, against real servers on 127.0.0.1.
+
+Bounded: the overload run offers 3x the measured capacity of the speaker model for 30 s (a few hundred requests),
+every other test sends a handful of requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import statistics
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from nccr_guard.audio import encode_wav
+from tests.conftest import MNIST, ROOT, start_server
+from tests.load.test_load import metric
+
+SPEAKER = ROOT / "models" / "speaker"
+
+
+def clip() -> bytes:
+    t = np.arange(32000) / 16000
+    return encode_wav(
+        (0.2 * np.sin(2 * np.pi * 220 * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32), 16000
+    )
+
+
+async def closed_loop(url: str, body: bytes, seconds: float, concurrency: int) -> list[float]:
+    """Latencies of back-to-back requests from `concurrency` clients for `seconds`."""
+    out: list[float] = []
+    stop = time.monotonic() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=30) as c:
+
+        async def worker():
+            while time.monotonic() < stop:
+                t = time.monotonic()
+                r = await c.post("/v1/detect", content=body, headers={"content-type": "audio/wav"})
+                assert r.status_code == 200, r.text
+                out.append(time.monotonic() - t)
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return out
+
+
+async def open_loop(url: str, body: bytes, rate: float, seconds: float) -> list:
+    """Requests launched on a fixed schedule regardless of answers (an open-loop load generator)."""
+    n = int(rate * seconds)
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
+        t0 = time.monotonic()
+
+        async def one(i: int):
+            await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
+            start = time.monotonic()
+            try:
+                r = await c.post("/v1/detect", content=body, headers={"content-type": "audio/wav"})
+                return r, time.monotonic() - start
+            except httpx.HTTPError as e:
+                return e, time.monotonic() - start
+
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+
+def test_three_times_capacity_for_30_s_sheds_cleanly_and_recovers(tmp_path):
+    s = start_server(tmp_path, "--models", str(SPEAKER), "--max-queue", "16", "--request-timeout-s", "5")
+    body = clip()
+    try:
+        asyncio.run(closed_loop(s.url, body, 2, 2))  # warm
+        lat = asyncio.run(closed_loop(s.url, body, 5, 4))
+        capacity = len(lat) / 5
+        base = statistics.median(asyncio.run(closed_loop(s.url, body, 3, 1)))
+        results = asyncio.run(open_loop(s.url, body, 3 * capacity, 30))
+        codes = [getattr(r, "status_code", type(r).__name__) for r, _ in results]
+        counts = {c: codes.count(c) for c in set(codes)}
+        lost = {c: n for c, n in counts.items() if c not in (200, 503, 504)}
+        print(
+            f"\noverload: capacity {capacity:.1f} req/s, offered {len(results)} at {3 * capacity:.1f} req/s: {counts}"
+        )
+        assert not lost, counts
+        assert counts.get(200, 0) >= 0.5 * capacity * 30 and counts.get(503, 0) > 0
+        assert max(t for _, t in results) < 5 + 5  # nothing hangs past the request timeout
+        for r, _ in results:
+            if r.status_code == 503:
+                assert r.headers.get("retry-after") and r.json()["error"]
+        t_end = time.monotonic()
+        after = statistics.median(asyncio.run(closed_loop(s.url, body, 3, 1)))
+        assert after < 2 * base + 0.05 and time.monotonic() - t_end < 10, (base, after)
+        text = s.client().get("/metrics").text
+        assert metric(text, "nccr_guard_queue_depth") == 0
+    finally:
+        assert s.stop() == 0
+
+
+def test_clients_that_disconnect_free_their_queue_slots(tmp_path):
+    s = start_server(tmp_path, "--models", str(SPEAKER), "--max-queue", "8", "--request-timeout-s", "20")
+    body = clip()
+
+    async def abandon(n: int):
+        async with httpx.AsyncClient(base_url=s.url, timeout=0.3) as c:
+            await asyncio.gather(
+                *(c.post("/v1/detect", content=body, headers={"content-type": "audio/wav"}) for _ in range(n)),
+                return_exceptions=True,
+            )
+
+    try:
+        asyncio.run(abandon(40))  # every client gives up after 0.3 s, most while queued
+        deadline = time.monotonic() + 15
+        with s.client() as c:
+            while metric(c.get("/metrics").text, "nccr_guard_queue_depth") > 0 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            text = c.get("/metrics").text
+            assert metric(text, "nccr_guard_queue_depth") == 0
+            assert metric(text, 'nccr_guard_rejections_total{reason="client_gone"}') >= 1
+            codes = [
+                c.post("/v1/detect", content=body, headers={"content-type": "audio/wav"}).status_code for _ in range(8)
+            ]
+            assert codes == [200] * 8
+    finally:
+        assert s.stop() == 0
+
+
+@pytest.fixture
+def faulty_model(tmp_path) -> Path:
+    folder = tmp_path / "faulty"
+    folder.mkdir()
+    for f in ("weights.pt", "calibration.npz"):
+        shutil.copy(MNIST / f, folder / f)
+    toml = (MNIST / "model.toml").read_text()
+    toml = toml.replace('name = "mnist"', 'name = "faulty"').replace('onnx = "model.onnx"\n', "")
+    (folder / "model.toml").write_text(toml.replace("nccr_guard.nets:MnistCNN", "tests.faulty:FaultyMnist"))
+    return folder
+
+
+def test_backend_fault_fails_only_its_batch(tmp_path, faulty_model, digit_pngs):
+    import io
+
+    from PIL import Image
+
+    clean = digit_pngs[0][0].read_bytes()
+    img = np.asarray(Image.open(io.BytesIO(clean))).copy()
+    img[0, 0] = 255
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    poison = buf.getvalue()
+    s = start_server(tmp_path, "--models", str(faulty_model), env={"PYTHONPATH": str(ROOT)})
+    try:
+        with s.client() as c:
+            r = c.post("/v1/detect", content=poison, headers={"content-type": "image/png"})
+            assert r.status_code == 503 and "failed on this batch" in r.json()["error"], r.text
+            assert c.post("/v1/detect", content=clean, headers={"content-type": "image/png"}).status_code == 200
+
+        async def mixed():
+            async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+                return await asyncio.gather(
+                    *(
+                        c.post(
+                            "/v1/detect",
+                            content=poison if i % 10 == 0 else clean,
+                            headers={"content-type": "image/png"},
+                        )
+                        for i in range(100)
+                    )
+                )
+
+        answers = asyncio.run(mixed())
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503} and codes.count(200) >= 50, codes
+        assert all(answers[i].status_code == 503 for i in range(0, 100, 10))
+        with s.client() as c:
+            assert c.post("/v1/detect", content=clean, headers={"content-type": "image/png"}).status_code == 200
+            assert c.get("/v2/health/ready").status_code == 200
+    finally:
+        assert s.stop() == 0
+
+
+def raw_request(
+    port: int, head: bytes, body_chunks, pause_s: float = 0.0, read_timeout: float = 30
+) -> tuple[bytes, int]:
+    """Send a request by hand; returns (what the server answered, body bytes we managed to send)."""
+    sent = 0
+    with socket.create_connection(("127.0.0.1", port), timeout=read_timeout) as sock:
+        sock.sendall(head)
+        try:
+            for chunk in body_chunks:
+                sock.sendall(chunk)
+                sent += len(chunk)
+                if pause_s:
+                    time.sleep(pause_s)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.shutdown(socket.SHUT_WR) if sent else None
+        data = b""
+        try:
+            while chunk := sock.recv(65536):
+                data += chunk
+        except (ConnectionResetError, TimeoutError):
+            pass
+    return data, sent
+
+
+def test_one_gigabyte_bodies_are_refused_early(server):
+    port = int(server.url.rsplit(":", 1)[1])
+    gb = 1 << 30
+    head = f"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {gb}\r\n\r\n".encode()
+    reply, sent = raw_request(port, head, (b"\0" * (1 << 20) for _ in range(1024)))
+    assert reply.startswith(b"HTTP/1.1 413") and sent < 64 << 20, (reply[:200], sent)
+    chunked = b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+    mb = b"\0" * (1 << 20)
+    reply, sent = raw_request(port, chunked, (b"100000\r\n" + mb + b"\r\n" for _ in range(1024)))
+    assert reply.startswith(b"HTTP/1.1 413") and sent < 64 << 20, (reply[:200], sent)
+    assert httpx.get(f"{server.url}/v2/health/ready").status_code == 200
+
+
+def test_slowloris_upload_is_cut_by_the_read_timeout(tmp_path):
+    s = start_server(tmp_path, "--models", str(MNIST), "--request-timeout-s", "2")
+    port = int(s.url.rsplit(":", 1)[1])
+    head = b"POST /v1/detect HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+    try:
+        t0 = time.monotonic()
+        reply, sent = raw_request(port, head, (b"\x89" for _ in range(20)), pause_s=0.5)
+        assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
+        assert time.monotonic() - t0 < 12 and sent < 20
+        assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200
+    finally:
+        assert s.stop() == 0
