@@ -91,6 +91,7 @@ def evaluate(
     clean = {"nccr": nccr_scores(det, x0), **baseline_scores(det, x0)}
     result = {
         "model": det.manifest.name,
+        "modality": det.manifest.modality,
         "variant": det.variant.name,
         "command": command,
         "seed": seed,

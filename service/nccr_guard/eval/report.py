@@ -7,10 +7,17 @@ from pathlib import Path
 
 import numpy as np
 
-DETECTORS = ("nccr", "feature_squeezing", "prediction_flip", "low_margin")
+
+def detectors(result: dict) -> list[str]:
+    """The detectors scored in this run, NCCR first (the baselines differ per modality)."""
+    names = {d for a in result["attacks"].values() for d in a["detectors"]}
+    return ["nccr", *sorted(names - {"nccr"})]
 
 
 def _md(result: dict) -> str:
+    DETECTORS = detectors(result)  # noqa: N806
+    audio = result.get("modality") == "audio"
+    size = "median SNR dB" if audio else "mean L2"
     lines = [
         f"# Detection on {result['model']} ({result['split']} split), NCCR variant `{result['variant']}`",
         "",
@@ -20,7 +27,7 @@ def _md(result: dict) -> str:
         f"Clean inputs: {result['n_clean']} correctly classified (accuracy {result['clean_accuracy']:.3f}). "
         "Adversarial: successful ones only. TPR at the threshold fixed on the calib split's clean data (5 % FPR).",
         "",
-        "| attack | success | n | mean L2 | mean L∞ | " + " | ".join(f"{d} AUROC / TPR" for d in DETECTORS) + " |",
+        f"| attack | success | n | {size} | mean L∞ | " + " | ".join(f"{d} AUROC / TPR" for d in DETECTORS) + " |",
         "|---" * (5 + len(DETECTORS)) + "|",
     ]
     for name, a in result["attacks"].items():
@@ -28,8 +35,9 @@ def _md(result: dict) -> str:
         for d in DETECTORS:
             m = a["detectors"].get(d)
             cells.append(f"{m['auroc']:.3f} / {m['tpr_at_fpr05']:.3f}" if m else "–")
-        l2 = f"{a['mean_l2']:.2f}" if a["mean_l2"] is not None else "–"
-        li = f"{a['mean_linf']:.3f}" if a["mean_linf"] is not None else "–"
+        key = "median_snr_db" if audio else "mean_l2"
+        l2 = f"{a[key]:.2f}" if a.get(key) is not None else "–"
+        li = f"{a['mean_linf']:.4f}" if a["mean_linf"] is not None else "–"
         lines.append(
             f"| {name} | {a['success_rate']:.2f} | {a['n_adversarial']} | {l2} | {li} | " + " | ".join(cells) + " |"
         )
@@ -63,7 +71,7 @@ def _plots(result: dict, raw: dict, out: Path) -> None:
     for kind in ("roc", "scores"):
         fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3.4 * rows), squeeze=False)
         for ax, name in zip(axes.flat, names, strict=False):
-            for d in DETECTORS:
+            for d in detectors(result):
                 c, a = np.asarray(raw["clean"][d]), np.asarray(raw[name][d])
                 if not len(a):
                     continue
@@ -89,5 +97,6 @@ def write_report(result: dict, raw: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "eval.json").write_text(json.dumps(result, indent=1, sort_keys=False) + "\n")
     (out / "eval.md").write_text(_md(result))
+    (out / "scores.json").write_text(json.dumps(raw) + "\n")  # per-input scores: plots and re-analysis
     if result["attacks"]:
         _plots(result, raw, out)
