@@ -192,14 +192,13 @@ def raw_request(
                 sent += len(chunk)
                 if pause_s:
                     time.sleep(pause_s)
-        except (BrokenPipeError, ConnectionResetError):
+        except OSError:  # the server closed on us: expected once it has answered
             pass
-        sock.shutdown(socket.SHUT_WR) if sent else None
         data = b""
         try:
             while chunk := sock.recv(65536):
                 data += chunk
-        except (ConnectionResetError, TimeoutError):
+        except OSError:
             pass
     return data, sent
 

@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -101,8 +101,15 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(r)
     _add_error_handlers(app, service)
 
-    @app.get("/metrics", tags=["ops"], dependencies=[OpenOrAuthorized])
+    @app.get(
+        "/metrics",
+        tags=["ops"],
+        dependencies=[OpenOrAuthorized],
+        response_class=PlainTextResponse,
+        responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}}},
+    )
     async def metrics() -> Response:
+        """Prometheus text exposition format."""
         for name, rt in service.runtimes.items():
             service.metrics.queue_depth.labels(name).set(rt.batcher.depth)
         return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
@@ -122,6 +129,9 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         headers = {"Retry-After": "1"} if e.status == 503 else None
         if e.status == 401:
             headers = {"WWW-Authenticate": "Bearer"}
+        if e.reason in ("too_large", "timeout") and e.status in (408, 413):
+            # The rest of the body is unread: close, or the server would go on receiving (and discarding) it.
+            headers = {"Connection": "close"}
         return JSONResponse({"error": str(e)}, e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
