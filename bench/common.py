@@ -42,6 +42,26 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def resnet_folder(tmp: Path, top: str = "", image: str = "") -> Path:
+    """A ResNet-50-shaped model folder with seeded random weights (speed only), uncalibrated; `top` and `image`
+    are extra model.toml lines for the top level and [input.image]."""
+    import torch
+
+    from nccr_guard.nets import ResNet50
+
+    folder = tmp / "resnet50"
+    folder.mkdir()
+    torch.manual_seed(0)
+    torch.save(ResNet50().eval().state_dict(), folder / "weights.pt")
+    labels = ", ".join(f'"c{i}"' for i in range(1000))
+    (folder / "model.toml").write_text(
+        f'name = "resnet50"\nmodality = "image"\nlabels = [{labels}]\nwatch = ["layer4"]\n{top}'
+        f'[input]\nshape = [3, 224, 224]\nrange = [0.0, 1.0]\n[input.image]\nmode = "RGB"\n{image}'
+        '[weights]\ntorch_module = "nccr_guard.nets:ResNet50"\nstate_dict = "weights.pt"\n'
+    )
+    return folder
+
+
 def write_report(name: str, data: dict, command: str) -> Path:
     REPORTS.mkdir(parents=True, exist_ok=True)
     path = REPORTS / f"{name}.json"

@@ -24,7 +24,7 @@ import httpx
 import numpy as np
 import torch
 
-from bench.common import REPORTS, ROOT, machine, sample_inputs, start_server
+from bench.common import REPORTS, ROOT, machine, resnet_folder, sample_inputs, start_server
 
 MNIST = ROOT / "models" / "mnist"
 
@@ -103,22 +103,13 @@ def mnist_engine() -> list[dict]:
     return [engine_split(det, xs, per, 20) for per in (1, 8, 32, 128, 512)]
 
 
-def resnet_folder(tmp: Path) -> Path:
+def calibrated_resnet(tmp: Path) -> Path:
     from PIL import Image
 
     from nccr_guard.calibrate import calibrate
-    from nccr_guard.nets import ResNet50
 
-    folder = tmp / "resnet50"
-    folder.mkdir()
-    torch.manual_seed(0)
-    torch.save(ResNet50().eval().state_dict(), folder / "weights.pt")
-    labels = ", ".join(f'"c{i}"' for i in range(1000))
-    (folder / "model.toml").write_text(
-        f'name = "resnet50"\nmodality = "image"\nlabels = [{labels}]\nwatch = ["layer4"]\nvariant = "nccr-v2"\n'
-        'k = 32\n[input]\nshape = [3, 224, 224]\nrange = [0.0, 1.0]\n[input.image]\nmode = "RGB"\n'
-        "mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]\n"
-        '[weights]\ntorch_module = "nccr_guard.nets:ResNet50"\nstate_dict = "weights.pt"\n'
+    folder = resnet_folder(
+        tmp, top='variant = "nccr-v2"\nk = 32\n', image="mean = [0.485, 0.456, 0.406]\nstd = [0.229, 0.224, 0.225]\n"
     )
     data = tmp / "clean"
     data.mkdir()
@@ -225,7 +216,7 @@ def main() -> None:
         ("serve", lambda: [serve_gpu(args.seconds, ("--processes", str(n))) for n in args.processes]),
     ]
     tmp = Path(tempfile.mkdtemp())
-    steps.append(("resnet50_k32", lambda: resnet_latency(resnet_folder(tmp))))
+    steps.append(("resnet50_k32", lambda: resnet_latency(calibrated_resnet(tmp))))
     for name, fn in [s for s in steps if args.only is None or s[0] in args.only]:
         t = time.perf_counter()
         try:

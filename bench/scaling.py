@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import ROOT, write_report
+from bench.common import ROOT, resnet_folder, write_report
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant
 
@@ -46,22 +46,6 @@ def speaker_folder(tmp: Path, seconds: float) -> Path:
     n = int(16000 * seconds)
     toml = toml.replace("shape = [1, 48000]", f"shape = [1, {n}]").replace("seconds = 3.0", f"seconds = {seconds}")
     (folder / "model.toml").write_text(toml)
-    return folder
-
-
-def resnet_folder(tmp: Path) -> Path:
-    from nccr_guard.nets import ResNet50
-
-    folder = tmp / "resnet50"
-    folder.mkdir()
-    torch.manual_seed(0)
-    torch.save(ResNet50().eval().state_dict(), folder / "weights.pt")
-    labels = ", ".join(f'"c{i}"' for i in range(1000))
-    (folder / "model.toml").write_text(
-        f'name = "resnet50"\nmodality = "image"\nlabels = [{labels}]\nwatch = ["layer4"]\n'
-        '[input]\nshape = [3, 224, 224]\n[input.image]\nmode = "RGB"\n'
-        '[weights]\ntorch_module = "nccr_guard.nets:ResNet50"\nstate_dict = "weights.pt"\n'
-    )
     return folder
 
 

@@ -43,6 +43,7 @@ def bodies() -> list[tuple[bytes, str]]:
 
 async def traffic(url: str, items: list, seconds: float, clients: int, pid: int, samples: list) -> dict:
     codes: dict[str, int] = {}
+    per_type: dict[str, int] = {}
     stop = time.monotonic() + seconds
     async with httpx.AsyncClient(base_url=url, timeout=60, trust_env=False) as c:
 
@@ -50,13 +51,14 @@ async def traffic(url: str, items: list, seconds: float, clients: int, pid: int,
             i = k
             while time.monotonic() < stop:
                 body, ctype = items[i % len(items)]
-                i += clients
+                i += 1  # every client alternates image and audio
                 try:
                     r = await c.post("/v1/detect", content=body, headers={"content-type": ctype})
                     key = str(r.status_code)
                 except httpx.HTTPError as e:
                     key = type(e).__name__
                 codes[key] = codes.get(key, 0) + 1
+                per_type[ctype] = per_type.get(ctype, 0) + 1
 
         async def sampler() -> None:
             t0 = time.monotonic()
@@ -65,7 +67,7 @@ async def traffic(url: str, items: list, seconds: float, clients: int, pid: int,
                 await asyncio.sleep(5)
 
         await asyncio.gather(sampler(), *(client(k) for k in range(clients)))
-    return codes
+    return {"codes": codes, "per_type": per_type}
 
 
 def main() -> None:
@@ -81,13 +83,14 @@ def main() -> None:
     proc = start_server(port, [], ROOT / "reports" / "bench" / "soak-server.log")
     samples: list[tuple[float, float]] = []
     try:
-        codes = asyncio.run(
+        counts = asyncio.run(
             traffic(f"http://127.0.0.1:{port}", items, args.minutes * 60, args.clients, proc.pid, samples)
         )
     finally:
         proc.terminate()
         proc.wait(30)
     (ROOT / "reports" / "bench" / "soak-server.log").unlink(missing_ok=True)
+    codes = counts["codes"]
     warm = [r for t, r in samples if t >= args.warmup_s] or [r for _, r in samples]
     growth = (warm[-1] - warm[0]) / warm[0]
     total = sum(codes.values())
@@ -97,6 +100,7 @@ def main() -> None:
         "clients": args.clients,
         "requests": total,
         "responses": codes,
+        "requests_by_type": counts["per_type"],
         "errors": errors,
         "rss_mb_after_warmup": warm[0],
         "rss_mb_end": warm[-1],
@@ -108,7 +112,8 @@ def main() -> None:
     cmd = f"python -m bench.soak --minutes {args.minutes:g} --clients {args.clients} --warmup-s {args.warmup_s:g}"
     write_report("soak", result, cmd)
     print(
-        f"soak: {total} requests in {args.minutes:g} min, {errors} errors, RSS {warm[0]:.0f} -> {warm[-1]:.0f} MB "
+        f"soak: {total} requests ({counts['per_type']}) in {args.minutes:g} min, {errors} errors, "
+        f"RSS {warm[0]:.0f} -> {warm[-1]:.0f} MB "
         f"({100 * growth:+.1f} % after warm-up), {'PASS' if result['pass'] else 'FAIL'}"
     )
     sys.exit(0 if result["pass"] else 1)
