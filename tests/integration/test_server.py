@@ -67,10 +67,12 @@ def test_batch_endpoint_mixes_results_and_errors(server, digit_pngs):
 def test_models_endpoints(server):
     with server.client() as c:
         models = c.get("/v1/models").json()
-        assert [m["name"] for m in models] == ["mnist"]
+        assert [m["name"] for m in models] == ["mnist", "speaker"]
         m = c.get("/v1/models/mnist").json()
         assert m["backend"] in ("torch", "onnx") and m["device"] == "cpu" and m["variant"] == "nccr-v3"
         assert m["calibration"]["target_fpr"] == 0.05 and m["passes"] > 1 and m["robustness_nccr"] > 0
+        s = c.get("/v1/models/speaker").json()
+        assert s["backend"] == "torch" and s["variant"] == "nccr-audio-v1" and s["passes"] == 18
         assert c.get("/v1/models/nope").status_code == 404
 
 
