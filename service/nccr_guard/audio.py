@@ -18,7 +18,6 @@ from nccr_guard.manifest import AudioSpec, Manifest
 
 MIN_RATE, MAX_RATE = 4_000, 384_000
 MAX_CHANNELS = 32
-INT16_MAX = 2**15 - 1
 
 
 def read_audio(data: bytes, limits: Limits = DEFAULT_LIMITS) -> tuple[np.ndarray, int]:
@@ -109,7 +108,7 @@ def decode_audio(data: bytes, manifest: Manifest, limits: Limits = DEFAULT_LIMIT
     return to_model_input(samples, rate, manifest.input.audio, lo, hi)
 
 
-def encode_wav(wav: np.ndarray, rate: int, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
+def encode_wav(wav: np.ndarray, rate: int = 16000, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
     """(frames,) or (frames, channels) float -> file bytes; for tests, examples and the corpus."""
     import soundfile as sf
 

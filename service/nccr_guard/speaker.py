@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import io
 import math
 from pathlib import Path
 
@@ -90,11 +91,12 @@ class GE2EEncoder(nn.Module):
     def load_pretrained(self, path: Path | None = None, check_hash: bool = True) -> dict:
         """Load the package's weights; returns the GE2E similarity weight and bias stored beside them."""
         path = path or encoder_weights_path()
+        raw = path.read_bytes()  # read once: hashed, then loaded from memory
         if check_hash:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            digest = hashlib.sha256(raw).hexdigest()
             if digest != ENCODER_SHA256:
                 raise ValueError(f"{path}: sha256 {digest[:12]}… is not the encoder this model was enrolled with")
-        state = torch.load(path, map_location="cpu", weights_only=True)["model_state"]
+        state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)["model_state"]
         self.load_state_dict({k: v for k, v in state.items() if k.startswith(("lstm.", "linear."))})
         return {k: state[k] for k in ("similarity_weight", "similarity_bias")}
 

@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from bench.common import rss_mb
+from nccr_guard.audio import encode_wav
 
 
 @dataclass(frozen=True)
@@ -89,14 +90,6 @@ def wav_bytes() -> bytes:
 PNG = lambda: _img("L", (28, 28), "PNG")  # noqa: E731
 
 
-def _audio(wav: np.ndarray, rate: int = 16000, subtype: str = "PCM_16", fmt: str = "WAV") -> bytes:
-    import soundfile as sf
-
-    buf = io.BytesIO()
-    sf.write(buf, wav, rate, subtype=subtype, format=fmt)
-    return buf.getvalue()
-
-
 def _tone(rate: int = 16000, seconds: float = 1.0, poison: float | None = None) -> np.ndarray:
     wav = (0.3 * np.sin(2 * np.pi * 300 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
     if poison is not None:
@@ -112,7 +105,7 @@ def wav_header(rate: int, channels: int, data_bytes: int, bits: int = 16) -> byt
 
 
 def flac_truncated() -> bytes:
-    flac = _audio(_tone(), fmt="FLAC")
+    flac = encode_wav(_tone(), fmt="FLAC")
     return flac[: len(flac) // 3]
 
 
@@ -128,24 +121,24 @@ def _t(shape: list[int], datatype: str = "FP32", data: list | None = None) -> di
 
 V2 = "/v2/models/mnist/infer"
 AUDIO_CASES = [
-    Case("WAV, 16 kHz mono", lambda: _audio(_tone()), "audio/wav", 200),
-    Case("WAV, 44.1 kHz stereo", lambda: _audio(np.stack([_tone(44100)] * 2, 1), 44100), "audio/wav", 200),
-    Case("WAV, 8 channels (mixed down)", lambda: _audio(np.stack([_tone()] * 8, 1)), "audio/wav", 200),
-    Case("FLAC, 48 kHz", lambda: _audio(_tone(48000), 48000, fmt="FLAC"), "audio/flac", 200),
-    Case("OGG Vorbis, 22.05 kHz", lambda: _audio(_tone(22050), 22050, "VORBIS", "OGG"), "audio/ogg", 200),
-    Case("WAV with zero samples", lambda: _audio(np.zeros(0, np.float32)), "audio/wav", 400),
-    Case("float WAV with a NaN sample", lambda: _audio(_tone(poison=np.nan), subtype="FLOAT"), "audio/wav", 400),
-    Case("float WAV with an Inf sample", lambda: _audio(_tone(poison=np.inf), subtype="FLOAT"), "audio/wav", 400),
+    Case("WAV, 16 kHz mono", lambda: encode_wav(_tone()), "audio/wav", 200),
+    Case("WAV, 44.1 kHz stereo", lambda: encode_wav(np.stack([_tone(44100)] * 2, 1), 44100), "audio/wav", 200),
+    Case("WAV, 8 channels (mixed down)", lambda: encode_wav(np.stack([_tone()] * 8, 1)), "audio/wav", 200),
+    Case("FLAC, 48 kHz", lambda: encode_wav(_tone(48000), 48000, fmt="FLAC"), "audio/flac", 200),
+    Case("OGG Vorbis, 22.05 kHz", lambda: encode_wav(_tone(22050), 22050, "VORBIS", "OGG"), "audio/ogg", 200),
+    Case("WAV with zero samples", lambda: encode_wav(np.zeros(0, np.float32)), "audio/wav", 400),
+    Case("float WAV with a NaN sample", lambda: encode_wav(_tone(poison=np.nan), subtype="FLOAT"), "audio/wav", 400),
+    Case("float WAV with an Inf sample", lambda: encode_wav(_tone(poison=np.inf), subtype="FLOAT"), "audio/wav", 400),
     Case("WAV at 1 Hz", lambda: wav_header(1, 1, 2000) + bytes(2000), "audio/wav", 400),
     Case("WAV at 1 MHz", lambda: wav_header(1_000_000, 1, 2000) + bytes(2000), "audio/wav", 400),
     Case("WAV with 1000 channels", lambda: wav_header(16000, 1000, 4000) + bytes(4000), "audio/wav", 400),
     Case("WAV header claiming 5 hours", lambda: wav_header(16000, 1, 576_000_000) + bytes(4000), "audio/wav", 413),
-    Case("WAV of 60 s (cap 30 s)", lambda: _audio(np.zeros(16000 * 60, np.float32)), "audio/wav", 413),
+    Case("WAV of 60 s (cap 30 s)", lambda: encode_wav(np.zeros(16000 * 60, np.float32)), "audio/wav", 413),
     Case("truncated FLAC", flac_truncated, "audio/flac", 400),
     Case("FLAC magic, then garbage", lambda: b"fLaC" + bytes(range(256)) * 4, "audio/flac", 400),
     Case("OGG magic, then garbage", lambda: b"OggS" + bytes(200), "audio/ogg", 400),
     Case("image sent to the audio model", PNG, "audio/wav", 415, path="/v1/detect?model=speaker"),
-    Case("audio sent to the image model", lambda: _audio(_tone()), "image/png", 415, path="/v1/detect?model=mnist"),
+    Case("audio sent to the image model", lambda: encode_wav(_tone()), "image/png", 415, path="/v1/detect?model=mnist"),
 ]
 KSERVE_CASES = [
     Case("KServe v2: valid 1x28x28 tensor", kserve(_t([1, 1, 28, 28])), "application/json", 200, False, V2),

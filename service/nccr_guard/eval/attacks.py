@@ -127,15 +127,20 @@ def spread(xs: np.ndarray, ys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarr
     return xs[idx], ys[idx]
 
 
+def impersonation_target(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """The class a targeted attack aims each input at: the next class after its own."""
+    return (labels + 1) % n_classes
+
+
 def attack_succeeded(name: str, pred: np.ndarray, y: np.ndarray, n_classes: int) -> np.ndarray:
     """Untargeted: the label changed. Targeted (impersonation): the label became the target."""
-    return pred == (y + 1) % n_classes if name.endswith("_targeted") else pred != y
+    return pred == impersonation_target(y, n_classes) if name.endswith("_targeted") else pred != y
 
 
 def impersonation_targets(clf, x: np.ndarray) -> np.ndarray:
-    """One-hot targets: each input's next class after its predicted one."""
+    """One-hot targets for ART from the inputs' predicted labels."""
     n = clf.nb_classes
-    return np.eye(n, dtype=np.float32)[(clf.predict(x).argmax(1) + 1) % n]
+    return np.eye(n, dtype=np.float32)[impersonation_target(clf.predict(x).argmax(1), n)]
 
 
 def run_attack(name: str, clf, x: np.ndarray, seed: int = 0, table: dict[str, AttackSpec] = ATTACKS) -> np.ndarray:

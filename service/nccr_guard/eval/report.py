@@ -15,7 +15,7 @@ def detectors(result: dict) -> list[str]:
 
 
 def _md(result: dict) -> str:
-    DETECTORS = detectors(result)  # noqa: N806
+    names = detectors(result)
     audio = result.get("modality") == "audio"
     size = "median SNR dB" if audio else "mean L2"
     lines = [
@@ -27,12 +27,12 @@ def _md(result: dict) -> str:
         f"Clean inputs: {result['n_clean']} correctly classified (accuracy {result['clean_accuracy']:.3f}). "
         "Adversarial: successful ones only. TPR at the threshold fixed on the calib split's clean data (5 % FPR).",
         "",
-        f"| attack | success | n | {size} | mean L∞ | " + " | ".join(f"{d} AUROC / TPR" for d in DETECTORS) + " |",
-        "|---" * (5 + len(DETECTORS)) + "|",
+        f"| attack | success | n | {size} | mean L∞ | " + " | ".join(f"{d} AUROC / TPR" for d in names) + " |",
+        "|---" * (5 + len(names)) + "|",
     ]
     for name, a in result["attacks"].items():
         cells = []
-        for d in DETECTORS:
+        for d in names:
             m = a["detectors"].get(d)
             cells.append(f"{m['auroc']:.3f} / {m['tpr_at_fpr05']:.3f}" if m else "–")
         key = "median_snr_db" if audio else "mean_l2"
@@ -41,11 +41,7 @@ def _md(result: dict) -> str:
         lines.append(
             f"| {name} | {a['success_rate']:.2f} | {a['n_adversarial']} | {l2} | {li} | " + " | ".join(cells) + " |"
         )
-    fpr = (
-        {d: next(iter(result["attacks"].values()))["detectors"][d]["fpr"] for d in DETECTORS}
-        if result["attacks"]
-        else {}
-    )
+    fpr = {d: next(iter(result["attacks"].values()))["detectors"][d]["fpr"] for d in names} if result["attacks"] else {}
     lines += [
         "",
         "False-positive rate on this split's clean inputs at the calib threshold: "
