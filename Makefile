@@ -62,6 +62,7 @@ search: install
 	$(BIN)/nccr-guard search --model models/mnist --attacks fgsm deepfool --out reports/search/fgsm-deepfool
 	$(BIN)/nccr-guard search --model models/mnist --attacks fgsm deepfool cw_l2 --out reports/search/fgsm-deepfool-cw
 	$(BIN)/nccr-guard search --model models/speaker --attacks fgsm pgd cw_l2 --n 100 --out reports/search/speaker
+	$(BIN)/python -m nccr_guard.eval.sequential --model models/speaker --split dev --n 100 --grid --out reports/sequential/speaker-dev
 
 bench: install
 	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \

@@ -1,5 +1,11 @@
-"""Engine overhead: detections/s of Detector.detect (row building + one forward + scoring) against a bare
-forward of the same, prebuilt rows, in one process and one run.
+"""Engine overhead and the two ways to forward fewer rows, in one process and one run (1 thread):
+
+- overhead: detections/s of Detector.detect (row building + one forward + scoring) against a bare forward of the
+  same, prebuilt rows (default MNIST model, both backends);
+- truncated vs full forward: cost of one verdict's rows under `hidden-change` (copies read at a hidden layer),
+  MNIST watching conv2 and a ResNet-50-shaped net (random weights) at 224 px watching layer2, torch and ONNX;
+- sequential vs fixed K: rows and milliseconds per verdict of the speaker model (`nccr-audio-v1`) on held-out
+  clean clips, sequential testing on and off.
 
     python -m bench.engine [--seconds 5]   ->  reports/bench/engine.json
 """
@@ -7,16 +13,22 @@ forward of the same, prebuilt rows, in one process and one run.
 from __future__ import annotations
 
 import argparse
+import shutil
+import statistics
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import ROOT, sample_inputs, write_report
+from bench.common import ROOT, resnet_folder, sample_inputs, write_report
 from nccr_guard.detector import Detector
+from nccr_guard.engine import get_variant
 
 MODEL = ROOT / "models" / "mnist"
+SPEAKER = ROOT / "models" / "speaker"
 
 
 def rate(fn, per: int, seconds: float) -> float:
@@ -28,10 +40,118 @@ def rate(fn, per: int, seconds: float) -> float:
     return done / seconds
 
 
+def median_ms(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
+def watching(src: Path, dst: Path, layer: str) -> Path:
+    """A copy of model folder `src` (weights, no calibration) watching `layer` instead."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.suffix in (".pt", ".onnx"):
+            shutil.copy(f, dst / f.name)
+    toml = (src / "model.toml").read_text()
+    watch = next(line for line in toml.splitlines() if line.startswith("watch = "))
+    (dst / "model.toml").write_text(
+        toml.replace(watch, f'watch = ["{layer}"]').replace('calibration = "calibration.npz"\n', "")
+    )
+    return dst
+
+
+def truncation(reps: int) -> list[dict]:
+    """ms per verdict's rows (hidden-change: 8 rows, 7 of them copies), copies truncated vs the full network."""
+    from nccr_guard.export import export_onnx
+
+    rng = np.random.default_rng(0)
+    out = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        cases = [
+            (
+                "mnist 28x28",
+                watching(MODEL, tmp / "mnist-conv2", "conv2"),
+                "conv2",
+                rng.random((1, 28, 28), np.float32),
+            ),
+        ]
+        res = resnet_folder(tmp)
+        cases.append(
+            (
+                "resnet50 224x224",
+                watching(res, tmp / "resnet-layer2", "layer2"),
+                "layer2",
+                rng.random((3, 224, 224), np.float32),
+            )
+        )
+        for name, folder, layer, x in cases:
+            det = Detector.load(folder, backend="torch", device="cpu", threads=1, calibrated=False)
+            onnx_file = folder / "model.onnx"
+            export_onnx(det.backend.module, onnx_file, tuple(x.shape), [layer])
+            toml = (folder / "model.toml").read_text()
+            (folder / "model.toml").write_text(
+                toml.replace("[weights]\n", '[weights]\nonnx = "model.onnx"\n', 1) if "onnx =" not in toml else toml
+            )
+            for backend in ("torch", "onnx"):
+                det = Detector.load(folder, backend=backend, device="cpu", threads=1, calibrated=False)
+                det.variant = get_variant("hidden-change")
+                n = reps if "resnet" not in name else max(3, reps // 10)
+                det.use_truncation = False
+                full = median_ms(lambda det=det, x=x: det.activations([x]), n)
+                det.use_truncation = True
+                cut = median_ms(lambda det=det, x=x: det.activations([x]), n)
+                out.append(
+                    {
+                        "input": name,
+                        "backend": backend,
+                        "watched": layer,
+                        "rows": det.variant.rows,
+                        "full_ms": round(full, 3),
+                        "truncated_ms": round(cut, 3),
+                        "ratio": round(cut / full, 3),
+                    }
+                )
+                print(out[-1], flush=True)
+    return out
+
+
+def sequential(n: int) -> dict:
+    """Speaker verdicts on `n` held-out clean clips: rows and ms, sequential testing on vs off (same clips)."""
+    from nccr_guard.datasets import load_split
+
+    det = Detector.load(SPEAKER, backend="torch", device="cpu", threads=1)
+    xs, _ = load_split(det.manifest, "test")
+    xs = xs[np.linspace(0, len(xs) - 1, n).astype(int)]
+    out = {"model": "speaker", "variant": det.variant.name, "clips": n, "schedule": det.variant.sequential.__dict__}
+    for on in (False, True):
+        det.use_sequential = on
+        det.detect(xs[:1])
+        t = time.perf_counter()
+        verdicts = det.detect(list(xs), chunk=1)
+        ms = 1e3 * (time.perf_counter() - t) / n
+        key = "sequential" if on else "fixed"
+        out[key] = {
+            "mean_rows": float(np.mean([v.passes for v in verdicts])),
+            "ms_per_verdict": round(ms, 1),
+            "flagged": int(sum(v.adversarial for v in verdicts)),
+        }
+        print(key, out[key], flush=True)
+    out["rows_ratio"] = out["sequential"]["mean_rows"] / out["fixed"]["mean_rows"]
+    out["time_ratio"] = out["sequential"]["ms_per_verdict"] / out["fixed"]["ms_per_verdict"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=30, help="repetitions of each truncation timing")
+    ap.add_argument("--clips", type=int, default=40, help="held-out clips for the sequential timing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     xs = sample_inputs(MODEL, 64)
@@ -54,15 +174,21 @@ def main() -> None:
                 }
             )
             print(results[-1], flush=True)
+    trunc = truncation(args.reps)
+    seq = sequential(args.clips)
     write_report(
         "engine",
-        {"threads": args.threads, "results": results, "goal_ratio": 0.95},
+        {"threads": args.threads, "results": results, "goal_ratio": 0.95, "truncation": trunc, "sequential": seq},
         "python -m bench.engine " + " ".join(sys.argv[1:]),
     )
     best = max(results, key=lambda r: r["engine_det_per_s"])
+    res = [t["ratio"] for t in trunc if "resnet" in t["input"]]
     print(
         f"engine: best {best['engine_det_per_s']:.0f} det/s ({best['backend']}, {best['inputs_per_forward']}/fwd), "
-        f"engine/bare ratio {min(r['ratio'] for r in results):.2f}-{max(r['ratio'] for r in results):.2f} (goal 0.95)"
+        f"engine/bare ratio {min(r['ratio'] for r in results):.2f}-{max(r['ratio'] for r in results):.2f} (goal 0.95); "
+        f"truncated/full ResNet-50 {min(res):.2f}-{max(res):.2f}; sequential speaker rows "
+        f"{seq['sequential']['mean_rows']:.1f}/{seq['fixed']['mean_rows']:.0f} = {seq['rows_ratio']:.2f}, "
+        f"time {seq['time_ratio']:.2f}"
     )
 
 

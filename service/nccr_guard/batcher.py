@@ -5,6 +5,10 @@ Each request carries its own future. A worker takes the oldest request, gathers 
 and fans the results (or the batch's exception) out to exactly the requests of that batch. The queue is
 bounded: `submit` raises QueueFull at once when it is full. Requests whose future was cancelled (client gone,
 timed out) are dropped before the forward and free their slot. Times use `time.monotonic()`.
+
+A request that needs several forwards (a sequential test's later rounds) resubmits with `resume=True`: it
+goes to the head of the queue, never bounces off a full queue, and shares the next forward with whatever
+requests, at whatever round, are waiting.
 """
 
 from __future__ import annotations
@@ -88,17 +92,23 @@ class Batcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
         self._tasks = [asyncio.create_task(self._worker(), name=f"{self.name}-{i}") for i in range(self.workers)]
 
-    async def submit(self, payload: T, rows: int = 1) -> tuple[R, Timings]:
-        """Queue one request and wait for its result. Raises QueueFull / Draining at once, or the batch's error."""
-        if self._closing:
+    async def submit(self, payload: T, rows: int = 1, resume: bool = False) -> tuple[R, Timings]:
+        """Queue one request and wait for its result. Raises QueueFull / Draining at once, or the batch's error.
+
+        resume: a later round of an admitted request; it jumps the queue and is never refused (drain waits
+        for it like any queued work)."""
+        if self._closing and not resume:
             raise Draining("shutting down")
-        if len(self._queue) >= self.max_queue:  # cancelled requests (client gone, timed out) free their slot now
+        if not resume and len(self._queue) >= self.max_queue:  # cancelled requests free their slot now
             self._purge()
-        if len(self._queue) >= self.max_queue:
+        if not resume and len(self._queue) >= self.max_queue:
             raise QueueFull(f"{self.name}: {len(self._queue)} requests queued")
         item = _Item(payload, rows, asyncio.get_running_loop().create_future())
         async with self._wakeup:
-            self._queue.append(item)
+            if resume:
+                self._queue.appendleft(item)
+            else:
+                self._queue.append(item)
             self._rows += rows
             self._wakeup.notify()
         return await item.future

@@ -40,7 +40,7 @@ def calibrate(
 
     Even-indexed inputs fit the neuron statistics, odd-indexed ones the score distribution and threshold.
     """
-    det = Detector.load(folder, backend=backend, device=device, seed=seed, calibrated=False)
+    det = Detector.load(folder, backend=backend, device=device, seed=seed, calibrated=False, truncate=False)
     det.variant = get_variant(variant or det.manifest.variant)
     k = k or det.manifest.k
     if k:
@@ -67,7 +67,7 @@ def calibrate(
 
 def robustness(folder: Path, data: Path | None = None, split: str = "test", backend: str = "auto") -> dict:
     """Model-level NCCR: the mean absolute cover change rate over clean inputs (lower = more robust)."""
-    det = Detector.load(folder, backend=backend, device="cpu")
+    det = Detector.load(folder, backend=backend, device="cpu", truncate=False)
     xs = clean_inputs(det.manifest, data, split)
     per_input = model_nccr(det.variant, det.calib, activations(det, xs, desc="robustness"))
     comp = det.variant.robustness

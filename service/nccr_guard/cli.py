@@ -77,7 +77,13 @@ def cmd_score(args: argparse.Namespace) -> int:
             raise InputError(f"no {modality} model among {', '.join(map(str, default_models()))}", 415)
         if modality not in loaded:
             loaded[modality] = Detector.load(
-                folders[modality], backend=args.backend, device=args.device, k=args.k, seed=args.seed
+                folders[modality],
+                backend=args.backend,
+                device=args.device,
+                k=args.k,
+                seed=args.seed,
+                sequential=args.sequential,
+                truncate=args.truncate,
             )
         return loaded[modality]
 
@@ -193,6 +199,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p, by_type=True)
     p.description += " Without --model, images go to the default image model and audio to the default audio model."
     p.add_argument("--k", type=int, default=None, help="noise copies per family (default: calibrated K)")
+    p.add_argument(
+        "--sequential",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="stop drawing noise copies once the verdict is settled (default: on where the variant has a schedule)",
+    )
+    p.add_argument(
+        "--truncate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run perturbed copies only as deep as the verdict reads them (default: on; exact)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_score)
 

@@ -50,6 +50,16 @@ class Settings(BaseSettings):
     upstream_timeout_s: float = Field(10.0, gt=0)
     on_adversarial: Literal["block", "tag"] = "block"
     k: int | None = Field(None, ge=1, le=256, description="override the variant's noise copies")
+    sequential: bool = Field(
+        True,
+        description="sequential testing: forward noise copies in rounds and stop once the verdict is settled "
+        "(variants with a schedule only; --no-sequential always uses all K)",
+    )
+    truncate: bool = Field(
+        True,
+        description="run perturbed copies only up to the deepest layer the verdict reads from them (variants that "
+        "read no logits of copies; exact, --no-truncate runs the whole network)",
+    )
     seed: int = 0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096

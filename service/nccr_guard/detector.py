@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from nccr_guard.backends import Backend, make_backend
-from nccr_guard.engine import Calibration, Variant, build_rows, get_variant, score_rows
+from nccr_guard.backends import Backend, make_backend, merge_rows
+from nccr_guard.engine import Calibration, Scores, Variant, build_rows, get_variant, score_rows
+from nccr_guard.engine.perturb import RANDOM_FAMILIES
+from nccr_guard.engine.sequential import Schedule, bounded_scores, layout, max_copies, rounds, settled
 from nccr_guard.manifest import Manifest, ManifestError, load_manifest, weight_hashes
 
 log = logging.getLogger(__name__)
@@ -37,6 +39,22 @@ class Verdict:
         return self.verdict == "adversarial"
 
 
+@dataclass
+class Job:
+    """One input's sequential verdict in progress: its fixed-K rows are drawn once and forwarded round by round,
+    so the batcher can mix requests at different rounds in one forward."""
+
+    rows: np.ndarray  # (R, *shape): every row the fixed-K verdict would use
+    acts: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (R, N), filled as rounds run
+    round: int = 0
+    forwarded: int = 0  # rows forwarded so far
+    verdict: Verdict | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.verdict is not None
+
+
 def check_hashes(manifest: Manifest, calib: Calibration, backend_name: str) -> None:
     """Refuse artifacts made for other weights: a threshold fitted on one model means nothing on another."""
     made_for = calib.meta.get("weights_sha256", {})
@@ -56,14 +74,23 @@ def check_hashes(manifest: Manifest, calib: Calibration, backend_name: str) -> N
 
 class Detector:
     def __init__(
-        self, manifest: Manifest, backend: Backend, variant: Variant, calib: Calibration | None, seed: int = 0
+        self,
+        manifest: Manifest,
+        backend: Backend,
+        variant: Variant,
+        calib: Calibration | None,
+        seed: int = 0,
+        sequential: bool = True,
+        truncate: bool = True,
     ) -> None:
         self.manifest, self.backend, self.variant, self.calib, self.seed = manifest, backend, variant, calib, seed
+        self.use_sequential, self.use_truncation = sequential, truncate
         spec = manifest.input.image
         self._mean = np.array(spec.mean if spec else [0.0], np.float32).reshape(
             -1, *[1] * (len(manifest.input.shape) - 1)
         )
         self._std = np.array(spec.std if spec else [1.0], np.float32).reshape(self._mean.shape)
+        self._identity = not self._mean.any() and bool((self._std == 1).all())  # normalisation would be a copy
 
     @classmethod
     def load(
@@ -76,6 +103,8 @@ class Detector:
         threads: int = 0,
         calibrated: bool = True,
         half: bool = False,
+        sequential: bool = True,
+        truncate: bool = True,
     ) -> Detector:
         manifest = load_manifest(folder)
         be = make_backend(backend, manifest, device=device, threads=threads, half=half)
@@ -92,23 +121,51 @@ class Detector:
             variant = variant.with_k(int(k))
         if calib and calib.meta.get("k") and int(calib.meta["k"]) != int(k or 0):
             log.warning("K=%s differs from the calibrated K=%s: the false-positive rate may drift", k, calib.meta["k"])
-        return cls(manifest, be, variant, calib, seed)
+        return cls(manifest, be, variant, calib, seed, sequential, truncate)
 
     @property
     def rows_per_input(self) -> int:
+        """Rows of a fixed-K verdict: the most a sequential one forwards."""
         return self.variant.rows
+
+    @property
+    def truncation(self) -> list[str] | None:
+        """Layers the perturbed copies are forwarded up to (None: the full network, as the verdict reads their
+        logits, or truncation is off). The originals always run in full: the prediction needs their logits."""
+        if not self.use_truncation:
+            return None
+        layers = self.variant.copy_layers(list(self.backend.layers))
+        return layers or None
+
+    @property
+    def schedule(self) -> Schedule | None:
+        """The sequential test in use: the variant's, unless turned off or there are no noise copies to save."""
+        s = self.variant.sequential
+        return s if self.use_sequential and s and max_copies(self.variant) > 0 and self.calib else None
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """(R, *shape) original + perturbed copies, seeded by (seed, input content): reproducible per input."""
         x = np.asarray(x, np.float32)
         if list(x.shape) != self.manifest.input.shape:
             raise ValueError(f"input shape {list(x.shape)} != model input {self.manifest.input.shape}")
-        rng = np.random.default_rng([self.seed, zlib.crc32(x.tobytes())])
+        noisy = any(p.family in RANDOM_FAMILIES for p in self.variant.perturbations)
+        rng = np.random.default_rng([self.seed, zlib.crc32(x.tobytes())]) if noisy else None
         return build_rows(x, self.variant.perturbations, rng, tuple(self.manifest.input.range))
 
-    def forward(self, rows: np.ndarray) -> dict[str, np.ndarray]:
-        """Backend forward of stacked rows (n, *shape) -> layer -> (n, N)."""
-        return self.backend.forward((rows - self._mean) / self._std)
+    def forward(self, rows: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
+        """Backend forward of stacked rows (n, *shape) -> layer -> (n, N); `upto`: truncated (no logits)."""
+        if self._identity:
+            return self.backend.forward(rows, upto)
+        return self.backend.forward((rows - self._mean) / self._std, upto)
+
+    def forward_rows(self, rows: np.ndarray, original: np.ndarray) -> dict[str, np.ndarray]:
+        """Forward rows of which `original` (bool mask) are inputs themselves and the rest perturbed copies: the
+        copies run only as far as the verdict reads them (`truncation`); what they skip comes back NaN."""
+        upto = self.truncation
+        if upto is None or original.all():
+            return self.forward(rows)
+        part = self.forward(rows[~original], upto) if (~original).any() else {}
+        return merge_rows(self.forward(rows[original]), part, original)
 
     def activations(self, xs: list[np.ndarray] | np.ndarray, chunk: int = 0) -> dict[str, np.ndarray]:
         """layer -> (B, R, N) for a list of inputs, in forwards of at most `chunk` inputs (0 = one forward)."""
@@ -122,42 +179,101 @@ class Detector:
                 seed = zlib.crc32(batch.tobytes(), self.seed)
                 parts.append(
                     self.backend.forward_perturbed(
-                        batch, self.variant.perturbations, tuple(self.manifest.input.range), seed, self._mean, self._std
+                        batch,
+                        self.variant.perturbations,
+                        tuple(self.manifest.input.range),
+                        seed,
+                        self._mean,
+                        self._std,
+                        self.truncation,
                     )
                 )
             else:
-                parts.append(self.forward(np.concatenate([self.rows(x) for x in part])))
+                rows = np.concatenate([self.rows(x) for x in part])
+                parts.append(self.forward_rows(rows, np.arange(len(rows)) % self.rows_per_input == 0))
         r = self.rows_per_input
         return {k: np.concatenate([p[k] for p in parts]).reshape(len(xs), r, -1) for k in parts[0]}
 
     def verdicts(self, acts: dict[str, np.ndarray]) -> list[Verdict]:
-        """Verdicts from layer -> (B, R, N) activations."""
+        """Verdicts from layer -> (B, R, N) activations of fixed-K rows."""
         if self.calib is None:
             raise ManifestError(f"{self.manifest.name}: not calibrated")
         s = score_rows(self.variant, self.calib, acts)
-        names = [c.name for c in self.variant.components]
         pv = self.calib.p_value(s.score)
-        out = []
-        for i in range(len(s.score)):
-            adv = bool(s.score[i] > self.calib.threshold)
-            idx = int(s.prediction[i])
-            out.append(
-                Verdict(
-                    verdict="adversarial" if adv else "clean",
-                    score=float(s.score[i]),
-                    threshold=self.calib.threshold,
-                    p_value=float(pv[i]),
-                    index=idx,
-                    label=self._label(idx),
-                    confidence=float(s.confidence[i]),
-                    passes=self.rows_per_input,
-                    components=dict(zip(names, map(float, s.raw[i]), strict=True)),
-                )
-            )
-        return out
+        return [self._verdict(s, i, self.rows_per_input, pv[i]) for i in range(len(s.score))]
+
+    def _verdict(self, s: Scores, i: int, passes: int, p_value: float) -> Verdict:
+        assert self.calib is not None
+        adv = bool(s.score[i] > self.calib.threshold)
+        idx = int(s.prediction[i])
+        return Verdict(
+            verdict="adversarial" if adv else "clean",
+            score=float(s.score[i]),
+            threshold=self.calib.threshold,
+            p_value=float(p_value),
+            index=idx,
+            label=self._label(idx),
+            confidence=float(s.confidence[i]),
+            passes=passes,
+            components=dict(zip([c.name for c in self.variant.components], map(float, s.raw[i]), strict=True)),
+        )
+
+    # Sequential testing: start a job per input, advance jobs (any mix of rounds) until each is done.
+    def start(self, x: np.ndarray) -> Job:
+        return Job(self.rows(x))
+
+    def pending(self, job: Job) -> np.ndarray:
+        """Indices of the rows `job`'s next round forwards."""
+        assert self.schedule is not None
+        plan = rounds(self.variant, self.schedule)
+        now = layout(self.variant, plan[job.round])
+        return now if job.round == 0 else np.setdiff1d(now, layout(self.variant, plan[job.round - 1]))
+
+    def advance(self, jobs: list[Job]) -> list[bool]:
+        """One forward of every job's next round, then settle each job whose verdict the bounds decide."""
+        schedule = self.schedule
+        if schedule is None or self.calib is None:
+            raise ManifestError(f"{self.manifest.name}: sequential testing is off for this detector")
+        idx = [self.pending(j) for j in jobs]
+        out = self.forward_rows(
+            np.concatenate([j.rows[i] for j, i in zip(jobs, idx, strict=True)]), np.concatenate(idx) == 0
+        )
+        start = 0
+        for j, i in zip(jobs, idx, strict=True):
+            for k, v in out.items():
+                if k not in j.acts:
+                    j.acts[k] = np.zeros((len(j.rows), v.shape[1]), v.dtype)
+                j.acts[k][i] = v[start : start + len(i)]
+            start += len(i)
+            j.forwarded += len(i)
+        plan = rounds(self.variant, schedule)
+        for r in sorted({j.round for j in jobs}):
+            group = [j for j in jobs if j.round == r]
+            rows = layout(self.variant, plan[r])
+            acts = {k: np.stack([j.acts[k][rows] for j in group]) for k in out}
+            s, lo, hi = bounded_scores(self.variant, self.calib, acts, plan[r], schedule.z)
+            stop = settled(lo, hi, self.calib.threshold) | (r == len(plan) - 1)
+            pv = self.calib.p_value(s.score)
+            for n, j in enumerate(group):
+                if stop[n]:
+                    j.verdict = self._verdict(s, n, j.forwarded, pv[n])
+                else:
+                    j.round += 1
+        return [j.done for j in jobs]
 
     def detect(self, xs: list[np.ndarray] | np.ndarray, chunk: int = 0) -> list[Verdict]:
-        return self.verdicts(self.activations(xs, chunk))
+        """Verdicts for a list of inputs: sequential where the detector tests sequentially, else all K rows."""
+        if self.schedule is None:
+            return self.verdicts(self.activations(xs, chunk))
+        xs = list(xs)
+        chunk = chunk or len(xs)
+        out: list[Verdict] = []
+        for i in range(0, len(xs), chunk):
+            jobs = [self.start(x) for x in xs[i : i + chunk]]
+            while live := [j for j in jobs if not j.done]:
+                self.advance(live)
+            out += [j.verdict for j in jobs if j.verdict]
+        return out
 
     def _label(self, idx: int) -> str:
         labels = self.manifest.labels

@@ -74,3 +74,35 @@ def test_audio_harness_smoke(tmp_path):
         assert set(a["detectors"]) == {"nccr", "prediction_flip", "waveguard_resample", "low_margin"}
         assert np.isfinite(a["median_snr_db"]) and a["median_snr_db"] > 10
     assert {p.name for p in out.iterdir()} >= {"eval.json", "eval.md", "roc.png", "scores.png"}
+
+
+def test_sequential_testing_over_http_and_turned_off(server, held_out_clips, tmp_path):
+    """Concurrent clips share forwards at different rounds; verdicts use at most the fixed-K rows, fewer on
+    average; `--no-sequential` forwards all of them and agrees on the verdict of every clear-cut clip."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tests.conftest import start_server
+
+    def detect_all(url_server) -> list[dict]:
+        with url_server.client() as c, ThreadPoolExecutor(6) as ex:
+            post = lambda d: c.post("/v1/detect", files={"file": ("c.wav", d, "audio/wav")}).json()  # noqa: E731
+            return list(ex.map(post, [d for d, _ in held_out_clips]))
+
+    with server.client() as c:
+        card = c.get("/v1/models/speaker").json()
+    assert card["sequential"] is not None and card["truncated_to"] is None
+    seq = detect_all(server)
+    assert all(1 < b["passes"] <= card["passes"] for b in seq)
+    assert np.mean([b["passes"] for b in seq]) < card["passes"]
+    off = start_server(tmp_path, "--models", str(SPEAKER_DIR), "--no-sequential")
+    try:
+        with off.client() as c:
+            assert c.get("/v1/models/speaker").json()["sequential"] is None
+        fixed = detect_all(off)
+    finally:
+        off.stop()
+    assert all(b["passes"] == card["passes"] for b in fixed)
+    for s, f in zip(seq, fixed, strict=True):
+        if abs(f["score"] - f["threshold"]) > 0.5:
+            assert s["verdict"] == f["verdict"]
+        assert s["prediction"] == f["prediction"]

@@ -101,3 +101,32 @@ def test_drain_finishes_queued_work_then_refuses():
 def test_bad_arguments_fail_at_construction():
     with pytest.raises(ValueError):
         Batcher(lambda xs: xs, max_rows=0, max_delay_s=0, max_queue=1)
+
+
+def test_resumed_rounds_jump_the_queue_and_are_never_refused():
+    """A sequential test's later round goes first and is admitted even when the queue is full."""
+    order: list[str] = []
+    gate = threading.Event()
+
+    def run_batch(xs):
+        gate.wait(5)
+        order.extend(xs)
+        return xs
+
+    async def main():
+        b = Batcher(run_batch, max_rows=1, max_delay_s=0.0, max_queue=2)
+        await b.start()
+        first = asyncio.ensure_future(b.submit("a"))  # taken by the worker, blocks on the gate
+        await asyncio.sleep(0.05)
+        queued = [asyncio.ensure_future(b.submit(x)) for x in ("b", "c")]
+        await asyncio.sleep(0.05)
+        with pytest.raises(QueueFull):
+            await b.submit("d")
+        resumed = asyncio.ensure_future(b.submit("a2", resume=True))
+        await asyncio.sleep(0.05)
+        gate.set()
+        await asyncio.gather(first, resumed, *queued)
+        await b.stop()
+
+    run(main())
+    assert order == ["a", "a2", "b", "c"]

@@ -22,8 +22,11 @@ class Backend(Protocol):
     layers: list[str]  # watched layers, in output order after "logits"
     supports_gradients: bool
 
-    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """x: (B, *input_shape) float32 -> {"logits": (B, C), layer: (B, N), ...} float32 numpy arrays."""
+    def forward(self, x: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
+        """x: (B, *input_shape) float32 -> {"logits": (B, C), layer: (B, N), ...} float32 numpy arrays.
+
+        upto: only these watched layers, no logits, computing as little of the network as it takes (the
+        truncated forward of perturbed copies whose logits no component reads)."""
         ...
 
 
@@ -34,6 +37,19 @@ def reduce_tap(a: np.ndarray) -> np.ndarray:
     if a.ndim == 3:
         return a.mean(axis=1)
     return a.reshape(a.shape[0], -1)
+
+
+def merge_rows(full: dict[str, np.ndarray], part: dict[str, np.ndarray], original: np.ndarray) -> dict[str, np.ndarray]:
+    """Put the originals' full outputs and the copies' truncated ones back into row order (`original`: bool mask
+    over rows). What the copies did not compute (the logits, unread layers) is NaN, so a reader would notice."""
+    out = {}
+    for k, v in full.items():
+        a = np.full((len(original), v.shape[1]), np.nan, np.float32)
+        a[original] = v
+        if k in part:
+            a[~original] = part[k]
+        out[k] = a
+    return out
 
 
 def make_backend(name: str, manifest: Manifest, device: str = "auto", threads: int = 0, half: bool = False) -> Backend:

@@ -13,6 +13,13 @@ def _with_outputs(path: str, names: list[str]) -> bytes:
     import onnx
 
     model = onnx.load(path)
+    _add_outputs(model, names, path)
+    return model.SerializeToString()
+
+
+def _add_outputs(model, names: list[str], path: str) -> None:
+    import onnx
+
     have = {o.name for o in model.graph.output}
     known = {n for node in model.graph.node for n in node.output}
     for name in names:
@@ -21,7 +28,16 @@ def _with_outputs(path: str, names: list[str]) -> bytes:
         if name not in known:
             raise BackendError(f"{path}: no tensor named {name!r} to watch")
         model.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    return model.SerializeToString()
+
+
+def _truncated(path: str, input_name: str, names: list[str]) -> bytes:
+    """The sub-graph from the input to the watched tensors `names` only (onnx.utils.Extractor)."""
+    import onnx
+    import onnx.utils
+
+    model = onnx.load(path)
+    _add_outputs(model, names, path)
+    return onnx.utils.Extractor(model).extract_model([input_name], names).SerializeToString()
 
 
 class OnnxBackend:
@@ -45,13 +61,22 @@ class OnnxBackend:
             opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1
         self.layers = list(manifest.watch)
-        model_bytes = _with_outputs(str(manifest.path(manifest.weights.onnx)), self.layers)
-        self.session = ort.InferenceSession(model_bytes, sess_options=opts, providers=providers)
+        self._path = str(manifest.path(manifest.weights.onnx))
+        self._make = lambda data: ort.InferenceSession(data, sess_options=opts, providers=providers)
+        self._truncated: dict[tuple[str, ...], object] = {}
+        self.session = self._make(_with_outputs(self._path, self.layers))
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_names = [outputs[0], *self.layers]
 
-    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        outs = self.session.run(self.output_names, {self.input_name: np.ascontiguousarray(x, dtype=np.float32)})
+    def forward(self, x: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
+        feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
+        if upto is not None:
+            key = tuple(upto)
+            if key not in self._truncated:  # built once per layer set, on first use
+                self._truncated[key] = self._make(_truncated(self._path, self.input_name, list(upto)))
+            outs = self._truncated[key].run(list(upto), feed)
+            return {n: reduce_tap(a) for n, a in zip(upto, outs, strict=True)}
+        outs = self.session.run(self.output_names, feed)
         return {"logits": outs[0], **{n: reduce_tap(a) for n, a in zip(self.layers, outs[1:], strict=True)}}

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nccr_guard.backends import BackendError
+from nccr_guard.backends import BackendError, merge_rows
 from nccr_guard.manifest import Manifest
 
 
@@ -27,10 +27,15 @@ def load_module(manifest: Manifest) -> nn.Module:
     return module.eval()
 
 
+class _Truncated(Exception):
+    """Raised by the last hook a truncated forward needs: the rest of the network is not run."""
+
+
 class Tapped(nn.Module):
     """Wraps a model so that forward returns (logits, *watched layer outputs): the shape ONNX export keeps.
 
-    Hooks write to thread-local storage: the batcher runs forwards from several threads at once."""
+    Hooks write to thread-local storage: the batcher runs forwards from several threads at once. `truncated`
+    stops the forward as soon as the layers it asks for have run, whatever the model's structure."""
 
     def __init__(self, model: nn.Module, layers: list[str]) -> None:
         super().__init__()
@@ -48,13 +53,27 @@ class Tapped(nn.Module):
             store = getattr(self._local, "out", None)  # None: another wrapper of the same module is running
             if store is not None:
                 store[name] = out[0] if isinstance(out, tuple) else out
+                stop = getattr(self._local, "stop", None)
+                if stop is not None and stop <= store.keys():
+                    raise _Truncated
 
         return hook
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        self._local.out = out = {}
+        self._local.out, self._local.stop = (out := {}), None
         logits = self.model(x)
         return (logits, *(out[name] for name in self.layers))
+
+    def truncated(self, x: torch.Tensor, layers: list[str]) -> tuple[torch.Tensor, ...]:
+        """The watched `layers` only, running the model no further than the last of them."""
+        self._local.out, self._local.stop = (out := {}), set(layers)
+        try:
+            self.model(x)
+        except _Truncated:
+            pass
+        finally:
+            self._local.stop = None
+        return tuple(out[name] for name in layers)
 
 
 def pick_device(device: str) -> torch.device:
@@ -101,15 +120,19 @@ class TorchBackend:
             t = t.pin_memory().to(self.torch_device, non_blocking=True)
         return t
 
-    def _run(self, t: torch.Tensor) -> dict[str, np.ndarray]:
+    def _run(self, t: torch.Tensor, upto: list[str] | None = None) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            outs = self.tapped(t.half() if self.half else t)
+            t = t.half() if self.half else t
+            if upto is not None:
+                outs = self.tapped.truncated(t, upto)
+                return {n: reduce_tensor(o).float().cpu().numpy() for n, o in zip(upto, outs, strict=True)}
+            outs = self.tapped(t)
             outs = [outs[0], *(reduce_tensor(o) for o in outs[1:])]
             arrays = [o.float().cpu().numpy() for o in outs]
         return {"logits": arrays[0], **dict(zip(self.layers, arrays[1:], strict=True))}
 
-    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        return self._run(self._to_device(x))
+    def forward(self, x: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
+        return self._run(self._to_device(x), upto)
 
     def forward_perturbed(
         self,
@@ -119,14 +142,21 @@ class TorchBackend:
         seed: int,
         mean: np.ndarray,
         std: np.ndarray,
+        upto: list[str] | None = None,
     ) -> dict[str, np.ndarray]:
-        """Build every input's rows on the device and run them: xs (B, *shape) -> layer -> (B * R, N)."""
+        """Build every input's rows on the device and run them: xs (B, *shape) -> layer -> (B * R, N).
+        With `upto`, the copies run truncated (see Detector.forward_rows)."""
         from nccr_guard.backends.torch_rows import build_rows
 
         gen = torch.Generator(device=self.torch_device).manual_seed(seed)
         with torch.inference_mode():
             x = self._to_device(xs)
             rows = build_rows(x, perturbations, gen, value_range)
-            rows = rows.reshape(-1, *xs.shape[1:])
             m, s = (torch.as_tensor(a, device=self.torch_device) for a in (mean, std))
-            return self._run((rows - m) / s)
+            rows = (rows - m) / s
+            if upto is None:
+                return self._run(rows.reshape(-1, *xs.shape[1:]))
+            b, r = rows.shape[:2]
+            full = self._run(rows[:, 0])
+            part = self._run(rows[:, 1:].reshape(-1, *xs.shape[1:]), upto)
+        return merge_rows(full, part, np.arange(b * r) % r == 0)

@@ -160,5 +160,15 @@ def fit_calibration(
     calib.threshold = float(np.quantile(scores, 1.0 - target_fpr, method="higher"))
     calib.target_fpr = target_fpr
     calib.robustness = float(np.concatenate([model_nccr(variant, calib, a) for a in (acts_a, acts_b)]).mean())
-    calib.meta = dict(meta or {})
+    # Per component, the mean raw value on clean half B; for 0/1 measures the Jeffreys-smoothed rate over all
+    # copies seen, never 0: the prior of the sequential test's flip bound (engine/sequential.py).
+    copies = {p.key: p.copies for p in variant.perturbations}
+    n_b = len(raw)
+    copy_mean = [
+        float((raw[:, i].sum() * copies[c.perturbation] + 0.5) / (n_b * copies[c.perturbation] + 1))
+        if c.measure == "pred_flip"
+        else float(raw[:, i].mean())
+        for i, c in enumerate(variant.components)
+    ]
+    calib.meta = {**(meta or {}), "copy_mean": copy_mean}
     return calib

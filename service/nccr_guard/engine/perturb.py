@@ -71,17 +71,24 @@ def _squeeze(x: np.ndarray, p: Perturbation, lo: float, hi: float) -> np.ndarray
     return median_filter(x, size=size, mode="reflect")[None].astype(np.float32)
 
 
-def perturb(x: np.ndarray, p: Perturbation, rng: np.random.Generator, value_range: tuple[float, float]) -> np.ndarray:
+def perturb(
+    x: np.ndarray, p: Perturbation, rng: np.random.Generator | None, value_range: tuple[float, float]
+) -> np.ndarray:
     """(copies, *x.shape) perturbed copies of `x`, clipped to `value_range`."""
     lo, hi = value_range
-    out = _squeeze(x, p, lo, hi) if p.family in SQUEEZE_FAMILIES else _noise(x, p, rng, hi - lo)
+    if p.family in SQUEEZE_FAMILIES:
+        out = _squeeze(x, p, lo, hi)
+    elif rng is None:
+        raise ValueError(f"{p.key} draws random copies: it needs a generator")
+    else:
+        out = _noise(x, p, rng, hi - lo)
     return np.clip(out, lo, hi, out=out).astype(np.float32, copy=False)
 
 
 def build_rows(
     x: np.ndarray,
     perturbations: tuple[Perturbation, ...],
-    rng: np.random.Generator,
+    rng: np.random.Generator | None,
     value_range: tuple[float, float],
 ) -> np.ndarray:
     """(1 + sum(copies), *x.shape): the original first, then each family's copies in order."""

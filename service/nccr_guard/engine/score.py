@@ -60,44 +60,75 @@ def _pick(v: np.ndarray, sel: np.ndarray | None) -> np.ndarray:
 
 def _margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
     """(B, R) logit margin of class `cls` (B,) over the best other class, per row."""
-    top = np.take_along_axis(logits, np.broadcast_to(cls[:, None, None], logits.shape[:2] + (1,)), -1)[..., 0]
+    b = np.arange(len(cls))[:, None]
+    r = np.arange(logits.shape[1])[None, :]
+    c = cls[:, None]
+    top = logits[b, r, c]
     others = logits.copy()
-    np.put_along_axis(others, np.broadcast_to(cls[:, None, None], logits.shape[:2] + (1,)), -np.inf, -1)
+    others[b, r, c] = -np.inf
     return top - others.max(axis=-1)
+
+
+MARGIN_MEASURES = ("margin", "margin_change")
+
+
+def component_copies(
+    comp: Component,
+    acts: dict[str, np.ndarray],
+    calib: Calibration,
+    rows: slice,
+    pred: np.ndarray,
+    margin: np.ndarray | None = None,
+) -> np.ndarray:
+    """(B, copies) how much the watched neurons move in each perturbed copy of the component's family.
+    `margin`: the (B, R) logit margins of `pred`, when the caller has them (several components share them)."""
+    if comp.measure in ("pred_flip", *MARGIN_MEASURES):
+        logits = acts["logits"]
+        if comp.measure == "pred_flip":
+            return (logits[:, rows].argmax(-1) != pred[:, None]).astype(np.float32)
+        m = _margin(logits, pred) if margin is None else margin
+        delta = m[:, :1] - m[:, rows]
+        delta = np.maximum(delta, 0.0) if comp.measure == "margin" else np.abs(delta)
+        return delta / np.maximum(np.abs(m[:, :1]), EPS)
+    sel = calib.selection[comp.layer][pred] if comp.selection == "class" else None
+    a = _pick(view(acts, comp.layer), sel)
+    a0, ak = a[:, :1], a[:, rows]
+    if comp.measure == "flip":
+        t = _pick(calib.thresholds[comp.layer], sel)
+        return ((ak > t) != (a0 > t)).mean(axis=-1)
+    s = _pick(calib.spread[f"{comp.perturbation}|{comp.layer}"], sel)
+    return (np.abs(ak - a0) / s).mean(axis=-1)
+
+
+def reduce_copies(comp: Component, per_copy: np.ndarray) -> np.ndarray:
+    return per_copy.max(axis=1) if comp.reduce == "max" else per_copy.mean(axis=1)
 
 
 def component_raw(
     comp: Component, acts: dict[str, np.ndarray], calib: Calibration, rows: slice, pred: np.ndarray
 ) -> np.ndarray:
     """(B,) raw value of one component: how much the watched neurons move under its perturbation."""
-    if comp.measure in ("pred_flip", "margin", "margin_change"):
-        logits = acts["logits"]
-        if comp.measure == "pred_flip":
-            per_copy = (logits[:, rows].argmax(-1) != pred[:, None]).astype(np.float32)
-        else:
-            m = _margin(logits, pred)
-            delta = m[:, :1] - m[:, rows]
-            delta = np.maximum(delta, 0.0) if comp.measure == "margin" else np.abs(delta)
-            per_copy = delta / np.maximum(np.abs(m[:, :1]), EPS)
-    else:
-        sel = calib.selection[comp.layer][pred] if comp.selection == "class" else None
-        a = _pick(view(acts, comp.layer), sel)
-        a0, ak = a[:, :1], a[:, rows]
-        if comp.measure == "flip":
-            t = _pick(calib.thresholds[comp.layer], sel)
-            per_copy = ((ak > t) != (a0 > t)).mean(axis=-1)
-        else:
-            s = _pick(calib.spread[f"{comp.perturbation}|{comp.layer}"], sel)
-            per_copy = (np.abs(ak - a0) / s).mean(axis=-1)
-    return per_copy.max(axis=1) if comp.reduce == "max" else per_copy.mean(axis=1)
+    return reduce_copies(comp, component_copies(comp, acts, calib, rows, pred))
 
 
 def raw_components(variant: Variant, calib: Calibration, acts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(B, n_components) raw values and (B,) predictions of the original rows."""
     groups = row_groups(variant.perturbations)
     pred = acts["logits"][:, 0].argmax(-1)
-    raw = np.stack([component_raw(c, acts, calib, groups[c.perturbation], pred) for c in variant.components], -1)
+    m = shared_margin(variant, acts, pred)
+    raw = np.stack(
+        [
+            reduce_copies(c, component_copies(c, acts, calib, groups[c.perturbation], pred, m))
+            for c in variant.components
+        ],
+        -1,
+    )
     return raw.astype(np.float64), pred
+
+
+def shared_margin(variant: Variant, acts: dict[str, np.ndarray], pred: np.ndarray) -> np.ndarray | None:
+    """The logit margins every margin component reads, computed once."""
+    return _margin(acts["logits"], pred) if any(c.measure in MARGIN_MEASURES for c in variant.components) else None
 
 
 def standardise(raw: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:

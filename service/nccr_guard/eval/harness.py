@@ -18,16 +18,24 @@ from nccr_guard.calibrate import activations, calibrate
 from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant, score_rows
+from nccr_guard.engine.sequential import replay
 from nccr_guard.eval.attacks import art_classifier, attack_succeeded, attack_table, run_attack, spread
 from nccr_guard.eval.baselines import baseline_scores
 from nccr_guard.eval.metrics import auroc, rate_above, threshold_at_fpr
 from nccr_guard.eval.report import write_report
 
 
-def nccr_scores(det: Detector, xs: np.ndarray) -> np.ndarray:
+def nccr_scores(det: Detector, xs: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """Fixed-K NCCR scores and, where the variant tests sequentially, the sequential test's scores replayed
+    over the same rows ("nccr_seq"), with the rows each sequential verdict used."""
     if not len(xs):
-        return np.zeros(0)
-    return score_rows(det.variant, det.calib, activations(det, xs, desc="nccr")).score
+        return {"nccr": np.zeros(0), **({"nccr_seq": np.zeros(0)} if det.variant.sequential else {})}, None
+    acts = activations(det, xs, desc="nccr")
+    out = {"nccr": score_rows(det.variant, det.calib, acts).score}
+    if not det.variant.sequential:
+        return out, None
+    seq, passes = replay(det.variant, det.calib, acts, det.variant.sequential)
+    return {**out, "nccr_seq": seq.score}, passes
 
 
 def median_snr_db(x: np.ndarray, delta: np.ndarray) -> float:
@@ -38,7 +46,7 @@ def median_snr_db(x: np.ndarray, delta: np.ndarray) -> float:
 
 def load_detector(model: Path, variant: str | None, seed: int) -> Detector:
     """The calibrated detector; a different `variant` is calibrated in memory on the same calib split."""
-    det = Detector.load(model, device="cpu", seed=seed)
+    det = Detector.load(model, device="cpu", seed=seed, sequential=False)
     if variant and variant != det.variant.name:
         det.variant = get_variant(variant)
         det.calib = calibrate(model, variant=variant, seed=seed, write=False)
@@ -81,14 +89,15 @@ def evaluate(
     n_classes = len(det.manifest.labels)
     x_cal, _ = spread(*load_split(det.manifest, "calib"), calib_n or 1 << 30)
     thresholds = {k: threshold_at_fpr(v) for k, v in baseline_scores(det, x_cal).items()}
-    thresholds["nccr"] = det.calib.threshold
+    thresholds["nccr"] = thresholds["nccr_seq"] = det.calib.threshold
     xs, ys = load_split(det.manifest, split)
     xs, ys = spread(xs, ys, n)
     module = det.backend.module if hasattr(det.backend, "module") else load_module(det.manifest)
     clf = art_classifier(module, tuple(det.manifest.input.shape), n_classes, det.manifest.input.range)
     ok = clf.predict(xs).argmax(1) == ys
     x0, y0 = xs[ok], ys[ok]
-    clean = {"nccr": nccr_scores(det, x0), **baseline_scores(det, x0)}
+    nccr, passes = nccr_scores(det, x0)
+    clean = {**nccr, **baseline_scores(det, x0)}
     result = {
         "model": det.manifest.name,
         "modality": det.manifest.modality,
@@ -99,18 +108,25 @@ def evaluate(
         "n_clean": int(ok.sum()),
         "clean_accuracy": float(ok.mean()),
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
-        "thresholds": thresholds,
+        "thresholds": {k: v for k, v in thresholds.items() if k in clean},
         "attacks": {},
     }
+    if passes is not None:
+        result["sequential"] = {
+            "schedule": det.variant.sequential.__dict__,
+            "fixed_rows": det.variant.rows,
+            "mean_rows": {"clean": float(passes.mean())},
+        }
     raw_scores = {"clean": {k: v.tolist() for k, v in clean.items()}}
     for name in attacks:
         ta = time.perf_counter()
         adv = run_attack(name, clf, x0, seed, table)
         hit = attack_succeeded(name, clf.predict(adv).argmax(1), y0, n_classes)
         xa = adv[hit]
-        scores = (
-            {"nccr": nccr_scores(det, xa), **baseline_scores(det, xa)} if len(xa) else {k: np.zeros(0) for k in clean}
-        )
+        nccr, passes = nccr_scores(det, xa)
+        scores = {**nccr, **baseline_scores(det, xa)} if len(xa) else {k: np.zeros(0) for k in clean}
+        if passes is not None:
+            result["sequential"]["mean_rows"][name] = float(passes.mean())
         delta = (xa - x0[hit]).reshape(len(xa), -1)
         result["attacks"][name] = {
             "params": table[name].params,

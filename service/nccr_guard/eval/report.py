@@ -11,7 +11,8 @@ import numpy as np
 def detectors(result: dict) -> list[str]:
     """The detectors scored in this run, NCCR first (the baselines differ per modality)."""
     names = {d for a in result["attacks"].values() for d in a["detectors"]}
-    return ["nccr", *sorted(names - {"nccr"})]
+    first = [d for d in ("nccr", "nccr_seq") if d in names or d == "nccr"]
+    return [*first, *sorted(names - set(first))]
 
 
 def _md(result: dict) -> str:
@@ -47,6 +48,13 @@ def _md(result: dict) -> str:
         "False-positive rate on this split's clean inputs at the calib threshold: "
         + ", ".join(f"{d} {v:.3f}" for d, v in fpr.items()),
     ]
+    if seq := result.get("sequential"):
+        rows = ", ".join(f"{k} {v:.1f}" for k, v in seq["mean_rows"].items())
+        lines += [
+            "",
+            f"`nccr_seq`: the same verdicts under sequential testing (schedule {seq['schedule']}), replayed over "
+            f"the same noise copies. Mean rows per verdict (fixed K: {seq['fixed_rows']}): {rows}.",
+        ]
     return "\n".join(lines) + "\n"
 
 

@@ -62,7 +62,7 @@ def search(
 ) -> dict:
     """Rank every candidate component (and greedy max-combinations) by its worst dev AUROC over `attacks`."""
     t0 = time.perf_counter()
-    det = Detector.load(model, backend="torch", device="cpu", seed=seed, calibrated=False)
+    det = Detector.load(model, backend="torch", device="cpu", seed=seed, calibrated=False, truncate=False)
     det.variant = variant = candidate_variant(det.manifest.watch, det.manifest.modality)
     table = attack_table(det.manifest.modality)
     n_classes = len(det.manifest.labels)

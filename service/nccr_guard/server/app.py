@@ -40,6 +40,8 @@ def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
         k=settings.k,
         seed=settings.seed,
         half=settings.half,
+        sequential=settings.sequential,
+        truncate=settings.truncate,
         threads=cpu_threads if settings.device != "cuda" else 0,
     )
     policy = batch_policy(settings, det.backend.device, det.rows_per_input)

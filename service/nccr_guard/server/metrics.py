@@ -43,6 +43,13 @@ class Metrics:
         self.batch_rows = Histogram(
             "nccr_guard_batch_rows", "rows (forward passes) per batch", ["model"], buckets=BATCH, registry=r
         )
+        self.passes = Histogram(
+            "nccr_guard_verdict_passes",
+            "rows (forward passes) one verdict used; below the fixed-K rows when sequential testing stops early",
+            ["model"],
+            buckets=BATCH,
+            registry=r,
+        )
         self.queue_depth = Gauge("nccr_guard_queue_depth", "requests waiting for a batch", ["model"], registry=r)
         self.in_flight = Gauge("nccr_guard_in_flight_requests", "HTTP requests being handled", registry=r)
         self.verdicts = Counter("nccr_guard_verdicts_total", "verdicts given", ["model", "verdict"], registry=r)

@@ -43,8 +43,11 @@ class ModelRuntime:
         self.detector, self.policy, self.metrics = detector, policy, metrics
         self.name = detector.manifest.name
         self.ready = False
-        self.batcher: Batcher[np.ndarray, Verdict] = Batcher(
-            detector.detect,
+        # Sequential testing: the batcher runs rounds of jobs (Detector.advance), each request resubmitting its
+        # job until it is settled; otherwise one fixed-K forward per request (Detector.detect).
+        self.sequential = detector.schedule is not None
+        self.batcher: Batcher = Batcher(
+            detector.advance if self.sequential else detector.detect,
             policy.max_rows,
             policy.max_delay_s,
             max_queue,
@@ -66,13 +69,25 @@ class ModelRuntime:
         t = time.monotonic()
         x = np.zeros(self.detector.manifest.input.shape, np.float32)
         for _ in range(3):  # warm-up: allocator, kernels, thread pools
-            await self.batcher.submit(x, self.detector.rows_per_input)
+            await self._run(x)
         self.ready = True
         log.info("model %s warm in %.2fs", self.name, time.monotonic() - t)
 
+    async def _run(self, x: np.ndarray) -> tuple[Verdict, Timings]:
+        if not self.sequential:
+            return await self.batcher.submit(x, self.detector.rows_per_input)
+        det, job, total = self.detector, self.detector.start(x), Timings()
+        while not job.done:
+            _, t = await self.batcher.submit(job, len(det.pending(job)), resume=job.forwarded > 0)
+            total.queue_s += t.queue_s
+            total.compute_s += t.compute_s
+            total.batch_requests, total.batch_rows = t.batch_requests, t.batch_rows  # the last round's batch
+        assert job.verdict is not None
+        return job.verdict, total
+
     async def detect(self, x: np.ndarray) -> tuple[Verdict, Timings]:
         try:
-            verdict, timings = await self.batcher.submit(x, self.detector.rows_per_input)
+            verdict, timings = await self._run(x)
         except QueueFull:
             raise InputError(f"model {self.name} is at capacity; retry shortly", 503, "queue_full") from None
         except Draining:
@@ -84,4 +99,5 @@ class ModelRuntime:
             ) from None
         self.metrics.verdicts.labels(self.name, verdict.verdict).inc()
         self.metrics.scores.labels(self.name).observe(verdict.score)
+        self.metrics.passes.labels(self.name).observe(verdict.passes)
         return verdict, timings

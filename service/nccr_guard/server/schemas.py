@@ -54,7 +54,9 @@ class ModelCard(BaseModel):
     variant: str
     components: list[str]
     k: int
-    passes: int
+    passes: int = Field(description="rows of a fixed-K verdict: the most a sequential verdict forwards")
+    sequential: dict | None = Field(None, description="sequential-testing schedule in use, null when off")
+    truncated_to: list[str] | None = Field(None, description="layers perturbed copies run up to; null: full network")
     calibration: dict
     robustness_nccr: float
     ready: bool

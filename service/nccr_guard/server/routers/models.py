@@ -26,6 +26,8 @@ def card(rt: ModelRuntime) -> ModelCard:
         components=[comp.name for comp in det.variant.components],
         k=max(p.copies for p in det.variant.perturbations),
         passes=det.rows_per_input,
+        sequential=det.schedule.__dict__ if det.schedule else None,
+        truncated_to=det.truncation,
         calibration={
             "target_fpr": c.target_fpr,
             "threshold": c.threshold,

@@ -1,0 +1,106 @@
+"""Sequential testing in the engine (pure): the round plan, the bounds, and the replay over real activations."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from nccr_guard.calibrate import activations
+from nccr_guard.engine import get_variant, score_rows
+from nccr_guard.engine.sequential import Schedule, bounded_scores, layout, max_copies, replay, rounds
+
+
+def test_round_plan_and_row_layout():
+    v = get_variant("nccr-audio-v1")
+    assert max_copies(v) == 8 and max_copies(get_variant("nccr-v3")) == 0
+    assert rounds(v, Schedule(2, 2)) == [2, 4, 6, 8]
+    assert rounds(v, Schedule(3, 4)) == [3, 7, 8]
+    assert rounds(get_variant("nccr-v3"), Schedule()) == [0]
+    for n in (1, 2, 5, 8):
+        idx = layout(v, n)
+        assert len(idx) == v.with_k(n).rows and len(set(idx)) == len(idx) and idx[0] == 0
+    assert (layout(v, 8) == np.arange(v.rows)).all()
+    # the fixed-K rows: original, 8 shifts (1-8), one 12-bit row (9), 8 noisy (10-17); two copies per family
+    assert layout(v, 2).tolist() == [0, 1, 2, 9, 10, 11]
+    with pytest.raises(ValueError):
+        Schedule(0, 1)
+
+
+@pytest.fixture(scope="module")
+def mnist_v2(mnist_test):
+    """The MNIST model under nccr-v2 (12 Gaussian copies), calibrated in memory, and activations of held-out
+    digits and of ART FGSM adversarial examples of them."""
+    from nccr_guard.backends.torch_backend import load_module
+    from nccr_guard.calibrate import calibrate
+    from nccr_guard.detector import Detector
+    from nccr_guard.eval.attacks import art_classifier, attack_table, run_attack
+    from tests.conftest import MNIST
+
+    det = Detector.load(MNIST, backend="onnx", device="cpu", sequential=False)
+    det.variant = get_variant("nccr-v2")
+    det.calib = calibrate(MNIST, variant="nccr-v2", write=False, backend="onnx")
+    xs = mnist_test[0][:120]
+    clf = art_classifier(load_module(det.manifest), (1, 28, 28), 10, (0.0, 1.0))
+    adv = run_attack("fgsm", clf, xs[:60], 0, attack_table("image"))
+    return det, activations(det, xs), activations(det, adv)
+
+
+def test_bounds_close_at_k_and_contain_the_fixed_k_score(mnist_v2):
+    det, clean, _ = mnist_v2
+    v, k = det.variant, max_copies(det.variant)
+    fixed = score_rows(v, det.calib, clean).score
+    s, lo, hi = bounded_scores(v, det.calib, clean, k, 2.0)
+    assert np.allclose(s.score, fixed) and np.allclose(lo, fixed) and np.allclose(hi, fixed)
+    for n in (2, 4, 8):
+        s, lo, hi = bounded_scores(v, det.calib, {key: a[:, layout(v, n)] for key, a in clean.items()}, n, 3.0)
+        assert (lo <= s.score + 1e-9).all() and (s.score <= hi + 1e-9).all()
+        assert np.mean((lo <= fixed + 1e-9) & (fixed <= hi + 1e-9)) > 0.9  # a z=3 bound rarely misses
+
+
+def test_replay_never_exceeds_k_and_agrees_on_clear_cut_inputs(mnist_v2):
+    det, clean, noisy = mnist_v2
+    v, thr = det.variant, det.calib.threshold
+    schedule = Schedule(2, 2, 2.0)
+    sizes = {len(layout(v, n)) for n in rounds(v, schedule)}
+    for acts in (clean, noisy):
+        fixed = score_rows(v, det.calib, acts).score
+        seq, passes = replay(v, det.calib, acts, schedule)
+        assert (passes <= v.rows).all() and set(passes) <= sizes
+        clear = np.abs(fixed - thr) > 0.5  # clear-cut: half a clean standard deviation from the threshold
+        assert clear.sum() >= 10
+        assert ((seq.score > thr) == (fixed > thr))[clear].all()
+    _, p_clean = replay(v, det.calib, clean, schedule)
+    assert p_clean.mean() < v.rows  # it does stop early
+
+
+def test_detector_online_rounds_match_the_replay(mnist_v2, mnist_test):
+    """Detector.detect (jobs forwarded round by round) decides as replay does over the same fixed-K rows."""
+    det, _, _ = mnist_v2
+    xs = list(mnist_test[0][200:230])
+    acts = det.activations(xs)
+    import dataclasses
+
+    det.variant = dataclasses.replace(det.variant, sequential=Schedule(2, 2, 2.0))
+    det.use_sequential = True
+    try:
+        got = det.detect(xs)
+        want, passes = replay(det.variant, det.calib, acts, det.variant.sequential)
+    finally:
+        det.use_sequential = False
+    assert [g.passes for g in got] == passes.tolist()
+    assert np.allclose([g.score for g in got], want.score, atol=1e-4)
+
+
+def test_flip_bound_uses_the_clean_prior():
+    """Prediction flips: with clean clips' low flip rate as prior, no flip in the first copies predicts none to
+    come (the clip can settle clean); a higher prior rate or an observed flip predicts more."""
+    from nccr_guard.engine.sequential import _bounds, _flips_to_come
+
+    none_yet = np.zeros(3)
+    assert (_flips_to_come(none_yet, 2, 8, 1.0, 0.005) == 0).all()
+    assert (_flips_to_come(none_yet, 2, 8, 1.0, 0.2) >= 1).all()
+    per = np.array([[0.0, 0.0], [1.0, 0.0]])
+    lo, hi = _bounds(per, per.mean(1), True, 0.005, 2, 8, 1.0)
+    assert lo.tolist() == [0.0, 1 / 8] and hi[0] == 0.0 and hi[1] >= 1 / 8  # one flip: adversarial already
+    lo, hi = _bounds(per, per.mean(1), True, None, 2, 8, 1.0)  # no prior recorded: Agresti-Coull, never certain
+    assert hi[0] > 0
