@@ -72,6 +72,18 @@ PANELS = [
         "short",
     ),
     (
+        "Rows per verdict (below the fixed-K rows when sequential testing stops early)",
+        "timeseries",
+        [
+            (
+                f"sum by (model) (rate(nccr_guard_verdict_passes_sum{{{M}}}[1m])) "
+                f"/ clamp_min(sum by (model) (rate(nccr_guard_verdict_passes_count{{{M}}}[1m])), 1e-9)",
+                "{{model}}",
+            )
+        ],
+        "short",
+    ),
+    (
         "Queue depth and in-flight requests",
         "timeseries",
         [

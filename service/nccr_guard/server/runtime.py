@@ -77,11 +77,12 @@ class ModelRuntime:
         if not self.sequential:
             return await self.batcher.submit(x, self.detector.rows_per_input)
         det, job, total = self.detector, self.detector.start(x), Timings()
-        while not job.done:
-            _, t = await self.batcher.submit(job, len(det.pending(job)), resume=job.forwarded > 0)
-            total.queue_s += t.queue_s
-            total.compute_s += t.compute_s
-            total.batch_requests, total.batch_rows = t.batch_requests, t.batch_rows  # the last round's batch
+        with self.batcher.session():
+            while not job.done:
+                _, t = await self.batcher.submit(job, len(det.pending(job)), resume=job.forwarded > 0)
+                total.queue_s += t.queue_s
+                total.compute_s += t.compute_s
+                total.batch_requests, total.batch_rows = t.batch_requests, t.batch_rows  # the last round's batch
         assert job.verdict is not None
         return job.verdict, total
 
