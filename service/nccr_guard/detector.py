@@ -242,13 +242,15 @@ class Detector:
         for j, i in zip(jobs, idx, strict=True):
             for k, v in out.items():
                 if k not in j.acts:
-                    j.acts[k] = np.zeros((len(j.rows), v.shape[1]), v.dtype)
+                    j.acts[k] = np.full((len(j.rows), v.shape[1]), np.nan, v.dtype)  # unforwarded: loud
                 j.acts[k][i] = v[start : start + len(i)]
             start += len(i)
             j.forwarded += len(i)
         plan = rounds(self.variant, schedule)
-        for r in sorted({j.round for j in jobs}):
-            group = [j for j in jobs if j.round == r]
+        groups: dict[int, list[Job]] = {}
+        for j in jobs:  # grouped before any job moves on a round, so none is scored twice in one call
+            groups.setdefault(j.round, []).append(j)
+        for r, group in sorted(groups.items()):
             rows = layout(self.variant, plan[r])
             acts = {k: np.stack([j.acts[k][rows] for j in group]) for k in out}
             s, lo, hi = bounded_scores(self.variant, self.calib, acts, plan[r], schedule.z)

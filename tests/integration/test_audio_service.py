@@ -71,8 +71,12 @@ def test_audio_harness_smoke(tmp_path):
     assert set(ev["attacks"]) == {"fgsm", "pgd_targeted"}
     for name, a in ev["attacks"].items():
         assert a["n_adversarial"] >= 1, name
-        assert set(a["detectors"]) == {"nccr", "prediction_flip", "waveguard_resample", "low_margin"}
+        assert set(a["detectors"]) == {"nccr", "nccr_seq", "prediction_flip", "waveguard_resample", "low_margin"}
         assert np.isfinite(a["median_snr_db"]) and a["median_snr_db"] > 10
+    rows = ev["sequential"]["mean_rows"]
+    assert set(rows) == {"clean", "fgsm", "pgd_targeted"} and all(
+        0 < r <= ev["sequential"]["fixed_rows"] for r in rows.values()
+    )
     assert {p.name for p in out.iterdir()} >= {"eval.json", "eval.md", "roc.png", "scores.png"}
 
 

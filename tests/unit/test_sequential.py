@@ -104,3 +104,27 @@ def test_flip_bound_uses_the_clean_prior():
     assert lo.tolist() == [0.0, 1 / 8] and hi[0] == 0.0 and hi[1] >= 1 / 8  # one flip: adversarial already
     lo, hi = _bounds(per, per.mean(1), True, None, 2, 8, 1.0)  # no prior recorded: Agresti-Coull, never certain
     assert hi[0] > 0
+
+
+def test_jobs_at_different_rounds_share_a_forward(mnist_v2, mnist_test):
+    """What the server's batcher does: one `advance` call carries jobs at different rounds. Each must be scored
+    once, at its own round, and end exactly as the replay of its fixed-K rows does."""
+    import dataclasses
+
+    det, _, _ = mnist_v2
+    xs = list(mnist_test[0][300:330])
+    want, passes = replay(det.variant, det.calib, det.activations(xs), Schedule(1, 1, 0.5))
+    det.variant = dataclasses.replace(det.variant, sequential=Schedule(1, 1, 0.5))
+    det.use_sequential = True
+    try:
+        jobs = [det.start(x) for x in xs]
+        det.advance(jobs[:10])  # the first ten are a round ahead
+        det.advance(jobs[:5])  # and the first five two rounds
+        while live := [j for j in jobs if not j.done]:
+            assert len({j.round for j in live}) >= 1
+            det.advance(live)
+    finally:
+        det.use_sequential = False
+        det.variant = dataclasses.replace(det.variant, sequential=None)
+    assert [j.verdict.passes for j in jobs] == passes.tolist()
+    assert np.allclose([j.verdict.score for j in jobs], want.score, atol=1e-4)

@@ -69,7 +69,11 @@ def _margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
     return top - others.max(axis=-1)
 
 
-MARGIN_MEASURES = ("margin", "margin_change")
+MARGIN_MEASURES = ("margin", "margin_change", "pred_flip")
+# A copy's prediction flips only when another class beats the original's by more than this share of the logit
+# scale: a near-tie must not turn on float noise (batched forwards may differ in the last bits with the batch's
+# composition, and a single flip in K copies decides the verdict of `nccr-audio-v1`).
+FLIP_TOLERANCE = 1e-4
 
 
 def component_copies(
@@ -82,11 +86,12 @@ def component_copies(
 ) -> np.ndarray:
     """(B, copies) how much the watched neurons move in each perturbed copy of the component's family.
     `margin`: the (B, R) logit margins of `pred`, when the caller has them (several components share them)."""
-    if comp.measure in ("pred_flip", *MARGIN_MEASURES):
+    if comp.measure in MARGIN_MEASURES:
         logits = acts["logits"]
-        if comp.measure == "pred_flip":
-            return (logits[:, rows].argmax(-1) != pred[:, None]).astype(np.float32)
         m = _margin(logits, pred) if margin is None else margin
+        if comp.measure == "pred_flip":
+            scale = 1.0 + np.abs(logits[:, rows]).max(-1)
+            return (m[:, rows] < -FLIP_TOLERANCE * scale).astype(np.float32)
         delta = m[:, :1] - m[:, rows]
         delta = np.maximum(delta, 0.0) if comp.measure == "margin" else np.abs(delta)
         return delta / np.maximum(np.abs(m[:, :1]), EPS)

@@ -21,7 +21,8 @@ class Component:
 
     flip: share of (neuron, copy) pairs whose cover state (activation > per-neuron clean threshold) changes.
     change: mean |Δ activation| / the neuron's clean RMS change under the same perturbation (a soft cover change).
-    pred_flip: share of copies whose top class differs from the original's (the logit layer's cover change).
+    pred_flip: share of copies whose top class differs from the original's (the logit layer's cover change), by
+        more than float noise (score.FLIP_TOLERANCE).
     margin: mean drop of the top-class logit margin relative to the original margin (how far the decision
         neuron moves towards its cover threshold).
     margin_change: the same in both directions, |Δ margin| / |margin|.
