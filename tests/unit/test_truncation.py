@@ -68,3 +68,17 @@ def test_default_variants_read_logits_of_copies_so_nothing_is_truncated(detector
     assert get_variant("nccr-audio-v1").copy_layers(["partials", "embed"]) is None
     assert detector.truncation is None
     assert HIDDEN.copy_layers(["conv1", "conv2"]) == ["conv2"]
+
+
+def test_rows_built_in_torch_are_truncated_too(tmp_path, mnist_test):
+    """The CUDA path (rows built next to the model, `forward_perturbed`), exercised on the CPU."""
+    det = Detector.load(folder_watching(tmp_path, "conv2"), backend="torch", device="cpu", calibrated=False)
+    det.variant = HIDDEN
+    det.backend.device_rows = True
+    xs = list(mnist_test[0][:4])
+    cut = det.activations(xs)
+    det.use_truncation = False
+    full = det.activations(xs)
+    assert np.isnan(cut["logits"][:, 1:]).all() and not np.isnan(full["logits"]).any()
+    np.testing.assert_allclose(cut["logits"][:, 0], full["logits"][:, 0], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(cut["conv2"], full["conv2"], rtol=1e-4, atol=1e-5)  # same seed, same copies
