@@ -159,7 +159,8 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Sequential testing vs fixed K: {result['model']} (`{result['variant']}`, {result['split']} split)",
         "",
-        f"Command: `{result['command']}` · seed {result['seed']} · {result['machine']} · {result['seconds']} s · "
+        f"Command: `{result['command']}` · seed {result['seed']} · {result['machine']} · {result['seconds']} s (a "
+        "first run attacks the split, ~12 min; later runs reuse the cached clips and activations) · "
         f"{result['n_clean']} clean inputs; adversarial = successful attacks only; same noise copies for both.",
         "",
         "| first | step | z | rows clean | "
