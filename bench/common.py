@@ -62,6 +62,19 @@ def resnet_folder(tmp: Path, top: str = "", image: str = "") -> Path:
     return folder
 
 
+def median_ms(fn, reps: int) -> float:
+    """Median wall time of `fn()` over `reps` calls, after one warm-up call."""
+    import statistics
+
+    fn()
+    times = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(times)
+
+
 def write_report(name: str, data: dict, command: str) -> Path:
     REPORTS.mkdir(parents=True, exist_ok=True)
     path = REPORTS / f"{name}.json"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import sys
 import tempfile
 import time
@@ -23,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import ROOT, resnet_folder, sample_inputs, write_report
+from bench.common import ROOT, median_ms, resnet_folder, sample_inputs, write_report
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant
 
@@ -38,16 +37,6 @@ def rate(fn, per: int, seconds: float) -> float:
         fn()
         done += per
     return done / seconds
-
-
-def median_ms(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
 
 
 def watching(src: Path, dst: Path, layer: str) -> Path:

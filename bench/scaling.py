@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import ROOT, resnet_folder, write_report
+from bench.common import ROOT, median_ms, resnet_folder, write_report
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant
 
@@ -29,13 +27,7 @@ MNIST, SPEAKER = ROOT / "models" / "mnist", ROOT / "models" / "speaker"
 
 
 def cost_ms(det: Detector, x: np.ndarray, reps: int) -> float:
-    det.activations(x[None])
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        det.activations(x[None])
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    return median_ms(lambda: det.activations(x[None]), reps)
 
 
 def speaker_folder(tmp: Path, seconds: float) -> Path:

@@ -15,7 +15,6 @@ import numpy as np
 
 from nccr_guard.backends import Backend, make_backend, merge_rows
 from nccr_guard.engine import Calibration, Scores, Variant, build_rows, get_variant, score_rows
-from nccr_guard.engine.perturb import RANDOM_FAMILIES
 from nccr_guard.engine.sequential import Schedule, bounded_scores, layout, max_copies, rounds, settled
 from nccr_guard.manifest import Manifest, ManifestError, load_manifest, weight_hashes
 
@@ -148,7 +147,7 @@ class Detector:
         x = np.asarray(x, np.float32)
         if list(x.shape) != self.manifest.input.shape:
             raise ValueError(f"input shape {list(x.shape)} != model input {self.manifest.input.shape}")
-        noisy = any(p.family in RANDOM_FAMILIES for p in self.variant.perturbations)
+        noisy = max_copies(self.variant) > 0
         rng = np.random.default_rng([self.seed, zlib.crc32(x.tobytes())]) if noisy else None
         return build_rows(x, self.variant.perturbations, rng, tuple(self.manifest.input.range))
 
@@ -164,8 +163,7 @@ class Detector:
         upto = self.truncation
         if upto is None or original.all():
             return self.forward(rows)
-        part = self.forward(rows[~original], upto) if (~original).any() else {}
-        return merge_rows(self.forward(rows[original]), part, original)
+        return merge_rows(self.forward(rows[original]), self.forward(rows[~original], upto), original)
 
     def activations(self, xs: list[np.ndarray] | np.ndarray, chunk: int = 0) -> dict[str, np.ndarray]:
         """layer -> (B, R, N) for a list of inputs, in forwards of at most `chunk` inputs (0 = one forward)."""

@@ -119,6 +119,20 @@ def _pgd_minimal(clf, x: np.ndarray, p: dict, seed: int) -> np.ndarray:
     return out
 
 
+def correctly_classified(det, split: str, n: int) -> tuple[object, np.ndarray, np.ndarray, float]:
+    """The detector's model as an ART classifier, the up-to-`n` inputs of `split` (spread over its classes) that
+    it classifies correctly with their labels, and its accuracy on them: what every attack run starts from."""
+    from nccr_guard.backends.torch_backend import load_module
+    from nccr_guard.datasets import load_split
+
+    m = det.manifest
+    xs, ys = spread(*load_split(m, split), n)
+    module = det.backend.module if hasattr(det.backend, "module") else load_module(m)
+    clf = art_classifier(module, tuple(m.input.shape), len(m.labels), m.input.range)
+    ok = clf.predict(xs).argmax(1) == ys
+    return clf, xs[ok], ys[ok], float(ok.mean())
+
+
 def spread(xs: np.ndarray, ys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """At most `n` inputs spaced evenly through a split (splits are ordered by class: the first n would not be)."""
     if n >= len(xs):

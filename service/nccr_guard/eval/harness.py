@@ -13,13 +13,12 @@ from pathlib import Path
 
 import numpy as np
 
-from nccr_guard.backends.torch_backend import load_module
 from nccr_guard.calibrate import activations, calibrate
 from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant, score_rows
 from nccr_guard.engine.sequential import replay
-from nccr_guard.eval.attacks import art_classifier, attack_succeeded, attack_table, run_attack, spread
+from nccr_guard.eval.attacks import attack_succeeded, attack_table, correctly_classified, run_attack, spread
 from nccr_guard.eval.baselines import baseline_scores
 from nccr_guard.eval.metrics import auroc, rate_above, threshold_at_fpr
 from nccr_guard.eval.report import write_report
@@ -90,12 +89,7 @@ def evaluate(
     x_cal, _ = spread(*load_split(det.manifest, "calib"), calib_n or 1 << 30)
     thresholds = {k: threshold_at_fpr(v) for k, v in baseline_scores(det, x_cal).items()}
     thresholds["nccr"] = thresholds["nccr_seq"] = det.calib.threshold
-    xs, ys = load_split(det.manifest, split)
-    xs, ys = spread(xs, ys, n)
-    module = det.backend.module if hasattr(det.backend, "module") else load_module(det.manifest)
-    clf = art_classifier(module, tuple(det.manifest.input.shape), n_classes, det.manifest.input.range)
-    ok = clf.predict(xs).argmax(1) == ys
-    x0, y0 = xs[ok], ys[ok]
+    clf, x0, y0, accuracy = correctly_classified(det, split, n)
     nccr, passes = nccr_scores(det, x0)
     clean = {**nccr, **baseline_scores(det, x0)}
     result = {
@@ -105,8 +99,8 @@ def evaluate(
         "command": command,
         "seed": seed,
         "split": split,
-        "n_clean": int(ok.sum()),
-        "clean_accuracy": float(ok.mean()),
+        "n_clean": len(x0),
+        "clean_accuracy": accuracy,
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),
         "thresholds": {k: v for k, v in thresholds.items() if k in clean},
         "attacks": {},

@@ -19,7 +19,7 @@ from nccr_guard.detector import Detector
 from nccr_guard.engine import Component, Perturbation, Variant, fit_calibration
 from nccr_guard.engine.perturb import RANDOM_FAMILIES
 from nccr_guard.engine.score import EPS, raw_components
-from nccr_guard.eval.attacks import art_classifier, attack_succeeded, attack_table, run_attack, spread
+from nccr_guard.eval.attacks import attack_succeeded, attack_table, correctly_classified, run_attack
 from nccr_guard.eval.metrics import auroc, rate_above, threshold_at_fpr
 
 NOISE = {
@@ -74,15 +74,12 @@ def search(
     zb = (
         np.log(raw_components(variant, calib, {k: v[1::2] for k, v in acts.items()})[0] + EPS) - calib.comp_mu
     ) / calib.comp_sigma
-    xd, yd = load_split(det.manifest, "dev")
-    xd, yd = spread(xd, yd, n)
-    clf = art_classifier(det.backend.module, tuple(det.manifest.input.shape), n_classes, det.manifest.input.range)
-    ok = clf.predict(xd).argmax(1) == yd
-    z_clean = zscores(det, calib, xd[ok], "clean")
+    clf, xd, yd, _ = correctly_classified(det, "dev", n)
+    z_clean = zscores(det, calib, xd, "clean")
     z_adv, n_adv = {}, {}
     for attack in attacks:
-        adv = run_attack(attack, clf, xd[ok], seed, table)
-        hit = attack_succeeded(attack, clf.predict(adv).argmax(1), yd[ok], n_classes)
+        adv = run_attack(attack, clf, xd, seed, table)
+        hit = attack_succeeded(attack, clf.predict(adv).argmax(1), yd, n_classes)
         z_adv[attack], n_adv[attack] = zscores(det, calib, adv[hit], attack), int(hit.sum())
     rows = []
     for i, c in enumerate(variant.components):
@@ -103,7 +100,7 @@ def search(
         "model": det.manifest.name,
         "attacks": list(attacks),
         "seed": seed,
-        "n_dev_clean": int(ok.sum()),
+        "n_dev_clean": len(xd),
         "n_dev_adv": n_adv,
         "seconds": round(time.perf_counter() - t0, 1),
         "command": f"nccr-guard search --model {model} --attacks {' '.join(attacks)} --n {n} --seed {seed}",

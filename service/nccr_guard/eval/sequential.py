@@ -19,13 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from nccr_guard.backends.torch_backend import load_module
 from nccr_guard.calibrate import activations
-from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
 from nccr_guard.engine import score_rows
 from nccr_guard.engine.sequential import Schedule, replay
-from nccr_guard.eval.attacks import art_classifier, attack_succeeded, attack_table, run_attack, spread
+from nccr_guard.eval.attacks import attack_succeeded, attack_table, correctly_classified, run_attack
 from nccr_guard.eval.metrics import auroc, rate_above
 from nccr_guard.speaker_corpus import cache_dir
 
@@ -74,11 +72,7 @@ def compare(
 def adversarial(det: Detector, split: str, n: int, seed: int, attacks: list[str]) -> tuple[np.ndarray, dict]:
     """Correctly classified clean inputs of the split and each attack's successful adversarial examples (cached)."""
     table = attack_table(det.manifest.modality)
-    xs, ys = spread(*load_split(det.manifest, split), n)
-    module = det.backend.module if hasattr(det.backend, "module") else load_module(det.manifest)
-    clf = art_classifier(module, tuple(det.manifest.input.shape), len(det.manifest.labels), det.manifest.input.range)
-    ok = clf.predict(xs).argmax(1) == ys
-    x0, y0 = xs[ok], ys[ok]
+    clf, x0, y0, _ = correctly_classified(det, split, n)
     cache = cache_dir().parent / "adversarial"
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
