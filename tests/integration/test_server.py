@@ -27,6 +27,8 @@ def test_detect_png_multipart_and_raw(server, digit_pngs):
         raw = c.post("/v1/detect", content=path.read_bytes(), headers={"content-type": "image/png"})
         assert raw.status_code == 200 and raw.json()["score"] == body["score"]
         assert r.headers["x-request-id"]
+        app_ms = float(r.headers["server-timing"].removeprefix("app;dur="))  # the app's own time, within the total
+        assert body["timings_ms"]["total"] <= app_ms < 10_000
 
 
 @pytest.mark.parametrize(

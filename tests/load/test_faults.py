@@ -11,6 +11,8 @@ import shutil
 import socket
 import statistics
 import time
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -48,21 +50,57 @@ async def closed_loop(url: str, body: bytes, seconds: float, concurrency: int) -
     return out
 
 
-async def open_loop(url: str, body: bytes, rate: float, seconds: float) -> list:
+@dataclass
+class Sent:
+    """One open-loop request: its answer (or the client error), its client-side seconds, and where they went."""
+
+    answer: httpx.Response | Exception
+    seconds: float
+    start: float  # seconds after the run began
+    connect_s: float = 0.0  # opening a new TCP connection (0 on a reused one)
+    wait_s: float = 0.0  # request headers sent -> response headers received: the server's share
+
+    @property
+    def app_s(self) -> float:
+        """The server's own time for the request (its Server-Timing header), 0 without an answer."""
+        timing = getattr(self.answer, "headers", {}).get("server-timing", "app;dur=0")
+        return float(timing.split("dur=")[1]) / 1e3
+
+    @property
+    def code(self) -> int | str:
+        return getattr(self.answer, "status_code", type(self.answer).__name__)
+
+
+async def open_loop(url: str, body: bytes, rate: float, seconds: float) -> list[Sent]:
     """Requests launched on a fixed schedule regardless of answers (an open-loop load generator)."""
     n = int(rate * seconds)
-    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=200)
+    # One connection per request: with keep-alive, httpx's pool held some requests 30-40 s before sending them
+    # under this load (measured with the trace marks below: the client, not the server) and raced the server's
+    # keep-alive close (ReadError).
+    limits = httpx.Limits(max_connections=1000, max_keepalive_connections=0)
     async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as c:
         t0 = time.monotonic()
 
-        async def one(i: int):
+        async def one(i: int) -> Sent:
             await asyncio.sleep(max(0.0, t0 + i / rate - time.monotonic()))
-            start = time.monotonic()
+            start, marks = time.monotonic(), {}
+
+            async def trace(event: str, _info: dict) -> None:
+                marks[event] = time.monotonic()
+
             try:
-                r = await c.post("/v1/detect", content=body, headers={"content-type": "audio/wav"})
-                return r, time.monotonic() - start
+                r = await c.post(
+                    "/v1/detect", content=body, headers={"content-type": "audio/wav"}, extensions={"trace": trace}
+                )
             except httpx.HTTPError as e:
-                return e, time.monotonic() - start
+                r = e
+            sent = Sent(r, time.monotonic() - start, start - t0)
+            span = {"connect_s": "connection.connect_tcp", "wait_s": "http11.send_request_headers"}
+            for name, first in span.items():
+                last = first.replace("send_request", "receive_response") + ".complete"
+                if last in marks:
+                    setattr(sent, name, marks[last] - marks[first + ".started"])
+            return sent
 
         return await asyncio.gather(*(one(i) for i in range(n)))
 
@@ -76,18 +114,27 @@ def test_three_times_capacity_for_30_s_sheds_cleanly_and_recovers(tmp_path):
         capacity = len(lat) / 5
         base = statistics.median(asyncio.run(closed_loop(s.url, body, 3, 1)))
         results = asyncio.run(open_loop(s.url, body, 3 * capacity, 30))
-        codes = [getattr(r, "status_code", type(r).__name__) for r, _ in results]
-        counts = {c: codes.count(c) for c in set(codes)}
-        lost = {c: n for c, n in counts.items() if c not in (200, 503, 504)}
+        counts = Counter(r.code for r in results)
+        slowest = sorted(results, key=lambda r: -r.seconds)[:5]
         print(
-            f"\noverload: capacity {capacity:.1f} req/s, offered {len(results)} at {3 * capacity:.1f} req/s: {counts}"
+            f"\noverload: capacity {capacity:.1f} req/s, offered {len(results)} at {3 * capacity:.1f} req/s: "
+            f"{dict(counts)}; slowest: "
+            + ", ".join(
+                f"{r.code} {r.seconds:.2f}s (at {r.start:.1f}s, connect {r.connect_s:.2f}s, "
+                f"server {r.wait_s:.2f}s, app {r.app_s:.2f}s)"
+                for r in slowest
+            )
         )
+        lost = {c: n for c, n in counts.items() if c not in (200, 503, 504)}
         assert not lost, counts
-        assert counts.get(200, 0) >= 0.5 * capacity * 30 and counts.get(503, 0) > 0
-        assert max(t for _, t in results) < 5 + 5  # nothing hangs past the request timeout
-        for r, _ in results:
-            if r.status_code == 503:
-                assert r.headers.get("retry-after") and r.json()["error"]
+        assert counts[200] >= 0.5 * capacity * 30 and counts[503] > 0
+        # The app answers every request by its deadline; outside the app (kernel queues, a saturated event loop)
+        # a request may wait longer, but nothing hangs.
+        assert max(r.app_s for r in results) < 5 + 0.5, sorted(r.app_s for r in results)[-5:]
+        assert slowest[0].seconds < 5 + 5, slowest
+        for r in results:
+            if r.code == 503:
+                assert r.answer.headers.get("retry-after") and r.answer.json()["error"]
         t_end = time.monotonic()
         after = statistics.median(asyncio.run(closed_loop(s.url, body, 3, 1)))
         assert after < 2 * base + 0.05 and time.monotonic() - t_end < 10, (base, after)

@@ -18,6 +18,11 @@ def get_service(request: Request) -> Service:
 ServiceDep = Annotated[Service, Depends(get_service)]
 
 
+def deadline(request: Request) -> float:
+    """The request's deadline on `time.monotonic()`, set by the middleware when the request reached the app."""
+    return request.scope["state"]["deadline"]
+
+
 def require_key(request: Request, service: ServiceDep) -> None:
     """Bearer token or X-API-Key, compared in constant time; no key configured means open."""
     key = service.settings.api_key

@@ -1,5 +1,9 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, which hides client disconnects): request id, JSON access log,
-request metrics, and 503 for new work while draining."""
+request metrics, 503 for new work while draining, the request's deadline, and a Server-Timing header.
+
+The deadline (`request_timeout_s` after the request reached the app) bounds everything the app does for a
+request: reading the body, decoding it and waiting for the verdict. Server-Timing (`app;dur=<ms>`) lets a
+client tell time spent in the app from time spent before it (connection, kernel queues, a busy event loop)."""
 
 from __future__ import annotations
 
@@ -28,14 +32,18 @@ class ServiceMiddleware:
         svc, start = self.service, time.monotonic()
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = rid
+        state = scope.setdefault("state", {})
+        state["request_id"], state["deadline"] = rid, start + svc.settings.request_timeout_s
         status, sent_bytes = 500, 0
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status, sent_bytes
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message.setdefault("headers", []).append((b"x-request-id", rid.encode()))
+                app_ms = (time.monotonic() - start) * 1e3
+                message.setdefault("headers", []).extend(
+                    [(b"x-request-id", rid.encode()), (b"server-timing", f"app;dur={app_ms:.1f}".encode())]
+                )
             elif message["type"] == "http.response.body":
                 sent_bytes += len(message.get("body", b""))
             await send(message)

@@ -46,17 +46,15 @@ async def _capped(request: Request, cap: int, deadline: float) -> AsyncIterator[
         yield chunk
 
 
-async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
-    deadline = time.monotonic() + timeout_s
+async def read_body(request: Request, cap: int, deadline: float) -> bytes:
     return b"".join([c async for c in _capped(request, cap, deadline)])
 
 
-async def read_uploads(request: Request, cap: int, timeout_s: float) -> tuple[list[Upload], dict[str, str]]:
+async def read_uploads(request: Request, cap: int, deadline: float) -> tuple[list[Upload], dict[str, str]]:
     """Every uploaded file (the `file` fields of a multipart body, or the raw body as one file) and the other
     text fields; query parameters count as fields too."""
     fields = dict(request.query_params)
     ctype = request.headers.get("content-type", "")
-    deadline = time.monotonic() + timeout_s
     if not ctype.startswith("multipart/form-data"):
         if ctype.startswith(("application/json", "application/x-www-form-urlencoded", "text/")):
             raise InputError(

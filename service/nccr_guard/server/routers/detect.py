@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
 from nccr_guard.inputs import InputError, decode
-from nccr_guard.server.deps import Authorized, ServiceDep
+from nccr_guard.server.deps import Authorized, ServiceDep, deadline
 from nccr_guard.server.schemas import BatchDetection, BatchItem, Detection, Error, Prediction, TimingsMs
 from nccr_guard.server.state import Service
 from nccr_guard.server.uploads import Upload, read_uploads
@@ -35,13 +35,12 @@ UPLOAD_BODY = {
 }
 
 
-async def wait_unless_gone(request: Request, coro, timeout_s: float):
-    """Await `coro` for at most `timeout_s`; cancel it (freeing its queue slot) if the client disconnects."""
+async def wait_unless_gone(request: Request, coro, due: float):
+    """Await `coro` until `due` (monotonic); cancel it (freeing its queue slot) if the client disconnects."""
     task = asyncio.ensure_future(coro)
-    deadline = time.monotonic() + timeout_s
     try:
         while True:
-            left = deadline - time.monotonic()
+            left = due - time.monotonic()
             if left <= 0:
                 raise InputError("request timed out waiting for its verdict", 504, "timeout")
             done, _ = await asyncio.wait({task}, timeout=min(0.1, left))
@@ -63,9 +62,12 @@ async def detect_upload(request: Request, service: Service, up: Upload, model: s
         "type": up.content_type,
         "sha256": hashlib.sha256(up.data).hexdigest()[:16],
     }
-    x = await run_in_threadpool(decode, up.data, rt.detector.manifest, service.limits)
-    left = service.settings.request_timeout_s - (time.monotonic() - start)
-    v, t = await wait_unless_gone(request, rt.detect(x), left)
+
+    async def verdict():  # decoding counts against the deadline too: a slow decode must not outlive it
+        x = await run_in_threadpool(decode, up.data, rt.detector.manifest, service.limits)
+        return await rt.detect(x)
+
+    v, t = await wait_unless_gone(request, verdict(), deadline(request))
     request.scope["state"]["verdict"] = v.verdict
     d = service.settings.score_decimals
     return Detection(
@@ -88,7 +90,7 @@ async def detect_upload(request: Request, service: Service, up: Upload, model: s
 @router.post("/detect", response_model=Detection, responses=ERRORS, openapi_extra=UPLOAD_BODY)
 async def detect(request: Request, service: ServiceDep) -> Detection:
     """Score one image or audio clip: multipart field `file`, or a raw `image/*` / `audio/*` body."""
-    uploads, fields = await read_uploads(request, service.settings.max_upload_bytes, service.settings.request_timeout_s)
+    uploads, fields = await read_uploads(request, service.settings.max_upload_bytes, deadline(request))
     if len(uploads) != 1:
         raise InputError(f"send exactly one file here ({len(uploads)} given); use /v1/detect/batch for several")
     return await detect_upload(request, service, uploads[0], fields.get("model"))
@@ -97,7 +99,7 @@ async def detect(request: Request, service: ServiceDep) -> Detection:
 @router.post("/detect/batch", response_model=BatchDetection, responses=ERRORS, openapi_extra=UPLOAD_BODY)
 async def detect_batch(request: Request, service: ServiceDep) -> BatchDetection:
     """Score several files (repeated multipart field `file`); each gets its own result or error."""
-    uploads, fields = await read_uploads(request, service.settings.max_upload_bytes, service.settings.request_timeout_s)
+    uploads, fields = await read_uploads(request, service.settings.max_upload_bytes, deadline(request))
 
     async def one(up: Upload) -> BatchItem:
         try:

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from nccr_guard.inputs import InputError
-from nccr_guard.server.deps import Authorized, ServiceDep
+from nccr_guard.server.deps import Authorized, ServiceDep, deadline
 from nccr_guard.server.routers.detect import ERRORS, UPLOAD_BODY, detect_upload
 from nccr_guard.server.uploads import read_body, read_uploads
 
@@ -40,8 +40,8 @@ async def guard(request: Request, service: ServiceDep) -> Response:
     s = service.settings
     if not s.upstream or service.upstream is None:
         raise InputError("sidecar mode is off: start with --upstream URL", 404, "not_found")
-    body = await read_body(request, s.max_upload_bytes, s.request_timeout_s)
-    uploads, fields = await read_uploads(_Replay(request, body), s.max_upload_bytes, s.request_timeout_s)
+    body = await read_body(request, s.max_upload_bytes, deadline(request))
+    uploads, fields = await read_uploads(_Replay(request, body), s.max_upload_bytes, deadline(request))
     det = await detect_upload(request, service, uploads[0], fields.get("model"))
     tags = {"X-NCCR-Verdict": det.verdict, "X-NCCR-Score": f"{det.score:g}", "X-NCCR-Model": det.model}
     if det.verdict == "adversarial" and s.on_adversarial == "block":

@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from nccr_guard import __version__
 from nccr_guard.inputs import InputError
-from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep
+from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep, deadline
 from nccr_guard.server.routers.detect import wait_unless_gone
 from nccr_guard.server.schemas import Error, V2InferRequest, V2InferResponse, V2Tensor
 
@@ -98,8 +98,8 @@ async def infer(name: str, req: V2InferRequest, request: Request, service: Servi
     request.scope["state"]["model"] = name
     m = rt.detector.manifest
     x = np.clip(_tensor(req, m.input.shape), *m.input.range)
-    timeout = service.settings.request_timeout_s
-    results = [v for v, _ in await asyncio.gather(*(wait_unless_gone(request, rt.detect(xi), timeout) for xi in x))]
+    due = deadline(request)
+    results = [v for v, _ in await asyncio.gather(*(wait_unless_gone(request, rt.detect(xi), due) for xi in x))]
     n, d = len(results), service.settings.score_decimals
     return V2InferResponse(
         model_name=name,
