@@ -1,7 +1,8 @@
 """Engine overhead and the two ways to forward fewer rows, in one process and one run (1 thread):
 
 - overhead: detections/s of Detector.detect (row building + one forward + scoring) against a bare forward of the
-  same, prebuilt rows (default MNIST model, both backends);
+  same, prebuilt rows (default MNIST model, both backends), timed in alternating slices (ratio = median of the
+  slices' ratios);
 - truncated vs full forward: cost of one verdict's rows under `hidden-change` (copies read at a hidden layer),
   MNIST watching conv2 and a ResNet-50-shaped net (random weights) at 224 px watching layer2, torch and ONNX;
 - sequential vs fixed K: rows and milliseconds per verdict of the speaker model (`nccr-audio-v1`) on held-out
@@ -32,11 +33,21 @@ SPEAKER = ROOT / "models" / "speaker"
 
 def rate(fn, per: int, seconds: float) -> float:
     fn()
-    done, end = 0, time.perf_counter() + seconds
-    while time.perf_counter() < end:
+    done, start = 0, time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds:
         fn()
         done += per
-    return done / seconds
+    return done / elapsed
+
+
+def paired_rates(bare, engine, per: int, seconds: float, slices: int = 10) -> tuple[float, float, float]:
+    """Median rates of `bare` and `engine` and the median of their ratio, timed in alternating short slices so
+    that drift in a shared machine's speed hits both sides alike."""
+    pairs = [
+        (rate(bare, per, seconds / (2 * slices)), rate(engine, per, seconds / (2 * slices))) for _ in range(slices)
+    ]
+    b, e = zip(*pairs, strict=True)
+    return float(np.median(b)), float(np.median(e)), float(np.median([y / x for x, y in pairs]))
 
 
 def watching(src: Path, dst: Path, layer: str) -> Path:
@@ -149,17 +160,21 @@ def main() -> None:
         det = Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads)
         for per in (1, 8, 32):
             batch = list(xs[:per])
-            rows = np.concatenate([det.rows(x) for x in batch])
-            bare = rate(lambda rows=rows, det=det: det.forward(rows), per, args.seconds)
-            full = rate(lambda batch=batch, det=det: det.detect(batch), per, args.seconds)
+            rows = det.batch_rows(batch).reshape(-1, *det.manifest.input.shape)
+            bare, full, ratio = paired_rates(
+                lambda rows=rows, det=det: det.forward(rows),
+                lambda batch=batch, det=det: det.detect(batch),
+                per,
+                2 * args.seconds,
+            )
             results.append(
                 {
                     "backend": backend,
                     "inputs_per_forward": per,
                     "rows_per_forward": len(rows),
-                    "bare_forward_det_per_s": bare,
-                    "engine_det_per_s": full,
-                    "ratio": full / bare,
+                    "bare_forward_det_per_s": round(bare, 1),
+                    "engine_det_per_s": round(full, 1),
+                    "ratio": round(ratio, 3),
                 }
             )
             print(results[-1], flush=True)

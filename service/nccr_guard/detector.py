@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nccr_guard.backends import Backend, make_backend, merge_rows
-from nccr_guard.engine import Calibration, Scores, Variant, build_rows, get_variant, score_rows
+from nccr_guard.engine import Calibration, Scores, Variant, build_batch, get_variant, score_rows
 from nccr_guard.engine.sequential import Schedule, bounded_scores, layout, max_copies, rounds, settled
 from nccr_guard.manifest import Manifest, ManifestError, load_manifest, weight_hashes
 
@@ -144,12 +144,16 @@ class Detector:
 
     def rows(self, x: np.ndarray) -> np.ndarray:
         """(R, *shape) original + perturbed copies, seeded by (seed, input content): reproducible per input."""
-        x = np.asarray(x, np.float32)
-        if list(x.shape) != self.manifest.input.shape:
-            raise ValueError(f"input shape {list(x.shape)} != model input {self.manifest.input.shape}")
+        return self.batch_rows([x])[0]
+
+    def batch_rows(self, xs: list[np.ndarray] | np.ndarray) -> np.ndarray:
+        """(B, R, *shape): `rows` of each input, built for the whole batch at once (one call per squeezer)."""
+        xs = np.asarray(xs, np.float32)
+        if list(xs.shape[1:]) != self.manifest.input.shape:
+            raise ValueError(f"input shape {list(xs.shape[1:])} != model input {self.manifest.input.shape}")
         noisy = max_copies(self.variant) > 0
-        rng = np.random.default_rng([self.seed, zlib.crc32(x.tobytes())]) if noisy else None
-        return build_rows(x, self.variant.perturbations, rng, tuple(self.manifest.input.range))
+        rngs = [np.random.default_rng([self.seed, zlib.crc32(x.tobytes())]) for x in xs] if noisy else None
+        return build_batch(xs, self.variant.perturbations, rngs, tuple(self.manifest.input.range))
 
     def forward(self, rows: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
         """Backend forward of stacked rows (n, *shape) -> layer -> (n, N); `upto`: truncated (no logits)."""
@@ -187,7 +191,7 @@ class Detector:
                     )
                 )
             else:
-                rows = np.concatenate([self.rows(x) for x in part])
+                rows = self.batch_rows(part).reshape(-1, *self.manifest.input.shape)
                 parts.append(self.forward_rows(rows, np.arange(len(rows)) % self.rows_per_input == 0))
         r = self.rows_per_input
         return {k: np.concatenate([p[k] for p in parts]).reshape(len(xs), r, -1) for k in parts[0]}
@@ -213,7 +217,7 @@ class Detector:
             label=self._label(idx),
             confidence=float(s.confidence[i]),
             passes=passes,
-            components=dict(zip([c.name for c in self.variant.components], map(float, s.raw[i]), strict=True)),
+            components=dict(zip(self.variant.component_names, s.raw[i].tolist(), strict=True)),
         )
 
     # Sequential testing: start a job per input, advance jobs (any mix of rounds) until each is done.

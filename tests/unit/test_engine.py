@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from nccr_guard.engine import Component, Perturbation, Variant, build_rows, fit_calibration, get_variant, score_rows
+from nccr_guard.engine import (
+    Component,
+    Perturbation,
+    Variant,
+    build_batch,
+    build_rows,
+    fit_calibration,
+    get_variant,
+    score_rows,
+)
 from nccr_guard.engine.perturb import perturb, row_groups
 
 
@@ -25,6 +34,19 @@ def test_rows_original_first_and_counts():
     np.testing.assert_array_equal(rows[0], x)
     assert row_groups(ps) == {"bitdepth:1": slice(1, 2), "gaussian:0.1": slice(2, 7)}
     assert rows.min() >= 0 and rows.max() <= 1
+
+
+@pytest.mark.parametrize("shape", [(1, 6, 6), (3, 5, 7), (40,)])
+def test_batch_rows_equal_each_input_built_alone(shape):
+    """The serving path builds a batch's rows at once (one call per squeezer); each input's rows, random copies
+    included, must be exactly those it gets alone, whatever its batch-mates."""
+    ps = (Perturbation("median", 3), Perturbation("gaussian", 0.1, 3), Perturbation("bitdepth", 2))
+    ps += (Perturbation("shift", 4, 2),) if len(shape) == 1 else ()
+    xs = np.random.default_rng(2).random((5, *shape)).astype(np.float32)
+    together = build_batch(xs, ps, [np.random.default_rng(i) for i in range(5)], (0.0, 1.0))
+    for i, x in enumerate(xs):
+        np.testing.assert_array_equal(together[i], build_rows(x, ps, np.random.default_rng(i), (0.0, 1.0)))
+    assert not np.array_equal(together[0, 1:], together[1, 1:])
 
 
 def test_squeezers_are_what_they_say():

@@ -62,27 +62,54 @@ def _noise(x: np.ndarray, p: Perturbation, rng: np.random.Generator, span: float
     return np.stack([np.roll(x, int(s), axis=-1) for s in shifts])
 
 
-def _squeeze(x: np.ndarray, p: Perturbation, lo: float, hi: float) -> np.ndarray:
+def _squeeze(xs: np.ndarray, p: Perturbation, lo: float, hi: float) -> np.ndarray:
+    """The squeezed batch (B, *shape): squeezers are deterministic and per-sample, so one call does every input."""
     if p.family == "bitdepth":
         levels = 2 ** int(p.scale) - 1
-        unit = (x - lo) / (hi - lo)
-        return (np.round(unit * levels) / levels * (hi - lo) + lo)[None].astype(np.float32)
-    size = [1] * (x.ndim - 2) + [int(p.scale)] * min(2, x.ndim)
-    return median_filter(x, size=size, mode="reflect")[None].astype(np.float32)
+        unit = (xs - lo) / (hi - lo)
+        return (np.round(unit * levels) / levels * (hi - lo) + lo).astype(np.float32)
+    nd = xs.ndim - 1  # one input's dimensions; the filter covers its last two (one for a 1-D signal)
+    size = [1] * (xs.ndim - min(2, nd)) + [int(p.scale)] * min(2, nd)
+    return median_filter(xs, size=size, mode="reflect").astype(np.float32)
+
+
+def perturb_batch(
+    xs: np.ndarray,
+    p: Perturbation,
+    rngs: list[np.random.Generator] | None,
+    value_range: tuple[float, float],
+) -> np.ndarray:
+    """(B, copies, *shape) perturbed copies of each input in `xs` (B, *shape), clipped to `value_range`; each
+    input's random copies come from its own generator in `rngs`."""
+    lo, hi = value_range
+    if p.family in SQUEEZE_FAMILIES:
+        out = _squeeze(xs, p, lo, hi)[:, None]
+    elif rngs is None:
+        raise ValueError(f"{p.key} draws random copies: it needs a generator")
+    else:
+        out = np.stack([_noise(x, p, rng, hi - lo) for x, rng in zip(xs, rngs, strict=True)])
+    return np.clip(out, lo, hi, out=out).astype(np.float32, copy=False)
 
 
 def perturb(
     x: np.ndarray, p: Perturbation, rng: np.random.Generator | None, value_range: tuple[float, float]
 ) -> np.ndarray:
-    """(copies, *x.shape) perturbed copies of `x`, clipped to `value_range`."""
-    lo, hi = value_range
-    if p.family in SQUEEZE_FAMILIES:
-        out = _squeeze(x, p, lo, hi)
-    elif rng is None:
-        raise ValueError(f"{p.key} draws random copies: it needs a generator")
-    else:
-        out = _noise(x, p, rng, hi - lo)
-    return np.clip(out, lo, hi, out=out).astype(np.float32, copy=False)
+    """(copies, *x.shape) perturbed copies of one input `x`."""
+    return perturb_batch(np.asarray(x, np.float32)[None], p, None if rng is None else [rng], value_range)[0]
+
+
+def build_batch(
+    xs: np.ndarray,
+    perturbations: tuple[Perturbation, ...],
+    rngs: list[np.random.Generator] | None,
+    value_range: tuple[float, float],
+) -> np.ndarray:
+    """(B, 1 + sum(copies), *shape) rows of every input: the original first, then each family's copies in
+    order. Built family by family over the whole batch (squeezers in one call each); random copies are drawn
+    input by input from that input's generator, so an input's rows do not depend on its batch-mates."""
+    xs = np.asarray(xs, dtype=np.float32)
+    parts = [xs[:, None]] + [perturb_batch(xs, p, rngs, value_range) for p in perturbations]
+    return np.concatenate(parts, axis=1)
 
 
 def build_rows(
@@ -91,10 +118,8 @@ def build_rows(
     rng: np.random.Generator | None,
     value_range: tuple[float, float],
 ) -> np.ndarray:
-    """(1 + sum(copies), *x.shape): the original first, then each family's copies in order."""
-    x = np.asarray(x, dtype=np.float32)
-    parts = [x[None]] + [perturb(x, p, rng, value_range) for p in perturbations]
-    return np.concatenate(parts, axis=0)
+    """(1 + sum(copies), *x.shape) rows of one input (see `build_batch`)."""
+    return build_batch(np.asarray(x, np.float32)[None], perturbations, None if rng is None else [rng], value_range)[0]
 
 
 def row_groups(perturbations: tuple[Perturbation, ...]) -> dict[str, slice]:

@@ -8,6 +8,7 @@ combined by their maximum, so one unstable view of the input is enough to raise 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from functools import cached_property
 from typing import Literal
 
 from nccr_guard.engine.perturb import Perturbation
@@ -34,7 +35,7 @@ class Component:
     selection: Literal["all", "class"] = "all"
     reduce: Literal["mean", "max"] = "mean"
 
-    @property
+    @cached_property  # asked once per verdict on the serving path
     def name(self) -> str:
         return f"{self.measure}[{self.layer}/{self.selection}]@{self.perturbation}/{self.reduce}"
 
@@ -72,9 +73,13 @@ class Variant:
             if c.perturbation not in keys:
                 raise ValueError(f"{self.name}: component {c.name} uses unknown perturbation {c.perturbation}")
 
-    @property
+    @cached_property  # asked per request on the serving path; the variant is frozen
     def rows(self) -> int:
         return 1 + sum(p.copies for p in self.perturbations)
+
+    @cached_property
+    def component_names(self) -> tuple[str, ...]:
+        return tuple(c.name for c in self.components)
 
     def with_k(self, k: int) -> Variant:
         """The same variant with `k` copies for every noise family (squeezers stay one row each)."""

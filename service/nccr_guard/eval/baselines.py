@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from nccr_guard.detector import Detector
-from nccr_guard.engine.perturb import Perturbation, perturb
+from nccr_guard.engine.perturb import Perturbation, build_batch
 from nccr_guard.engine.score import softmax
 
 FS_SQUEEZERS = (Perturbation("bitdepth", 1), Perturbation("median", 2))
@@ -25,8 +25,8 @@ def _logits(det: Detector, rows: np.ndarray, chunk: int = 2048) -> np.ndarray:
 
 
 def feature_squeezing(det: Detector, xs: np.ndarray) -> np.ndarray:
-    rng, vr = np.random.default_rng(0), tuple(det.manifest.input.range)
-    rows = np.stack([np.concatenate([x[None], *(perturb(x, p, rng, vr) for p in FS_SQUEEZERS)]) for x in xs])
+    vr = tuple(det.manifest.input.range)
+    rows = build_batch(xs, FS_SQUEEZERS, None, vr)
     probs = softmax(_logits(det, rows.reshape(-1, *xs.shape[1:])).reshape(len(xs), 3, -1).astype(np.float64))
     return np.abs(probs[:, 1:] - probs[:, :1]).sum(-1).max(-1)
 
@@ -34,7 +34,7 @@ def feature_squeezing(det: Detector, xs: np.ndarray) -> np.ndarray:
 def prediction_flip(det: Detector, xs: np.ndarray, sigma: float = 0.1, k: int = 12, seed: int = 0) -> np.ndarray:
     rng, vr = np.random.default_rng(seed), tuple(det.manifest.input.range)
     p = Perturbation("snr", 30, k) if det.manifest.modality == "audio" else Perturbation("gaussian", sigma, k)
-    rows = np.stack([np.concatenate([x[None], perturb(x, p, rng, vr)]) for x in xs])
+    rows = build_batch(xs, (p,), [rng] * len(xs), vr)
     pred = _logits(det, rows.reshape(-1, *xs.shape[1:])).reshape(len(xs), k + 1, -1).argmax(-1)
     return (pred[:, 1:] != pred[:, :1]).mean(-1)
 
