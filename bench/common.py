@@ -90,14 +90,14 @@ def sample_inputs(model: Path, n: int = 64) -> np.ndarray:
 
 
 def _bare_worker(args: tuple) -> int:
-    model, threads, per_forward, seconds, backend = args
+    model, threads, per_forward, seconds, backend, xs = args
     import torch
 
     from nccr_guard.detector import Detector
 
     torch.set_num_threads(threads)
     det = Detector.load(model, backend=backend, device="cpu", threads=threads)
-    xs = sample_inputs(model)
+    xs = sample_inputs(model) if xs is None else xs
     det.detect(list(xs[:per_forward]))  # warm-up
     done, i, end = 0, 0, time.monotonic() + seconds
     while time.monotonic() < end:
@@ -109,12 +109,19 @@ def _bare_worker(args: tuple) -> int:
 
 
 def bare_detections_per_s(
-    model: Path, procs: int, threads: int, per_forward: int, seconds: float, backend: str = "torch"
+    model: Path,
+    procs: int,
+    threads: int,
+    per_forward: int,
+    seconds: float,
+    backend: str = "torch",
+    inputs: np.ndarray | None = None,
 ) -> float:
-    """Detections/s of `procs` processes each looping Detector.detect over `per_forward` inputs per forward."""
+    """Detections/s of `procs` processes each looping Detector.detect over `per_forward` inputs per forward,
+    cycling through `inputs` (default: the model's first 64 test inputs)."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(procs) as pool:
-        counts = pool.map(_bare_worker, [(model, threads, per_forward, seconds, backend)] * procs)
+        counts = pool.map(_bare_worker, [(model, threads, per_forward, seconds, backend, inputs)] * procs)
     return sum(counts) / seconds
 
 

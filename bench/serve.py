@@ -5,7 +5,9 @@
 Bare loops run Detector.detect (rows + one forward of K+1 rows + scoring) in-process over several process/
 thread/batch configurations; the best one is the baseline. The service is a real `nccr-guard serve` on
 127.0.0.1 driven by wrk (closed loop) at several concurrencies for the peak, then by an open-loop client at
-fractions of the peak for latency. Writes reports/bench/serve.json and reports/bench/latency.png.
+fractions of the peak for latency. The same saturation ratio is then measured for the speaker model, whose
+verdict costs ~1,000x more compute than an MNIST one. Writes reports/bench/serve.json and
+reports/bench/latency.png.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import numpy as np
 from bench.common import REPORTS, ROOT, bare_detections_per_s, sample_inputs, start_server, write_report
 
 MODEL = ROOT / "models" / "mnist"
+SPEAKER = ROOT / "models" / "speaker"
 BARE_CONFIGS = [  # (processes, threads, inputs per forward, backend)
     (1, 1, 1, "torch"),
     (2, 1, 1, "torch"),
@@ -49,11 +52,11 @@ def png_bytes() -> bytes:
     return buf.getvalue()
 
 
-def wrk(url: str, body_file: Path, conns: int, seconds: float) -> dict:
+def wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = "image/png") -> dict:
     script = body_file.with_suffix(".lua")
     script.write_text(
         f'local f = io.open("{body_file}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\nf:close()\n'
-        'wrk.headers["Content-Type"] = "image/png"\n'
+        f'wrk.headers["Content-Type"] = "{ctype}"\n'
     )
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
@@ -113,6 +116,42 @@ def plot(points: list[dict], peak: float) -> None:
     fig.savefig(REPORTS / "latency.png", dpi=90)
 
 
+def speaker(seconds: float, serve_args: list[str]) -> dict:
+    """The same ratio for a model whose verdict is expensive (speaker, ~0.1-0.2 s of LSTM per verdict with
+    sequential testing): one held-out clip, sent as WAV to the service and looped bare on its decoded samples
+    (so both do the same rows)."""
+    from nccr_guard.audio import encode_wav
+    from nccr_guard.inputs import Limits, decode
+    from nccr_guard.manifest import load_manifest
+
+    clip = sample_inputs(SPEAKER, 1)[0]
+    wav = encode_wav(clip[0] if clip.ndim > 1 else clip, 16000)
+    x = decode(wav, load_manifest(SPEAKER), Limits())[None]
+    bare = []
+    for procs, threads, per in ((1, 1, 1), (1, 2, 1), (2, 1, 1), (2, 1, 2)):
+        rate = bare_detections_per_s(SPEAKER, procs, threads, per, seconds, "torch", np.repeat(x, per, 0))
+        bare.append({"processes": procs, "threads": threads, "inputs_per_forward": per, "detections_per_s": rate})
+        print(f"bare speaker {procs}p x {threads}t x {per}/fwd: {rate:.2f} det/s", flush=True)
+    best = max(bare, key=lambda b: b["detections_per_s"])
+    port = 19000 + os.getpid() % 1000
+    proc = start_server(port, ["--models", str(SPEAKER), *serve_args])
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            body = Path(tmp) / "clip.wav"
+            body.write_bytes(wav)
+            url = f"http://127.0.0.1:{port}/v1/detect"
+            wrk(url, body, 2, 2, "audio/wav")  # warm
+            sat = [wrk(url, body, c, seconds, "audio/wav") for c in (2, 4, 8)]
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    peak = max(s["rps"] for s in sat)
+    out = {"bare": bare, "bare_best": best, "service_saturation": sat, "service_peak_rps": peak}
+    out["ratio_service_vs_best_bare"] = peak / best["detections_per_s"]
+    print(f"speaker: {peak:.2f} verdicts/s over HTTP vs best bare {best['detections_per_s']:.2f}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
@@ -163,13 +202,15 @@ def main() -> None:
         "serve_args": args.serve_args,
         "goal_ratio": 0.90,
     }
+    data["speaker"] = speaker(args.seconds, args.serve_args.split())
     name = "serve" + "".join("-" + a.strip("-") for a in args.serve_args.split())
     write_report(name, data, "python -m bench.serve " + " ".join(sys.argv[1:]))
     plot(curve, peak)
     print(
         f"serve: {peak:.1f} det/s over HTTP vs best bare {best['detections_per_s']:.1f} det/s "
         f"({best['processes']}p x {best['threads']}t x {best['inputs_per_forward']}) = {ratio:.2f}x (goal 0.90x); "
-        f"half load p50 {half['p50_ms']:.1f} ms p99 {half['p99_ms']:.1f} ms"
+        f"half load p50 {half['p50_ms']:.1f} ms p99 {half['p99_ms']:.1f} ms; speaker model "
+        f"{data['speaker']['ratio_service_vs_best_bare']:.2f}x"
     )
 
 

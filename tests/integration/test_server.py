@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import re
+import time
 
 import pytest
 
@@ -29,6 +31,24 @@ def test_detect_png_multipart_and_raw(server, digit_pngs):
         assert r.headers["x-request-id"]
         app_ms = float(r.headers["server-timing"].removeprefix("app;dur="))  # the app's own time, within the total
         assert body["timings_ms"]["total"] <= app_ms < 10_000
+
+
+def test_access_log_has_one_json_line_per_request(server, digit_pngs):
+    path, _ = digit_pngs[2]
+    with server.client() as c:
+        r = c.post(
+            "/v1/detect", content=path.read_bytes(), headers={"content-type": "image/png", "x-request-id": "al-1"}
+        )
+    assert r.status_code == 200 and r.headers["x-request-id"] == "al-1"
+    deadline, mine = time.monotonic() + 5, []
+    while not mine and time.monotonic() < deadline:  # written by a background thread
+        mine = [json.loads(x) for x in server.log.read_text().splitlines() if '"request_id": "al-1"' in x]
+        time.sleep(0.05)
+    assert len(mine) == 1, mine
+    line = mine[0]
+    assert (line["method"], line["path"], line["status"], line["model"]) == ("POST", "/v1/detect", 200, "mnist")
+    assert line["verdict"] == r.json()["verdict"] and line["upload"]["bytes"] == len(path.read_bytes())
+    assert 0 < line["ms"] < 10_000
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ Retry-After, and SIGTERM drains accepted work. Request counts and durations are 
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import time
 
@@ -108,3 +109,8 @@ def test_two_processes_serve_and_stop(tmp_path, digit_pngs):
         assert [getattr(a, "status_code", a) for a in answers] == [200] * 40
     finally:
         assert s.stop() == 0
+    # Each worker process writes its own access log (spawned workers used to drop it).
+    lines = [json.loads(x) for x in s.log.read_text().splitlines() if x.startswith('{"ts":') and '"path"' in x]
+    detects = [x for x in lines if x["path"] == "/v1/detect"]
+    assert len(detects) == 40 and {x["status"] for x in detects} == {200}
+    assert {x["request_id"] for x in detects} == {a.headers["x-request-id"] for a in answers}

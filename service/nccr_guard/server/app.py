@@ -20,6 +20,7 @@ from nccr_guard.config import Settings
 from nccr_guard.detector import Detector
 from nccr_guard.inputs import InputError
 from nccr_guard.server.deps import OpenOrAuthorized
+from nccr_guard.server.logs import configure_logging
 from nccr_guard.server.metrics import Metrics
 from nccr_guard.server.middleware import ServiceMiddleware
 from nccr_guard.server.routers import detect, guard, models, v2
@@ -120,8 +121,11 @@ def create_app(settings: Settings) -> FastAPI:
 
 
 def app_from_env() -> FastAPI:
-    """uvicorn factory for multi-process serving: each worker process rebuilds the parent's settings."""
-    return create_app(Settings.model_validate_json(os.environ[SETTINGS_ENV]))
+    """uvicorn factory for multi-process serving: each worker process rebuilds the parent's settings and its
+    logging (spawned workers inherit no handlers: their access log was silently dropped before)."""
+    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
+    configure_logging(settings.log_json)
+    return create_app(settings)
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:

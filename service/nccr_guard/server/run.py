@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import os
 import socket
-import sys
 import time
 
 import uvicorn
@@ -16,6 +14,7 @@ from uvicorn.supervisors import Multiprocess
 
 from nccr_guard.config import Settings
 from nccr_guard.server.app import SETTINGS_ENV, create_app
+from nccr_guard.server.logs import configure_logging
 
 
 class DrainingServer(uvicorn.Server):
@@ -59,18 +58,6 @@ def _find_service(app):
             return state.service
         app = getattr(app, "app", None)
     return None
-
-
-def configure_logging(json_logs: bool) -> None:
-    fmt = (
-        '{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-        if json_logs
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
-    logging.getLogger("nccr_guard.access").handlers = [h := logging.StreamHandler(sys.stdout)]
-    h.setFormatter(logging.Formatter("%(message)s"))
-    logging.getLogger("nccr_guard.access").propagate = False
 
 
 def run(settings: Settings) -> int:
