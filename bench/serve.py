@@ -7,7 +7,7 @@ thread/batch configurations; the best one is the baseline. The service is a real
 127.0.0.1 driven by wrk (closed loop) at several concurrencies for the peak, then by an open-loop client at
 fractions of the peak for latency. The same saturation ratio is then measured for the speaker model, whose
 verdict costs ~1,000x more compute than an MNIST one. Writes reports/bench/serve.json and
-reports/bench/latency.png.
+reports/bench/latency.png (latency-<flags>.png with --serve-args).
 """
 
 from __future__ import annotations
@@ -97,7 +97,7 @@ async def open_loop(url: str, body: bytes, rate: float, seconds: float) -> dict:
     }
 
 
-def plot(points: list[dict], peak: float) -> None:
+def plot(points: list[dict], peak: float, name: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,7 +113,7 @@ def plot(points: list[dict], peak: float) -> None:
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(REPORTS / "latency.png", dpi=90)
+    fig.savefig(REPORTS / f"{name}.png", dpi=90)
 
 
 def speaker(seconds: float, serve_args: list[str]) -> dict:
@@ -205,7 +205,7 @@ def main() -> None:
     data["speaker"] = speaker(args.seconds, args.serve_args.split())
     name = "serve" + "".join("-" + a.strip("-") for a in args.serve_args.split())
     write_report(name, data, "python -m bench.serve " + " ".join(sys.argv[1:]))
-    plot(curve, peak)
+    plot(curve, peak, name.replace("serve", "latency", 1))  # latency.png for the default server
     print(
         f"serve: {peak:.1f} det/s over HTTP vs best bare {best['detections_per_s']:.1f} det/s "
         f"({best['processes']}p x {best['threads']}t x {best['inputs_per_forward']}) = {ratio:.2f}x (goal 0.90x); "
