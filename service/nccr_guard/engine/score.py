@@ -141,13 +141,18 @@ def standardise(raw: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarra
     return ((np.log(raw + EPS) - mu) / sigma).max(axis=-1)
 
 
+def confidence(acts: dict[str, np.ndarray], pred: np.ndarray) -> np.ndarray:
+    """(B,) softmax probability of each original row's predicted class."""
+    probs = softmax(acts["logits"][:, 0].astype(np.float64))
+    return probs[np.arange(len(pred)), pred]
+
+
 def score_rows(variant: Variant, calib: Calibration, acts: dict[str, np.ndarray]) -> Scores:
     """The full per-input verdict material for a batch of inputs' rows."""
     raw, pred = raw_components(variant, calib, acts)
-    probs = softmax(acts["logits"][:, 0].astype(np.float64))
     return Scores(
         score=standardise(raw, calib.comp_mu, calib.comp_sigma),
         raw=raw,
         prediction=pred,
-        confidence=probs[np.arange(len(pred)), pred],
+        confidence=confidence(acts, pred),
     )

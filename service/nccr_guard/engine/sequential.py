@@ -29,7 +29,14 @@ from scipy.stats import betabinom
 
 from nccr_guard.engine.calibration import Calibration
 from nccr_guard.engine.perturb import RANDOM_FAMILIES, row_groups
-from nccr_guard.engine.score import EPS, Scores, component_copies, reduce_copies, shared_margin, softmax
+from nccr_guard.engine.score import (
+    Scores,
+    component_copies,
+    confidence,
+    reduce_copies,
+    shared_margin,
+    standardise,
+)
 from nccr_guard.engine.variants import Schedule, Variant
 
 __all__ = ["Schedule", "bounded_scores", "layout", "max_copies", "replay", "rounds", "settled"]
@@ -119,12 +126,9 @@ def bounded_scores(
             his.append(hi)
 
         def combined(values: list[np.ndarray]) -> np.ndarray:
-            v = np.stack(values, -1)
-            return ((np.log(v + EPS) - calib.comp_mu) / calib.comp_sigma).max(-1)
+            return standardise(np.stack(values, -1), calib.comp_mu, calib.comp_sigma)
 
-        raw = np.stack(raws, -1)
-        probs = softmax(acts["logits"][:, 0].astype(np.float64))
-        scores = Scores(combined(raws), raw, pred, probs[np.arange(len(pred)), pred])
+        scores = Scores(combined(raws), np.stack(raws, -1), pred, confidence(acts, pred))
         return scores, combined(los), combined(his)
 
 
