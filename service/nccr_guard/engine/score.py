@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from nccr_guard.engine.perturb import row_groups
-from nccr_guard.engine.variants import Component, Variant
+from nccr_guard.engine.variants import MARGIN_MEASURES, Component, Variant
 
 if TYPE_CHECKING:
     from nccr_guard.engine.calibration import Calibration
@@ -69,7 +69,6 @@ def _margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
     return top - others.max(axis=-1)
 
 
-MARGIN_MEASURES = ("margin", "margin_change", "pred_flip")
 # A copy's prediction flips only when another class beats the original's by more than this share of the logit
 # scale: a near-tie must not turn on float noise (batched forwards may differ in the last bits with the batch's
 # composition, and a single flip in K copies decides the verdict of `nccr-audio-v1`).

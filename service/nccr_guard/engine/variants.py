@@ -14,6 +14,7 @@ from typing import Literal
 from nccr_guard.engine.perturb import Perturbation
 
 Measure = Literal["flip", "change", "pred_flip", "margin", "margin_change"]
+MARGIN_MEASURES = ("margin", "margin_change", "pred_flip")  # measures that read the logits, whatever the layer
 
 
 @dataclass(frozen=True)
@@ -90,7 +91,7 @@ class Variant:
         the copies need the whole network). Copies need the network only up to the deepest of these layers."""
         out: list[str] = []
         for c in self.components:
-            if c.measure in ("pred_flip", "margin", "margin_change") or c.layer in ("*", "logits", "probs"):
+            if c.measure in MARGIN_MEASURES or c.layer in ("*", "logits", "probs"):
                 return None
             layer = model_layers[-1] if c.layer == "last" else c.layer
             if layer not in out:
