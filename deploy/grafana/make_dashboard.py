@@ -93,6 +93,17 @@ PANELS = [
         "short",
     ),
     (
+        "Event loop lag p99 (HTTP work waiting outside the request timings)",
+        "timeseries",
+        [
+            (
+                "histogram_quantile(0.99, sum by (le, instance) (rate(nccr_guard_event_loop_lag_seconds_bucket[1m])))",
+                "{{instance}}",
+            )
+        ],
+        "s",
+    ),
+    (
         "Rejections by reason",
         "timeseries",
         [("sum by (reason) (rate(nccr_guard_rejections_total[1m]))", "{{reason}}")],

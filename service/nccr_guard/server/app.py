@@ -3,6 +3,8 @@ and readiness stays false until each has run its warm-up batches."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from contextlib import asynccontextmanager
@@ -21,7 +23,7 @@ from nccr_guard.detector import Detector
 from nccr_guard.inputs import InputError
 from nccr_guard.server.deps import OpenOrAuthorized
 from nccr_guard.server.logs import configure_logging
-from nccr_guard.server.metrics import Metrics
+from nccr_guard.server.metrics import Metrics, watch_event_loop
 from nccr_guard.server.middleware import ServiceMiddleware
 from nccr_guard.server.routers import detect, guard, models, v2
 from nccr_guard.server.runtime import ModelRuntime, batch_policy
@@ -83,7 +85,11 @@ def create_app(settings: Settings) -> FastAPI:
         for rt in service.runtimes.values():
             await rt.start()
         service.metrics.ready.set(1)
+        lag_watch = asyncio.create_task(watch_event_loop(service.metrics.loop_lag), name="event-loop-lag")
         yield
+        lag_watch.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await lag_watch
         service.draining = True
         service.metrics.ready.set(0)
         for rt in service.runtimes.values():

@@ -3,6 +3,9 @@ low-cardinality labels (model, endpoint template, status code, reason)."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -64,6 +67,13 @@ class Metrics:
             ["model", "modality", "backend", "device", "variant", "k"],
             registry=r,
         )
+        self.loop_lag = Histogram(
+            "nccr_guard_event_loop_lag_seconds",
+            "how late the event loop woke for a timer due every 0.1 s: HTTP work waiting for a busy loop, which "
+            "no request's own timings (Server-Timing, the request duration) can show",
+            buckets=LATENCY,
+            registry=r,
+        )
         self.ready = Gauge("nccr_guard_ready", "1 when every model is warm and the service takes work", registry=r)
         for reason in (
             "queue_full",
@@ -77,3 +87,12 @@ class Metrics:
             "backend_error",
         ):
             self.rejections.labels(reason)
+
+
+async def watch_event_loop(lag: Histogram, every_s: float = 0.1) -> None:
+    """Sample the event loop's lateness until cancelled. A request waits for a busy loop before the app sees it
+    (accept, header parsing) and after it answers (writing the response): time outside the request metrics."""
+    while True:
+        due = time.monotonic() + every_s
+        await asyncio.sleep(every_s)
+        lag.observe(max(0.0, time.monotonic() - due))
