@@ -5,8 +5,9 @@
 Bare loops run Detector.detect (rows + one forward of K+1 rows + scoring) in-process over several process/
 thread/batch configurations; the best one is the baseline. The service is a real `nccr-guard serve` on
 127.0.0.1 driven by wrk (closed loop) at several concurrencies for the peak, then by an open-loop client at
-fractions of the peak for latency. The same saturation ratio is then measured for the speaker model, whose
-verdict costs ~1,000x more compute than an MNIST one. Writes reports/bench/serve.json and
+fractions of the peak for latency, then with /v1/detect/batch requests of 32 PNGs (images/s, the way to send a
+small model's inputs). The same saturation ratio is then measured for the speaker model, whose verdict costs
+~1,000x more compute than an MNIST one (--no-speaker skips it). Writes reports/bench/serve.json and
 reports/bench/latency.png (latency-<flags>.png with --serve-args).
 """
 
@@ -41,15 +42,34 @@ BARE_CONFIGS = [  # (processes, threads, inputs per forward, backend)
 ]
 
 
-def png_bytes() -> bytes:
+BOUNDARY = "nccr-guard-bench"
+BATCH_IMAGES = 32
+
+
+def png_bytes(n: int = 1) -> list[bytes] | bytes:
+    """One held-out digit as PNG, or a list of `n` different ones."""
     from io import BytesIO
 
     from PIL import Image
 
-    x = sample_inputs(MODEL, 1)[0, 0]
-    buf = BytesIO()
-    Image.fromarray((x * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
+    out = []
+    for x in sample_inputs(MODEL, n)[:, 0]:
+        buf = BytesIO()
+        Image.fromarray((x * 255).round().astype(np.uint8)).save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out[0] if n == 1 else out
+
+
+def multipart(pngs: list[bytes]) -> bytes:
+    """A /v1/detect/batch body: one `file` field per PNG."""
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="{i}.png"\r\n'
+        f"Content-Type: image/png\r\n\r\n".encode()
+        + png
+        + b"\r\n"
+        for i, png in enumerate(pngs)
+    ]
+    return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
 def wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = "image/png") -> dict:
@@ -156,6 +176,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--serve-args", default="", help="extra flags for nccr-guard serve")
+    ap.add_argument("--no-speaker", action="store_true", help="skip the speaker model's ratio")
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
@@ -181,7 +202,14 @@ def main() -> None:
             body = Path(tmp) / "digit.png"
             body.write_bytes(png_bytes())
             sat = [wrk(url, body, c, args.seconds) for c in (4, 16, 64)]
+            batch_body = Path(tmp) / "digits.multipart"
+            batch_body.write_bytes(multipart(png_bytes(BATCH_IMAGES)))
+            ctype = f"multipart/form-data; boundary={BOUNDARY}"
+            batched = [wrk(url + "/batch", batch_body, c, args.seconds, ctype) for c in (4, 16)]
+        for b in batched:
+            b["images_per_s"] = b["rps"] * BATCH_IMAGES
         peak = max(s["rps"] for s in sat)
+        batch_peak = max(b["images_per_s"] for b in batched)
         curve = [asyncio.run(open_loop(url, png_bytes(), f * peak, args.seconds)) for f in (0.1, 0.25, 0.5, 0.75)]
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
     finally:
@@ -199,18 +227,24 @@ def main() -> None:
         "latency_vs_load": curve,
         "half_load": half,
         "mean_batch_requests": float(s["sum"]) / float(s["count"]) if s else None,
+        "batch_requests": {"images_per_request": BATCH_IMAGES, "saturation": batched, "peak_images_per_s": batch_peak},
+        "ratio_batch_requests_vs_best_bare": batch_peak / best["detections_per_s"],
         "serve_args": args.serve_args,
         "goal_ratio": 0.90,
     }
-    data["speaker"] = speaker(args.seconds, args.serve_args.split())
-    name = "serve" + "".join("-" + a.strip("-") for a in args.serve_args.split())
-    write_report(name, data, "python -m bench.serve " + " ".join(sys.argv[1:]))
-    plot(curve, peak, name.replace("serve", "latency", 1))  # latency.png for the default server
+    if not args.no_speaker:
+        data["speaker"] = speaker(args.seconds, args.serve_args.split())
+    flags = "".join("-" + a.strip("-") for a in args.serve_args.split())
+    write_report(
+        "serve" + flags + "-no-speaker" * args.no_speaker, data, "python -m bench.serve " + " ".join(sys.argv[1:])
+    )
+    plot(curve, peak, "latency" + flags)  # latency.png for the default server
     print(
         f"serve: {peak:.1f} det/s over HTTP vs best bare {best['detections_per_s']:.1f} det/s "
         f"({best['processes']}p x {best['threads']}t x {best['inputs_per_forward']}) = {ratio:.2f}x (goal 0.90x); "
-        f"half load p50 {half['p50_ms']:.1f} ms p99 {half['p99_ms']:.1f} ms; speaker model "
-        f"{data['speaker']['ratio_service_vs_best_bare']:.2f}x"
+        f"half load p50 {half['p50_ms']:.1f} ms p99 {half['p99_ms']:.1f} ms; batch requests of {BATCH_IMAGES} "
+        f"{batch_peak:.0f} images/s = {data['ratio_batch_requests_vs_best_bare']:.2f}x"
+        + (f"; speaker model {data['speaker']['ratio_service_vs_best_bare']:.2f}x" if "speaker" in data else "")
     )
 
 

@@ -203,18 +203,24 @@ def faulty_model(tmp_path) -> Path:
     return folder
 
 
-def test_backend_fault_fails_only_its_batch(tmp_path, faulty_model, digit_pngs):
+def marked(png: bytes, corner: tuple[int, int]) -> bytes:
+    """The digit with one bright corner pixel: tests.faulty.FaultyMnist's trigger."""
     import io
 
     from PIL import Image
 
-    clean = digit_pngs[0][0].read_bytes()
-    img = np.asarray(Image.open(io.BytesIO(clean))).copy()
-    img[0, 0] = 255
+    img = np.asarray(Image.open(io.BytesIO(png))).copy()
+    img[corner] = 255
     buf = io.BytesIO()
     Image.fromarray(img).save(buf, format="PNG")
-    poison = buf.getvalue()
-    s = start_server(tmp_path, "--models", str(faulty_model), env={"PYTHONPATH": str(ROOT)})
+    return buf.getvalue()
+
+
+def test_backend_fault_fails_only_its_batch(tmp_path, faulty_model, digit_pngs):
+    clean = digit_pngs[0][0].read_bytes()
+    poison = marked(clean, (0, 0))
+    # Two inputs per forward, so that with one poisoned request in ten most batches stay clean.
+    s = start_server(tmp_path, "--models", str(faulty_model), "--max-batch", "8", env={"PYTHONPATH": str(ROOT)})
     try:
         with s.client() as c:
             r = c.post("/v1/detect", content=poison, headers={"content-type": "image/png"})
@@ -292,5 +298,32 @@ def test_slowloris_upload_is_cut_by_the_read_timeout(tmp_path):
         assert reply.startswith(b"HTTP/1.1 408"), reply[:200]
         assert time.monotonic() - t0 < 12 and sent < 20
         assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_batch_answers_every_item_by_the_deadline(tmp_path, faulty_model, digit_pngs):
+    """A batch request whose one item is stuck in a 3 s forward: the others come back with their verdicts and the
+    stuck one with 504, all by the 1.5 s deadline (one input per forward, two batch workers)."""
+    clean = digit_pngs[0][0].read_bytes()
+    files = [("file", ("slow.png", marked(clean, (0, -1)), "image/png"))]
+    files += [("file", (f"{i}.png", p.read_bytes(), "image/png")) for i, (p, _) in enumerate(digit_pngs[:2])]
+    s = start_server(
+        tmp_path,
+        *("--models", str(faulty_model), "--max-batch", "4", "--request-timeout-s", "1.5"),
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    try:
+        with s.client() as c:
+            t = time.monotonic()
+            r = c.post("/v1/detect/batch", files=files)
+            took = time.monotonic() - t
+            assert r.status_code == 200, r.text
+            res = r.json()["results"]
+            assert [x["status"] for x in res] == [504, 200, 200], res
+            assert [x["result"]["prediction"]["index"] for x in res[1:]] == [lbl for _, lbl in digit_pngs[:2]]
+            assert "timed out" in res[0]["error"] and took < 1.5 + 1.0, took
+            time.sleep(2)  # the stalled forward ends; the server is whole again
+            assert c.post("/v1/detect", content=clean, headers={"content-type": "image/png"}).status_code == 200
     finally:
         assert s.stop() == 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import math
 
 import numpy as np
@@ -12,7 +11,7 @@ from fastapi.responses import JSONResponse
 from nccr_guard import __version__
 from nccr_guard.inputs import InputError
 from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep, deadline
-from nccr_guard.server.routers.detect import wait_unless_gone
+from nccr_guard.server.routers.detect import settle
 from nccr_guard.server.schemas import Error, V2InferRequest, V2InferResponse, V2Tensor
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"])
@@ -99,7 +98,10 @@ async def infer(name: str, req: V2InferRequest, request: Request, service: Servi
     m = rt.detector.manifest
     x = np.clip(_tensor(req, m.input.shape), *m.input.range)
     due = deadline(request)
-    results = [v for v, _ in await asyncio.gather(*(wait_unless_gone(request, rt.detect(xi), due) for xi in x))]
+    settled = await settle(request, [rt.detect(xi) for xi in x], due)
+    if errors := [r for r in settled if isinstance(r, InputError)]:
+        raise errors[0]
+    results = [v for v, _ in settled]
     n, d = len(results), service.settings.score_decimals
     return V2InferResponse(
         model_name=name,
