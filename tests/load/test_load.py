@@ -9,6 +9,7 @@ import re
 import time
 
 import httpx
+import pytest
 
 from tests.conftest import start_server
 
@@ -67,8 +68,9 @@ def test_full_queue_sheds_load_with_503_and_retry_after(tmp_path, digit_pngs):
         assert s.stop() == 0
 
 
-def test_sigterm_under_load_answers_every_accepted_request(tmp_path, digit_pngs):
-    s = start_server(tmp_path, "--drain-s", "20")
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigterm_under_load_answers_every_accepted_request(tmp_path, digit_pngs, processes):
+    s = start_server(tmp_path, "--drain-s", "20", "--processes", str(processes))
     png = digit_pngs[0][0].read_bytes()
 
     async def scenario():
