@@ -18,7 +18,7 @@ from nccr_guard.server.metrics import Metrics
 log = logging.getLogger("nccr_guard")
 
 
-CPU_MIN_ROWS = 32  # MNIST (4 rows a verdict): 8 inputs per forward took /v1/detect/batch from ~1,400 to ~1,850 images/s
+CPU_MIN_ROWS = 32  # MNIST (4 rows a verdict): 8 inputs per forward, +13-36 % images/s on batch requests
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,85 @@
+"""The CPU batch size (rows per forward) against throughput and latency, servers run alternately.
+
+    python -m bench.batch_size [--rows 8 32] [--rounds 2] [--seconds 5]
+
+For each round and each `--max-batch` value a fresh `nccr-guard serve --models models/mnist` on 127.0.0.1:
+/v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 16 connections), single-image throughput
+(wrk, 16 connections), and open-loop latency at 150 and 250 requests/s. Alternating the servers lets the
+shared machine's drift hit every setting alike. Writes reports/bench/batch-size.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from bench.common import start_server, write_report
+from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, open_loop, png_bytes, wrk
+
+
+def one_server(rows: int, seconds: float, tmp: Path) -> dict:
+    port = 18900 + os.getpid() % 100
+    proc = start_server(port, ["--models", str(MODEL), "--max-batch", str(rows)])
+    try:
+        url = f"http://127.0.0.1:{port}/v1/detect"
+        single, batch = tmp / "digit.png", tmp / "digits.multipart"
+        single.write_bytes(png_bytes())
+        batch.write_bytes(multipart(png_bytes(BATCH_IMAGES)))
+        ctype = f"multipart/form-data; boundary={BOUNDARY}"
+        asyncio.run(open_loop(url, single.read_bytes(), 100, 2))  # warm
+        out = {
+            "rows": rows,
+            "batch_images_per_s": {
+                c: wrk(url + "/batch", batch, c, seconds, ctype)["rps"] * BATCH_IMAGES for c in (4, 16)
+            },
+            "single_rps_c16": wrk(url, single, 16, seconds)["rps"],
+            "latency": [asyncio.run(open_loop(url, single.read_bytes(), r, seconds)) for r in (150, 250)],
+        }
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    lat = ", ".join(f"{p['offered_rps']:.0f}/s p50 {p['p50_ms']:.1f} p99 {p['p99_ms']:.1f} ms" for p in out["latency"])
+    print(
+        f"max-batch {rows:>4} rows: batch requests {max(out['batch_images_per_s'].values()):,.0f} images/s, "
+        f"single {out['single_rps_c16']:.0f} req/s, {lat}",
+        flush=True,
+    )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = [one_server(r, args.seconds, Path(tmp)) for _ in range(args.rounds) for r in args.rows]
+    summary = {}
+    for r in args.rows:
+        mine = [x for x in runs if x["rows"] == r]
+        summary[r] = {
+            "batch_images_per_s": [max(x["batch_images_per_s"].values()) for x in mine],
+            "single_rps_c16": [x["single_rps_c16"] for x in mine],
+            "p50_ms_at_250": [x["latency"][1]["p50_ms"] for x in mine],
+            "p99_ms_at_250": [x["latency"][1]["p99_ms"] for x in mine],
+        }
+    write_report(
+        "batch-size", {"runs": runs, "summary": summary}, "python -m bench.batch_size " + " ".join(sys.argv[1:])
+    )
+    print(
+        "batch-size: "
+        + "; ".join(
+            f"{r} rows: batch requests {'/'.join(f'{v:,.0f}' for v in s['batch_images_per_s'])} images/s, "
+            f"p50 at 250/s {'/'.join(f'{v:.1f}' for v in s['p50_ms_at_250'])} ms"
+            for r, s in summary.items()
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
