@@ -8,7 +8,11 @@
 - sequential vs fixed K: rows and milliseconds per verdict of the speaker model (`nccr-audio-v1`) on held-out
   clean clips, sequential testing on and off.
 
-    python -m bench.engine [--seconds 5]   ->  reports/bench/engine.json
+- the engine's own parts per call (building the rows, turning activations into verdicts), best of 7 timeit
+  repeats on fixed inputs, so a change to either can be measured apart from the forward's noise
+  (`--parts-only` prints just these; run it with PYTHONPATH=<other checkout>/service to compare versions).
+
+    python -m bench.engine [--seconds 5] [--parts-only]   ->  reports/bench/engine.json
 """
 
 from __future__ import annotations
@@ -48,6 +52,17 @@ def paired_rates(bare, engine, per: int, seconds: float, slices: int = 10) -> tu
     ]
     b, e = zip(*pairs, strict=True)
     return float(np.median(b)), float(np.median(e)), float(np.median([y / x for x, y in pairs]))
+
+
+def parts_us(det: Detector, batch: list[np.ndarray]) -> dict[str, float]:
+    """Microseconds per call of the engine's own work besides the forward, best of 7 repeats."""
+    import timeit
+
+    acts = det.activations(batch)
+    out = {}
+    for name, fn in (("rows", lambda: det.batch_rows(batch)), ("verdicts", lambda: det.verdicts(acts))):
+        out[name] = round(min(timeit.repeat(fn, number=200, repeat=7)) / 200 * 1e6, 1)
+    return out
 
 
 def watching(src: Path, dst: Path, layer: str) -> Path:
@@ -152,9 +167,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=30, help="repetitions of each truncation timing")
     ap.add_argument("--clips", type=int, default=40, help="held-out clips for the sequential timing")
+    ap.add_argument("--parts-only", action="store_true", help="only time the engine's parts (ONNX), write nothing")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     xs = sample_inputs(MODEL, 64)
+    if args.parts_only:
+        det = Detector.load(MODEL, backend="onnx", device="cpu", threads=args.threads)
+        for per in (1, 8, 32):
+            print(f"{per} inputs: {parts_us(det, list(xs[:per]))} us per call", flush=True)
+        return
     results = []
     for backend in ("torch", "onnx"):
         det = Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads)
@@ -175,6 +196,7 @@ def main() -> None:
                     "bare_forward_det_per_s": round(bare, 1),
                     "engine_det_per_s": round(full, 1),
                     "ratio": round(ratio, 3),
+                    "engine_parts_us": parts_us(det, batch),
                 }
             )
             print(results[-1], flush=True)
