@@ -1,8 +1,9 @@
-"""The CPU batch size (rows per forward) against throughput and latency, servers run alternately.
+"""Server settings or versions against throughput and latency, servers run alternately: the CPU batch size
+(rows per forward), and with --compare the server code of another checkout at the same batch sizes.
 
-    python -m bench.batch_size [--rows 8 32] [--rounds 2] [--seconds 5]
+    python -m bench.batch_size [--rows 8 32] [--rounds 2] [--seconds 5] [--compare OTHER_CHECKOUT]
 
-For each round and each `--max-batch` value a fresh `nccr-guard serve --models models/mnist` on 127.0.0.1:
+For each round, each `--max-batch` value (and each checkout) a fresh `nccr-guard serve --models models/mnist`:
 /v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 16 connections), single-image throughput
 (wrk, 16 connections), and open-loop latency at 150 and 250 requests/s. Alternating the servers lets the
 shared machine's drift hit every setting alike. Writes reports/bench/batch-size.json.
@@ -21,9 +22,9 @@ from bench.common import start_server, write_report
 from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, open_loop, png_bytes, wrk
 
 
-def one_server(rows: int, seconds: float, tmp: Path) -> dict:
+def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -> dict:
     port = 18900 + os.getpid() % 100
-    proc = start_server(port, ["--models", str(MODEL), "--max-batch", str(rows)])
+    proc = start_server(port, ["--models", str(MODEL), "--max-batch", str(rows)], service_dir=service_dir)
     try:
         url = f"http://127.0.0.1:{port}/v1/detect"
         single, batch = tmp / "digit.png", tmp / "digits.multipart"
@@ -33,6 +34,7 @@ def one_server(rows: int, seconds: float, tmp: Path) -> dict:
         asyncio.run(open_loop(url, single.read_bytes(), 100, 2))  # warm
         out = {
             "rows": rows,
+            "server": str(service_dir.parent) if service_dir else "this checkout",
             "batch_images_per_s": {
                 c: wrk(url + "/batch", batch, c, seconds, ctype)["rps"] * BATCH_IMAGES for c in (4, 16)
             },
@@ -44,7 +46,8 @@ def one_server(rows: int, seconds: float, tmp: Path) -> dict:
         proc.wait(30)
     lat = ", ".join(f"{p['offered_rps']:.0f}/s p50 {p['p50_ms']:.1f} p99 {p['p99_ms']:.1f} ms" for p in out["latency"])
     print(
-        f"max-batch {rows:>4} rows: batch requests {max(out['batch_images_per_s'].values()):,.0f} images/s, "
+        f"{out['server']}, max-batch {rows:>4} rows: "
+        f"batch requests {max(out['batch_images_per_s'].values()):,.0f} images/s, "
         f"single {out['single_rps_c16']:.0f} req/s, {lat}",
         flush=True,
     )
@@ -56,25 +59,27 @@ def main() -> None:
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--compare", type=Path, help="another checkout whose server code runs alongside this one's")
     args = ap.parse_args()
+    dirs = [None] + ([args.compare.resolve() / "service"] if args.compare else [])
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [one_server(r, args.seconds, Path(tmp)) for _ in range(args.rounds) for r in args.rows]
+        runs = [one_server(r, args.seconds, Path(tmp), d) for _ in range(args.rounds) for r in args.rows for d in dirs]
     summary = {}
-    for r in args.rows:
-        mine = [x for x in runs if x["rows"] == r]
-        summary[r] = {
+    for key in dict.fromkeys((x["server"], x["rows"]) for x in runs):
+        mine = [x for x in runs if (x["server"], x["rows"]) == key]
+        summary[f"{key[0]}, {key[1]} rows"] = {
             "batch_images_per_s": [max(x["batch_images_per_s"].values()) for x in mine],
             "single_rps_c16": [x["single_rps_c16"] for x in mine],
             "p50_ms_at_250": [x["latency"][1]["p50_ms"] for x in mine],
             "p99_ms_at_250": [x["latency"][1]["p99_ms"] for x in mine],
         }
-    write_report(
-        "batch-size", {"runs": runs, "summary": summary}, "python -m bench.batch_size " + " ".join(sys.argv[1:])
-    )
+    name = "batch-size-compare" if args.compare else "batch-size"
+    write_report(name, {"runs": runs, "summary": summary}, "python -m bench.batch_size " + " ".join(sys.argv[1:]))
     print(
         "batch-size: "
         + "; ".join(
-            f"{r} rows: batch requests {'/'.join(f'{v:,.0f}' for v in s['batch_images_per_s'])} images/s, "
+            f"{r}: batch requests {'/'.join(f'{v:,.0f}' for v in s['batch_images_per_s'])} images/s, "
+            f"single {'/'.join(f'{v:.0f}' for v in s['single_rps_c16'])} req/s, "
             f"p50 at 250/s {'/'.join(f'{v:.1f}' for v in s['p50_ms_at_250'])} ms"
             for r, s in summary.items()
         )

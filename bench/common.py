@@ -125,14 +125,21 @@ def bare_detections_per_s(
     return sum(counts) / seconds
 
 
-def start_server(port: int, extra: list[str] | tuple[str, ...], log: Path | None = None) -> subprocess.Popen:
-    """`nccr-guard serve` on 127.0.0.1:`port` (via this interpreter), returned once ready; stderr to `log`."""
+def start_server(
+    port: int, extra: list[str] | tuple[str, ...], log: Path | None = None, service_dir: Path | None = None
+) -> subprocess.Popen:
+    """`nccr-guard serve` on 127.0.0.1:`port` (via this interpreter), returned once ready; stderr to `log`.
+    `service_dir`: run the server code of another checkout (its `service/` folder first on PYTHONPATH)."""
     import httpx
 
+    env = None
+    if service_dir is not None:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(service_dir), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nccr_guard.cli", "serve", "--port", str(port), "--no-log-json", *extra],
         stdout=subprocess.DEVNULL,
         stderr=log.open("w") if log else subprocess.DEVNULL,
+        env=env,
     )
     for _ in range(300):
         if proc.poll() is not None:

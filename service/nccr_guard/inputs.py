@@ -49,6 +49,23 @@ def sniff_modality(data: bytes, content_type: str | None = None) -> str:
     )
 
 
+def declared_pixels(data: bytes) -> int | None:
+    """The pixel count an image upload's header declares (PIL reads only the header, ~20 µs), or None for audio
+    and anything unreadable. Lets the caller decide where to decode before paying for it."""
+    if not data.startswith(IMAGE_MAGIC) or data.startswith(b"RIFF") and data[8:12] != b"WEBP":
+        return None
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                w, h = img.size
+    except Exception:  # any failure means "unknown": the real decode reports it properly
+        return None
+    return w * h
+
+
 def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> np.ndarray:
     """Image bytes -> (C, H, W) float32 in the manifest's value range."""
     from PIL import Image, ImageOps, UnidentifiedImageError
