@@ -5,21 +5,20 @@
 
 For each round, each `--max-batch` value (and each checkout) a fresh `nccr-guard serve --models models/mnist`:
 /v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 16 connections), single-image throughput
-(wrk, 16 connections), and open-loop latency at 150 and 250 requests/s. Alternating the servers lets the
-shared machine's drift hit every setting alike. Writes reports/bench/batch-size.json.
+(wrk, 16 connections), and latency at 150 and 250 requests/s offered (wrk with Poisson think times).
+Alternating the servers lets the shared machine's drift hit every setting alike. Writes reports/bench/batch-size.json.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import sys
 import tempfile
 from pathlib import Path
 
 from bench.common import start_server, write_report
-from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, open_loop, png_bytes, wrk
+from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, paced, png_bytes, wrk
 
 
 def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -> dict:
@@ -31,7 +30,7 @@ def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -
         single.write_bytes(png_bytes())
         batch.write_bytes(multipart(png_bytes(BATCH_IMAGES)))
         ctype = f"multipart/form-data; boundary={BOUNDARY}"
-        asyncio.run(open_loop(url, single.read_bytes(), 100, 2))  # warm
+        paced(url, single, 100, 2)  # warm
         out = {
             "rows": rows,
             "server": str(service_dir.parent) if service_dir else "this checkout",
@@ -39,7 +38,7 @@ def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -
                 c: wrk(url + "/batch", batch, c, seconds, ctype)["rps"] * BATCH_IMAGES for c in (4, 16)
             },
             "single_rps_c16": wrk(url, single, 16, seconds)["rps"],
-            "latency": [asyncio.run(open_loop(url, single.read_bytes(), r, seconds)) for r in (150, 250)],
+            "latency": [paced(url, single, r, seconds) for r in (150, 250)],
         }
     finally:
         proc.terminate()
