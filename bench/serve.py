@@ -88,12 +88,14 @@ def wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = "ima
     return {"connections": conns, "rps": rps, "non_2xx": int(non2xx.group(1)) if non2xx else 0}
 
 
-def paced(url: str, body_file: Path, rate: float, seconds: float, conns: int = 64) -> dict:
-    """Latency at an offered load: wrk with a Poisson think time per connection (Lua `delay`, mean conns/rate),
-    so 64 connections together send about `rate` requests/s. With think times of ~100 ms or more against
-    ~10 ms answers this approximates an open loop; `sent_rps` is what was sent. wrk, not an in-process Python
-    client: an httpx client on the same 2 cores could not send 400 requests/s (it sent 2,232 of 3,200 in 8 s,
-    and fixed send times only moved the backlog into its own latencies)."""
+def paced(url: str, body_file: Path, rate: float, seconds: float) -> dict:
+    """Latency at an offered load: wrk with a Poisson think time per connection (Lua `delay`, mean conns/rate
+    = 125 ms), so the connections together send about `rate` requests/s. With think times ~10x the answers
+    this approximates an open loop; `sent_rps` is what was sent. wrk sends each connection's first request at
+    once, so connections are few at low rates (4-64): 64 at 69 requests/s put a burst into the p99 (137 ms).
+    wrk, not an in-process Python client: an httpx client on the same 2 cores could not send 400 requests/s
+    (it sent 2,232 of 3,200 in 8 s, and fixed send times only moved the backlog into its own latencies)."""
+    conns = max(4, min(64, round(rate / 8)))
     script = body_file.with_name(f"paced-{rate:.0f}.lua")
     script.write_text(
         f'local f = io.open("{body_file}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\nf:close()\n'

@@ -23,8 +23,8 @@ T = TypeVar("T")
 
 # Uploads whose headers declare at most this many pixels in all (one 256 px image, or up to INLINE_UPLOADS
 # MNIST digits: ~0.1 ms a digit) are decoded on the event loop: a worker-thread hop costs the loop about as much
-# as such a decode, and the decode holds the GIL either way. Single-digit throughput +16-25 %, 32-digit batch
-# requests +14-48 % (docs/performance.md). Larger images and all audio go to a worker thread.
+# as such a decode, and the decode holds the GIL either way. Single-digit throughput +13-20 %, 32-digit batch
+# requests +27-31 % (docs/performance.md). Larger images and all audio go to a worker thread.
 INLINE_PIXELS = 256 * 256
 INLINE_UPLOADS = 32
 
