@@ -71,37 +71,13 @@ def multipart(pngs: list[bytes]) -> bytes:
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = "image/png") -> dict:
-    script = body_file.with_suffix(".lua")
+def run_wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = "image/png", lua: str = "") -> dict:
+    """One wrk run POSTing `body_file`: requests/s, non-2xx answers and latency percentiles (ms). `lua`: more
+    script, e.g. a `delay` hook."""
+    script = body_file.with_name(f"{body_file.stem}-{conns}-{abs(hash(lua))}.lua")
     script.write_text(
         f'local f = io.open("{body_file}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\nf:close()\n'
-        f'wrk.headers["Content-Type"] = "{ctype}"\n'
-    )
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
-    non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
-    return {"connections": conns, "rps": rps, "non_2xx": int(non2xx.group(1)) if non2xx else 0}
-
-
-def paced(url: str, body_file: Path, rate: float, seconds: float) -> dict:
-    """Latency at an offered load: wrk with a Poisson think time per connection (Lua `delay`, mean conns/rate
-    = 125 ms), so the connections together send about `rate` requests/s. With think times ~10x the answers
-    this approximates an open loop; `sent_rps` is what was sent. wrk sends each connection's first request at
-    once, so connections are few at low rates (4-64): 64 at 69 requests/s put a burst into the p99 (137 ms).
-    wrk, not an in-process Python client: an httpx client on the same 2 cores could not send 400 requests/s
-    (it sent 2,232 of 3,200 in 8 s, and fixed send times only moved the backlog into its own latencies)."""
-    conns = max(4, min(64, round(rate / 8)))
-    script = body_file.with_name(f"paced-{rate:.0f}.lua")
-    script.write_text(
-        f'local f = io.open("{body_file}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\nf:close()\n'
-        'wrk.headers["Content-Type"] = "image/png"\n'
-        f"local mean_ms = {conns * 1000 / rate}\n"
-        "function delay() return -mean_ms * math.log(1 - math.random()) end\n"
+        f'wrk.headers["Content-Type"] = "{ctype}"\n{lua}'
     )
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
@@ -113,13 +89,35 @@ def paced(url: str, body_file: Path, rate: float, seconds: float) -> dict:
     pct = {q: float(v) * unit[u] for q, v, u in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
     return {
-        "offered_rps": rate,
-        "sent_rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "connections": conns,
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
-        "p50_ms": pct["50"],
-        "p90_ms": pct["90"],
-        "p99_ms": pct["99"],
+        **{f"p{q}_ms": v for q, v in pct.items()},
+    }
+
+
+def wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = "image/png") -> dict:
+    """Closed loop: `conns` connections sending back to back."""
+    r = run_wrk(url, body_file, conns, seconds, ctype)
+    return {"connections": conns, "rps": r["rps"], "non_2xx": r["non_2xx"]}
+
+
+def paced(url: str, body_file: Path, rate: float, seconds: float) -> dict:
+    """Latency at an offered load: wrk with a Poisson think time per connection (Lua `delay`, mean conns/rate
+    = 125 ms), so the connections together send about `rate` requests/s. With think times ~10x the answers
+    this approximates an open loop; `sent_rps` is what was sent. wrk sends each connection's first request at
+    once, so connections are few at low rates (4-64): 64 at 69 requests/s put a burst into the p99 (137 ms).
+    wrk, not an in-process Python client: an httpx client on the same 2 cores could not send 400 requests/s
+    (it sent 2,232 of 3,200 in 8 s, and fixed send times only moved the backlog into its own latencies)."""
+    conns = max(4, min(64, round(rate / 8)))
+    lua = f"local mean_ms = {conns * 1000 / rate}\nfunction delay() return -mean_ms * math.log(1 - math.random()) end\n"
+    r = run_wrk(url, body_file, conns, seconds, lua=lua)
+    return {
+        "offered_rps": rate,
+        "sent_rps": r["rps"],
+        "connections": conns,
+        "non_2xx": r["non_2xx"],
+        **{k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms")},
     }
 
 
