@@ -6,13 +6,15 @@
 For each round, each `--max-batch` value (and each checkout) a fresh `nccr-guard serve --models models/mnist`:
 /v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 16 connections), single-image throughput
 (wrk, 16 connections), and latency at 150 and 250 requests/s offered (wrk with Poisson think times).
-Alternating the servers lets the shared machine's drift hit every setting alike. Writes reports/bench/batch-size.json.
+Alternating the servers lets the shared machine's drift hit every setting alike. Writes
+reports/bench/batch-size.json (batch-size-compare-<commit>.json with --compare).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -72,7 +74,12 @@ def main() -> None:
             "p50_ms_at_250": [x["latency"][1]["p50_ms"] for x in mine],
             "p99_ms_at_250": [x["latency"][1]["p99_ms"] for x in mine],
         }
-    name = "batch-size-compare" if args.compare else "batch-size"
+    name = "batch-size"
+    if args.compare:  # one report per compared commit
+        rev = subprocess.run(
+            ["git", "-C", str(args.compare), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
+        name += "-compare-" + (rev.stdout.strip() or args.compare.name)
     write_report(name, {"runs": runs, "summary": summary}, "python -m bench.batch_size " + " ".join(sys.argv[1:]))
     print(
         "batch-size: "
