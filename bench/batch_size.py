@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import start_server, write_report
-from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, paced, png_bytes, wrk
+from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, paced, png_bytes, pngs, wrk
 
 
 def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -> dict:
@@ -30,7 +30,7 @@ def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -
         url = f"http://127.0.0.1:{port}/v1/detect"
         single, batch = tmp / "digit.png", tmp / "digits.multipart"
         single.write_bytes(png_bytes())
-        batch.write_bytes(multipart(png_bytes(BATCH_IMAGES)))
+        batch.write_bytes(multipart(pngs(BATCH_IMAGES)))
         ctype = f"multipart/form-data; boundary={BOUNDARY}"
         paced(url, single, 100, 2)  # warm
         out = {

@@ -134,7 +134,8 @@ def start_server(
 
     env = None
     if service_dir is not None:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(service_dir), os.environ.get("PYTHONPATH", "")])}
+        paths = [str(service_dir), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nccr_guard.cli", "serve", "--port", str(port), "--no-log-json", *extra],
         stdout=subprocess.DEVNULL,

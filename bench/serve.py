@@ -45,8 +45,8 @@ BOUNDARY = "nccr-guard-bench"
 BATCH_IMAGES = 32
 
 
-def png_bytes(n: int = 1) -> list[bytes] | bytes:
-    """One held-out digit as PNG, or a list of `n` different ones."""
+def pngs(n: int) -> list[bytes]:
+    """The first `n` held-out digits as PNG files."""
     from io import BytesIO
 
     from PIL import Image
@@ -56,7 +56,12 @@ def png_bytes(n: int = 1) -> list[bytes] | bytes:
         buf = BytesIO()
         Image.fromarray((x * 255).round().astype(np.uint8)).save(buf, format="PNG")
         out.append(buf.getvalue())
-    return out[0] if n == 1 else out
+    return out
+
+
+def png_bytes() -> bytes:
+    """One held-out digit as PNG."""
+    return pngs(1)[0]
 
 
 def multipart(pngs: list[bytes]) -> bytes:
@@ -215,7 +220,7 @@ def main() -> None:
             sat = [wrk(url, body, c, args.seconds) for c in (4, 16, 64)]
             after_single = forwards(port)
             batch_body = Path(tmp) / "digits.multipart"
-            batch_body.write_bytes(multipart(png_bytes(BATCH_IMAGES)))
+            batch_body.write_bytes(multipart(pngs(BATCH_IMAGES)))
             ctype = f"multipart/form-data; boundary={BOUNDARY}"
             batched = [wrk(url + "/batch", batch_body, c, args.seconds, ctype) for c in (4, 16)]
             after_batch = forwards(port)

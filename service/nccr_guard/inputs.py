@@ -52,11 +52,11 @@ def sniff_modality(data: bytes, content_type: str | None = None) -> str:
 def declared_pixels(data: bytes) -> int | None:
     """The pixel count an image upload's header declares (PIL reads only the header, ~20 µs), or None for audio
     and anything unreadable. Lets the caller decide where to decode before paying for it."""
-    if not data.startswith(IMAGE_MAGIC) or data.startswith(b"RIFF") and data[8:12] != b"WEBP":
-        return None
     from PIL import Image
 
     try:
+        if sniff_modality(data) != "image":
+            return None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:

@@ -84,12 +84,12 @@ async def settle(request: Request, coros: list[Coroutine[Any, Any, T]], due: flo
     for t in tasks:
         if t in late:
             out.append(InputError("request timed out waiting for its verdict", 504, "timeout"))
-        elif isinstance(t.exception(), InputError):
-            out.append(t.exception())
-        elif t.exception() is not None:
-            raise t.exception()
-        else:
+        elif (e := t.exception()) is None:
             out.append(t.result())
+        elif isinstance(e, InputError):
+            out.append(e)
+        else:
+            raise e
     return out
 
 
