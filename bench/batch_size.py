@@ -1,13 +1,15 @@
 """Server settings or versions against throughput and latency, servers run alternately: the CPU batch size
-(rows per forward), and with --compare the server code of another checkout at the same batch sizes.
+(rows per forward), server processes, and with --compare the server code of another checkout at the same settings.
 
-    python -m bench.batch_size [--rows 8 32] [--rounds 2] [--seconds 5] [--compare OTHER_CHECKOUT]
+    python -m bench.batch_size [--rows 8 32] [--processes 1] [--rounds 2] [--seconds 5] [--compare OTHER_CHECKOUT]
 
-For each round, each `--max-batch` value (and each checkout) a fresh `nccr-guard serve --models models/mnist`:
+For each round, each `--max-batch` and `--processes` value (and each checkout) a fresh
+`nccr-guard serve --models models/mnist`:
 /v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 16 connections), single-image throughput
 (wrk, 16 connections), and latency at 150 and 250 requests/s offered (wrk with Poisson think times).
 Alternating the servers lets the shared machine's drift hit every setting alike. Writes
-reports/bench/batch-size.json (batch-size-compare-<commit>.json with --compare).
+reports/bench/batch-size.json (batch-size-processes.json when more than one process is asked for;
+-compare-<commit> added with --compare).
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ from bench.common import start_server, write_report
 from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, paced, png_bytes, pngs, wrk
 
 
-def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -> dict:
+def one_server(rows: int, processes: int, seconds: float, tmp: Path, service_dir: Path | None) -> dict:
     port = 18900 + os.getpid() % 100
-    proc = start_server(port, ["--models", str(MODEL), "--max-batch", str(rows)], service_dir=service_dir)
+    flags = ["--models", str(MODEL), "--max-batch", str(rows), "--processes", str(processes)]
+    proc = start_server(port, flags, service_dir=service_dir)
     try:
         url = f"http://127.0.0.1:{port}/v1/detect"
         single, batch = tmp / "digit.png", tmp / "digits.multipart"
@@ -35,6 +38,7 @@ def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -
         paced(url, single, 100, 2)  # warm
         out = {
             "rows": rows,
+            "processes": processes,
             "server": str(service_dir.parent) if service_dir else "this checkout",
             "batch_images_per_s": {
                 c: wrk(url + "/batch", batch, c, seconds, ctype)["rps"] * BATCH_IMAGES for c in (4, 16)
@@ -47,7 +51,7 @@ def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -
         proc.wait(30)
     lat = ", ".join(f"{p['offered_rps']:.0f}/s p50 {p['p50_ms']:.1f} p99 {p['p99_ms']:.1f} ms" for p in out["latency"])
     print(
-        f"{out['server']}, max-batch {rows:>4} rows: "
+        f"{out['server']}, max-batch {rows:>4} rows, {processes} process(es): "
         f"batch requests {max(out['batch_images_per_s'].values()):,.0f} images/s, "
         f"single {out['single_rps_c16']:.0f} req/s, {lat}",
         flush=True,
@@ -58,23 +62,30 @@ def one_server(rows: int, seconds: float, tmp: Path, service_dir: Path | None) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--processes", type=int, nargs="+", default=[1])
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--compare", type=Path, help="another checkout whose server code runs alongside this one's")
     args = ap.parse_args()
     dirs = [None] + ([args.compare.resolve() / "service"] if args.compare else [])
     with tempfile.TemporaryDirectory() as tmp:
-        runs = [one_server(r, args.seconds, Path(tmp), d) for _ in range(args.rounds) for r in args.rows for d in dirs]
+        runs = [
+            one_server(r, p, args.seconds, Path(tmp), d)
+            for _ in range(args.rounds)
+            for r in args.rows
+            for p in args.processes
+            for d in dirs
+        ]
     summary = {}
-    for key in dict.fromkeys((x["server"], x["rows"]) for x in runs):
-        mine = [x for x in runs if (x["server"], x["rows"]) == key]
-        summary[f"{key[0]}, {key[1]} rows"] = {
+    for key in dict.fromkeys((x["server"], x["rows"], x["processes"]) for x in runs):
+        mine = [x for x in runs if (x["server"], x["rows"], x["processes"]) == key]
+        summary[f"{key[0]}, {key[1]} rows, {key[2]} process(es)"] = {
             "batch_images_per_s": [max(x["batch_images_per_s"].values()) for x in mine],
             "single_rps_c16": [x["single_rps_c16"] for x in mine],
             "p50_ms_at_250": [x["latency"][1]["p50_ms"] for x in mine],
             "p99_ms_at_250": [x["latency"][1]["p99_ms"] for x in mine],
         }
-    name = "batch-size"
+    name = "batch-size" + ("-processes" if args.processes != [1] else "")
     if args.compare:  # one report per compared commit
         rev = subprocess.run(
             ["git", "-C", str(args.compare), "rev-parse", "--short", "HEAD"], capture_output=True, text=True

@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
+import signal
 import time
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import start_server
 
@@ -30,6 +33,16 @@ async def _post_many(url: str, png: bytes, n: int, delay_s: float = 0.0) -> list
 
 def metric(text: str, name: str) -> float:
     return sum(float(m) for m in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M))
+
+
+def labelled(text: str, name: str, **labels: str) -> float:
+    """Sum of a metric's samples whose labels include `labels` (any label order: multiprocess output sorts them)."""
+    return sum(
+        x.value
+        for family in text_string_to_metric_families(text)
+        for x in family.samples
+        if x.name == name and labels.items() <= x.labels.items()
+    )
 
 
 def test_200_concurrent_requests_are_all_answered_in_shared_batches(server, digit_pngs):
@@ -68,15 +81,7 @@ def test_full_queue_sheds_load_with_503_and_retry_after(tmp_path, digit_pngs):
         assert s.stop() == 0
 
 
-MULTIPROCESS_DRAIN_BUG = pytest.mark.xfail(
-    reason="known defect: with --processes N each worker gets uvicorn's own shutdown, which closes idle "
-    "keep-alive connections, so a request sent on one just then is lost (httpx ReadError; seen once in CI, "
-    "passed in 5 other runs). The single-process server keeps its listener open and answers 503 instead.",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("processes", [1, pytest.param(2, marks=MULTIPROCESS_DRAIN_BUG)])
+@pytest.mark.parametrize("processes", [1, 2])
 def test_sigterm_under_load_answers_every_accepted_request(tmp_path, digit_pngs, processes):
     s = start_server(tmp_path, "--drain-s", "20", "--processes", str(processes))
     png = digit_pngs[0][0].read_bytes()
@@ -112,15 +117,57 @@ def test_request_timeout_gives_504(tmp_path, digit_pngs):
         assert s.stop() == 0
 
 
-def test_two_processes_serve_and_stop(tmp_path, digit_pngs):
+def test_two_processes_share_the_load_and_the_metrics(tmp_path, digit_pngs):
     s = start_server(tmp_path, "--processes", "2")
     try:
         answers = asyncio.run(_post_many(s.url, digit_pngs[0][0].read_bytes(), 40))
         assert [getattr(a, "status_code", a) for a in answers] == [200] * 40
+        # A scrape reaches one worker, and counts both workers' requests (a shared multiprocess directory).
+        for _ in range(6):
+            with s.client() as c:
+                text = c.get("/metrics").text
+            assert labelled(text, "nccr_guard_requests_total", endpoint="/v1/detect", code="200") == 40
+            assert labelled(text, "nccr_guard_ready") == 1
     finally:
         assert s.stop() == 0
-    # Each worker process writes its own access log (spawned workers used to drop it).
+    # Each worker process writes its own access log (spawned workers used to drop it), and both took
+    # connections (SO_REUSEPORT: 40 connections all hashed to one of two listeners has probability 2**-39).
     lines = [json.loads(x) for x in s.log.read_text().splitlines() if x.startswith('{"ts":') and '"path"' in x]
     detects = [x for x in lines if x["path"] == "/v1/detect"]
     assert len(detects) == 40 and {x["status"] for x in detects} == {200}
     assert {x["request_id"] for x in detects} == {a.headers["x-request-id"] for a in answers}
+    assert len({x["pid"] for x in detects}) == 2
+
+
+def test_two_processes_stop_when_a_worker_cannot_start(tmp_path):
+    """A model that fails to load fails every worker the same way: the supervisor stops instead of restarting."""
+    with pytest.raises(RuntimeError, match="server exited 1") as e:
+        start_server(tmp_path, "--processes", "2", "--models", str(tmp_path))
+    assert "failed to start" in str(e.value)
+
+
+def test_two_processes_replace_a_worker_that_dies(tmp_path, digit_pngs):
+    s = start_server(tmp_path, "--processes", "2")
+    png = digit_pngs[0][0].read_bytes()
+    try:
+        first = asyncio.run(_post_many(s.url, png, 40))
+        pids = {json.loads(x)["pid"] for x in s.log.read_text().splitlines() if '"path": "/v1/detect"' in x}
+        assert len(pids) == 2
+        killed = pids.pop()
+        os.kill(killed, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while "replacing it" not in s.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        # The survivor answers meanwhile; the replacement joins (its own pid in the log) and the server still
+        # drains and exits 0 on SIGTERM.
+        while time.monotonic() < deadline:
+            answers = asyncio.run(_post_many(s.url, png, 20))
+            assert [getattr(a, "status_code", a) for a in answers] == [200] * 20
+            served = {json.loads(x)["pid"] for x in s.log.read_text().splitlines() if '"path": "/v1/detect"' in x}
+            if served - pids - {killed}:
+                break
+            time.sleep(0.5)
+        assert len(served - pids - {killed}) == 1, (served, killed)
+        assert [a.status_code for a in first] == [200] * 40
+    finally:
+        assert s.stop() == 0

@@ -6,14 +6,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -22,15 +21,14 @@ from nccr_guard.config import Settings
 from nccr_guard.detector import Detector
 from nccr_guard.inputs import InputError
 from nccr_guard.server.deps import OpenOrAuthorized
-from nccr_guard.server.logs import configure_logging
 from nccr_guard.server.metrics import Metrics, watch_event_loop
 from nccr_guard.server.middleware import ServiceMiddleware
 from nccr_guard.server.routers import detect, guard, models, v2
 from nccr_guard.server.runtime import ModelRuntime, batch_policy
 from nccr_guard.server.state import Service
+from nccr_guard.server.workers import StartGate
 
 log = logging.getLogger("nccr_guard")
-SETTINGS_ENV = "NCCR_GUARD_SETTINGS_JSON"
 
 
 def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
@@ -51,8 +49,9 @@ def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
     return ModelRuntime(det, policy, metrics, settings.max_queue)
 
 
-def create_app(settings: Settings) -> FastAPI:
-    service = Service(settings=settings, metrics=Metrics())
+def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
+    """`gate`: this app is one of several worker processes, ready only once all have started."""
+    service = Service(settings=settings, metrics=Metrics(), gate=gate)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -84,8 +83,10 @@ def create_app(settings: Settings) -> FastAPI:
             service.upstream = httpx.AsyncClient(timeout=settings.upstream_timeout_s)
         for rt in service.runtimes.values():
             await rt.start()
-        service.metrics.ready.set(1)
-        lag_watch = asyncio.create_task(watch_event_loop(service.metrics.loop_lag), name="event-loop-lag")
+        service.sample_gauges()
+        lag_watch = asyncio.create_task(
+            watch_event_loop(service.metrics.loop_lag, service.sample_gauges), name="event-loop-lag"
+        )
         yield
         lag_watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -119,19 +120,10 @@ def create_app(settings: Settings) -> FastAPI:
     )
     async def metrics() -> Response:
         """Prometheus text exposition format."""
-        for name, rt in service.runtimes.items():
-            service.metrics.queue_depth.labels(name).set(rt.batcher.depth)
-        return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        service.sample_gauges()
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     return app
-
-
-def app_from_env() -> FastAPI:
-    """uvicorn factory for multi-process serving: each worker process rebuilds the parent's settings and its
-    logging (spawned workers inherit no handlers: their access log was silently dropped before)."""
-    settings = Settings.model_validate_json(os.environ[SETTINGS_ENV])
-    configure_logging(settings.log_json)
-    return create_app(settings)
 
 
 def _add_error_handlers(app: FastAPI, service: Service) -> None:

@@ -1,12 +1,20 @@
 """Prometheus metrics, one registry per app (so tests can build many apps). Base units, `_total` counters,
-low-cardinality labels (model, endpoint template, status code, reason)."""
+low-cardinality labels (model, endpoint template, status code, reason).
+
+With `--processes N` each worker is its own process with its own registry, and a scrape reaches one of them;
+the supervisor then sets PROMETHEUS_MULTIPROC_DIR, so prometheus_client keeps every value in a shared file per
+process and `exposition()` answers for all workers together (counters and histograms summed; each gauge by the
+`multiprocess_mode` given here)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import time
+from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
@@ -53,8 +61,16 @@ class Metrics:
             buckets=BATCH,
             registry=r,
         )
-        self.queue_depth = Gauge("nccr_guard_queue_depth", "requests waiting for a batch", ["model"], registry=r)
-        self.in_flight = Gauge("nccr_guard_in_flight_requests", "HTTP requests being handled", registry=r)
+        self.queue_depth = Gauge(
+            "nccr_guard_queue_depth",
+            "requests waiting for a batch",
+            ["model"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.in_flight = Gauge(
+            "nccr_guard_in_flight_requests", "HTTP requests being handled", registry=r, multiprocess_mode="livesum"
+        )
         self.verdicts = Counter("nccr_guard_verdicts_total", "verdicts given", ["model", "verdict"], registry=r)
         self.scores = Histogram("nccr_guard_score", "NCCR scores given", ["model"], buckets=SCORE, registry=r)
         self.rejections = Counter("nccr_guard_rejections_total", "requests refused", ["reason"], registry=r)
@@ -66,6 +82,7 @@ class Metrics:
             "served models",
             ["model", "modality", "backend", "device", "variant", "k"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.loop_lag = Histogram(
             "nccr_guard_event_loop_lag_seconds",
@@ -74,7 +91,12 @@ class Metrics:
             buckets=LATENCY,
             registry=r,
         )
-        self.ready = Gauge("nccr_guard_ready", "1 when every model is warm and the service takes work", registry=r)
+        self.ready = Gauge(
+            "nccr_guard_ready",
+            "1 when every model is warm and the service takes work (every worker, with --processes N)",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
         for reason in (
             "queue_full",
             "timeout",
@@ -88,11 +110,22 @@ class Metrics:
         ):
             self.rejections.labels(reason)
 
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this registry, or every worker's values when they share a directory."""
+        if path := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path)
+            return generate_latest(merged)
+        return generate_latest(self.registry)
 
-async def watch_event_loop(lag: Histogram, every_s: float = 0.1) -> None:
-    """Sample the event loop's lateness until cancelled. A request waits for a busy loop before the app sees it
-    (accept, header parsing) and after it answers (writing the response): time outside the request metrics."""
+
+async def watch_event_loop(lag: Histogram, sample: Callable[[], None], every_s: float = 0.1) -> None:
+    """Sample the event loop's lateness, and call `sample` (gauges of the moment, such as queue depths), every
+    `every_s` until cancelled. A request waits for a busy loop before the app sees it (accept, header parsing)
+    and after it answers (writing the response): time outside the request metrics. Gauges are sampled here
+    rather than at scrape time because with several workers a scrape runs in only one of them."""
     while True:
         due = time.monotonic() + every_s
         await asyncio.sleep(every_s)
         lag.observe(max(0.0, time.monotonic() - due))
+        sample()

@@ -1,5 +1,6 @@
 """Pure ASGI middleware (no BaseHTTPMiddleware, which hides client disconnects): request id, JSON access log,
-request metrics, 503 for new work while draining, the request's deadline, and a Server-Timing header.
+request metrics, 503 for new work (and `Connection: close` on every response) while draining, the request's
+deadline, and a Server-Timing header.
 
 The deadline (`request_timeout_s` after the request reached the app) bounds everything the app does for a
 request: reading the body, decoding it and waiting for the verdict. Server-Timing (`app;dur=<ms>`) lets a
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 import uuid
 
@@ -24,6 +26,7 @@ ALWAYS_OPEN = ("/v2/health/live", "/metrics")
 class ServiceMiddleware:
     def __init__(self, app: ASGIApp, service: Service) -> None:
         self.app, self.service = app, service
+        self.pid = os.getpid()  # tells --processes N workers apart in the access log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -41,9 +44,13 @@ class ServiceMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 app_ms = (time.monotonic() - start) * 1e3
-                message.setdefault("headers", []).extend(
-                    [(b"x-request-id", rid.encode()), (b"server-timing", f"app;dur={app_ms:.1f}".encode())]
-                )
+                out = message.setdefault("headers", [])
+                out.extend([(b"x-request-id", rid.encode()), (b"server-timing", f"app;dur={app_ms:.1f}".encode())])
+                if svc.draining:
+                    # Close keep-alive connections while draining: a client's next request then opens a new
+                    # connection (answered 503, or refused once the listener closes) instead of racing the
+                    # server's final close of idle connections, which would lose it.
+                    out.append((b"connection", b"close"))
             elif message["type"] == "http.response.body":
                 sent_bytes += len(message.get("body", b""))
             await send(message)
@@ -71,6 +78,7 @@ class ServiceMiddleware:
                     json.dumps(
                         {
                             "ts": round(time.time(), 3),
+                            "pid": self.pid,
                             "request_id": rid,
                             "method": scope["method"],
                             "path": scope["path"],

@@ -5,16 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import socket
 import time
 
 import uvicorn
-from uvicorn.supervisors import Multiprocess
 
 from nccr_guard.config import Settings
-from nccr_guard.server.app import SETTINGS_ENV, create_app
+from nccr_guard.server.app import create_app
 from nccr_guard.server.logs import configure_logging
+from nccr_guard.server.workers import StartGate, Supervisor
 
 
 class DrainingServer(uvicorn.Server):
@@ -24,6 +23,12 @@ class DrainingServer(uvicorn.Server):
     would re-raise SIGTERM and exit -15)."""
 
     _draining_task: asyncio.Task | None = None
+    gate: StartGate | None = None
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if self.gate is not None and self.started:
+            self.gate.arrive()  # listening now: the kernel may give this worker connections
 
     @contextlib.contextmanager
     def capture_signals(self):
@@ -32,7 +37,7 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals.clear()
 
     def handle_exit(self, sig: int, frame) -> None:
-        service = _find_service(self.config.loaded_app)
+        service = _find_service(getattr(self.config, "loaded_app", None))  # None: a signal during startup
         if service is None or self._draining_task is not None:
             super().handle_exit(sig, frame)
             return
@@ -60,30 +65,29 @@ def _find_service(app):
     return None
 
 
+def serve_on(settings: Settings, sockets: list[socket.socket] | None = None, gate: StartGate | None = None) -> bool:
+    """Run the app under the draining server until it exits, on `sockets` or on settings.host:port; whether it
+    started (False: the address was taken; a model that fails to load exits with uvicorn's STARTUP_FAILURE).
+    A worker of several passes its start gate: its readiness waits for the others (workers.StartGate)."""
+    server = DrainingServer(
+        uvicorn.Config(
+            create_app(settings, gate),
+            host=settings.host,
+            port=settings.port,
+            access_log=False,
+            log_config=None,
+            timeout_keep_alive=5,
+            timeout_graceful_shutdown=max(1, int(settings.drain_s)),
+            limit_concurrency=settings.max_connections,
+        )
+    )
+    server.gate = gate
+    server.run(sockets=sockets)
+    return server.started
+
+
 def run(settings: Settings) -> int:
     configure_logging(settings.log_json)
-    common = dict(
-        host=settings.host,
-        port=settings.port,
-        access_log=False,
-        log_config=None,
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=max(1, int(settings.drain_s)),
-        limit_concurrency=settings.max_connections,
-    )
     if settings.processes > 1:
-        # uvicorn's supervisor forwards SIGTERM to each worker, which drains through its lifespan.
-        os.environ[SETTINGS_ENV] = settings.model_dump_json()
-        config = uvicorn.Config(
-            "nccr_guard.server.app:app_from_env", factory=True, workers=settings.processes, **common
-        )
-        sock = config.bind_socket()
-        # Workers rebuild the listening socket from its descriptor, and asyncio then no longer recognises it as TCP,
-        # so accepted connections lose TCP_NODELAY and each response waits ~40 ms on a delayed ACK. Accepted sockets
-        # inherit the option from the listener on Linux.
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        Multiprocess(config, sockets=[sock]).run()
-        return 0
-    server = DrainingServer(uvicorn.Config(create_app(settings), **common))
-    server.run()
-    return 0 if server.started else 1
+        return Supervisor(settings).run()
+    return 0 if serve_on(settings) else 1

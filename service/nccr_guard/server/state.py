@@ -11,6 +11,7 @@ from nccr_guard.config import Settings
 from nccr_guard.inputs import InputError, Limits, sniff_modality
 from nccr_guard.server.metrics import Metrics
 from nccr_guard.server.runtime import ModelRuntime
+from nccr_guard.server.workers import StartGate
 
 log = logging.getLogger("nccr_guard")
 
@@ -23,10 +24,21 @@ class Service:
     draining: bool = False
     active: int = 0  # requests being handled, health and metrics excluded
     upstream: httpx.AsyncClient | None = None
+    gate: StartGate | None = None  # with --processes N: ready once every worker has started (workers.py)
 
     @property
     def ready(self) -> bool:
-        return bool(self.runtimes) and not self.draining and all(r.ready for r in self.runtimes.values())
+        return (
+            bool(self.runtimes)
+            and not self.draining
+            and all(r.ready for r in self.runtimes.values())
+            and (self.gate is None or self.gate.open())
+        )
+
+    def sample_gauges(self) -> None:
+        self.metrics.ready.set(int(self.ready))
+        for name, rt in self.runtimes.items():
+            self.metrics.queue_depth.labels(name).set(rt.batcher.depth)
 
     @property
     def limits(self) -> Limits:
