@@ -4,6 +4,7 @@ an HTTP status, never a crash: size and pixel limits are checked before the full
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -11,7 +12,8 @@ import numpy as np
 
 from nccr_guard.manifest import Manifest
 
-IMAGE_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+IMAGE_MAGIC = (PNG_MAGIC, b"\xff\xd8\xff", b"GIF8", b"BM", b"RIFF", b"II*\x00", b"MM\x00*")
 AUDIO_MAGIC = (b"RIFF", b"fLaC", b"OggS")
 
 
@@ -50,10 +52,15 @@ def sniff_modality(data: bytes, content_type: str | None = None) -> str:
 
 
 def declared_pixels(data: bytes) -> int | None:
-    """The pixel count an image upload's header declares (PIL reads only the header, ~20 µs), or None for audio
-    and anything unreadable. Lets the caller decide where to decode before paying for it."""
+    """The pixel count an image upload's header declares, or None for audio and anything unreadable. Lets the
+    caller decide where to decode before paying for it. A PNG's size is at a fixed place (its first chunk is
+    IHDR: width, height); other formats ask PIL, which reads only the header (~20 µs, as much again as the
+    PNG decode it would precede). The decode checks the limits itself: a wrong header here only moves it."""
     from PIL import Image
 
+    if data.startswith(PNG_MAGIC) and data[12:16] == b"IHDR" and len(data) >= 24:
+        w, h = struct.unpack(">II", data[16:24])
+        return w * h
     try:
         if sniff_modality(data) != "image":
             return None
@@ -85,7 +92,7 @@ def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> 
             if w < 1 or h < 1:
                 raise InputError("image has no pixels")
             img.load()
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # a copy otherwise, even when nothing turns: 4 % of a batch
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:

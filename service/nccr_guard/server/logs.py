@@ -18,6 +18,14 @@ from logging.handlers import QueueHandler, QueueListener
 _listener: QueueListener | None = None
 
 
+class _AsIs(QueueHandler):
+    """Queues a record unchanged: an access-log record is already its final line (no args, no exception), and
+    QueueHandler's default copy-and-format would run on the event loop."""
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        return record
+
+
 def configure_logging(json_logs: bool) -> None:
     global _listener
     fmt = (
@@ -35,6 +43,6 @@ def configure_logging(json_logs: bool) -> None:
     _listener.start()
     atexit.register(_listener.stop)  # flushes what is queued at exit
     access = logging.getLogger("nccr_guard.access")
-    access.handlers = [QueueHandler(q)]
+    access.handlers = [_AsIs(q)]
     access.setLevel(logging.INFO)
     access.propagate = False
