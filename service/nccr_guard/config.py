@@ -34,7 +34,7 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="server processes, each loading the models, on one port (SO_REUSEPORT); 2 gave 1.5-1.9x "
+        description="server processes, each loading the models, on one port (SO_REUSEPORT); 2 gave 1.5-1.6x "
         "the CPU throughput of 1 here (docs/performance.md)",
     )
     backend: Literal["torch", "onnx", "auto"] = "auto"

@@ -121,7 +121,7 @@ class Supervisor:
             port = probe.getsockname()[1]
         hold = listener(self.settings.host, port)
         for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, lambda *_: self.stop.set())
+            signal.signal(sig, self._on_signal)
         self.procs = [self._start(port) for _ in range(self.settings.processes)]
         log.info("supervisor: %d workers on %s:%d", len(self.procs), self.settings.host, port)
         failed = False
@@ -141,6 +141,13 @@ class Supervisor:
         codes = self._shut_down()
         hold.close()
         return 1 if failed or any(c != 0 for c in codes) else 0
+
+    def _on_signal(self, *_) -> None:
+        if self.stop.is_set():  # a second signal cuts the workers' drain short, as with one process
+            for p in self.procs:
+                if p.is_alive():
+                    p.terminate()
+        self.stop.set()
 
     def _shut_down(self) -> list[int | None]:
         """SIGTERM to every worker (each drains), then wait for them; past the drain period plus a grace, kill."""
