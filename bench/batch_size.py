@@ -1,33 +1,45 @@
 """Server settings or versions against throughput and latency, servers run alternately: the CPU batch size
-(rows per forward), server processes, and with --compare the server code of another checkout at the same settings.
+(rows per forward), server processes, other serve flags, and with --compare the server code of another checkout.
 
-    python -m bench.batch_size [--rows 8 32] [--processes 1] [--rounds 2] [--seconds 5] [--compare OTHER_CHECKOUT]
+    python -m bench.batch_size [--rows 8 32] [--processes 1] [--flags= --flags=--no-gc-freeze] [--rounds 2]
+                               [--seconds 5] [--compare OTHER_CHECKOUT]
 
-For each round, each `--max-batch` and `--processes` value (and each checkout) a fresh
+For each round, each `--max-batch`, `--processes` and `--flags` value (and each checkout) a fresh
 `nccr-guard serve --models models/mnist`:
 /v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 16 connections), single-image throughput
-(wrk, 16 connections), and latency at 150 and 250 requests/s offered (wrk with Poisson think times).
+(wrk, 16 connections), and latency at 150 and 250 requests/s offered (wrk with Poisson think times; with the
+slowest request, and the server's full garbage collections over the whole run where it exports them).
 Alternating the servers lets the shared machine's drift hit every setting alike. Writes
-reports/bench/batch-size.json (batch-size-processes.json when more than one process is asked for;
--compare-<commit> added with --compare).
+reports/bench/batch-size.json (batch-size-processes.json when more than one process is asked for,
+batch-size-flags.json with --flags; -compare-<commit> added with --compare).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+import httpx
+
 from bench.common import start_server, write_report
 from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, paced, png_bytes, pngs, wrk
 
 
-def one_server(rows: int, processes: int, seconds: float, tmp: Path, service_dir: Path | None) -> dict:
+def full_collections(port: int) -> dict | None:
+    """Count and total seconds of the server's generation-2 garbage collections, if it exports them."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    got = dict(re.findall(r'^nccr_guard_gc_pause_seconds_(count|sum)\{generation="2"\} (\S+)$', text, re.M))
+    return {"count": float(got["count"]), "seconds": float(got["sum"])} if got else None
+
+
+def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path, service_dir: Path | None) -> dict:
     port = 18900 + os.getpid() % 100
-    flags = ["--models", str(MODEL), "--max-batch", str(rows), "--processes", str(processes)]
+    flags = ["--models", str(MODEL), "--max-batch", str(rows), "--processes", str(processes), *extra.split()]
     proc = start_server(port, flags, service_dir=service_dir)
     try:
         url = f"http://127.0.0.1:{port}/v1/detect"
@@ -39,19 +51,26 @@ def one_server(rows: int, processes: int, seconds: float, tmp: Path, service_dir
         out = {
             "rows": rows,
             "processes": processes,
+            "flags": extra,
             "server": str(service_dir.parent) if service_dir else "this checkout",
             "batch_images_per_s": {
                 c: wrk(url + "/batch", batch, c, seconds, ctype)["rps"] * BATCH_IMAGES for c in (4, 16)
             },
             "single_rps_c16": wrk(url, single, 16, seconds)["rps"],
             "latency": [paced(url, single, r, seconds) for r in (150, 250)],
+            "full_collections": full_collections(port),
         }
     finally:
         proc.terminate()
         proc.wait(30)
-    lat = ", ".join(f"{p['offered_rps']:.0f}/s p50 {p['p50_ms']:.1f} p99 {p['p99_ms']:.1f} ms" for p in out["latency"])
+    lat = ", ".join(
+        f"{p['offered_rps']:.0f}/s p50 {p['p50_ms']:.1f} p99 {p['p99_ms']:.1f} max {p['max_ms']:.0f} ms"
+        for p in out["latency"]
+    )
+    if gc2 := out["full_collections"]:
+        lat += f"; {gc2['count']:.0f} full collections, {1e3 * gc2['seconds']:.0f} ms in all"
     print(
-        f"{out['server']}, max-batch {rows:>4} rows, {processes} process(es): "
+        f"{out['server']}, max-batch {rows:>4} rows, {processes} process(es) {extra}: "
         f"batch requests {max(out['batch_images_per_s'].values()):,.0f} images/s, "
         f"single {out['single_rps_c16']:.0f} req/s, {lat}",
         flush=True,
@@ -63,29 +82,38 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, nargs="+", default=[8, 32])
     ap.add_argument("--processes", type=int, nargs="+", default=[1])
+    ap.add_argument(
+        "--flags",
+        action="append",
+        help="extra serve flags, one alternative per use: --flags= --flags=--no-gc-freeze (default: none)",
+    )
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--compare", type=Path, help="another checkout whose server code runs alongside this one's")
     args = ap.parse_args()
+    args.flags = args.flags or [""]
     dirs = [None] + ([args.compare.resolve() / "service"] if args.compare else [])
     with tempfile.TemporaryDirectory() as tmp:
         runs = [
-            one_server(r, p, args.seconds, Path(tmp), d)
+            one_server(r, p, f, args.seconds, Path(tmp), d)
             for _ in range(args.rounds)
             for r in args.rows
             for p in args.processes
+            for f in args.flags
             for d in dirs
         ]
     summary = {}
-    for key in dict.fromkeys((x["server"], x["rows"], x["processes"]) for x in runs):
-        mine = [x for x in runs if (x["server"], x["rows"], x["processes"]) == key]
-        summary[f"{key[0]}, {key[1]} rows, {key[2]} process(es)"] = {
+    for key in dict.fromkeys((x["server"], x["rows"], x["processes"], x["flags"]) for x in runs):
+        mine = [x for x in runs if (x["server"], x["rows"], x["processes"], x["flags"]) == key]
+        summary[f"{key[0]}, {key[1]} rows, {key[2]} process(es) {key[3]}".rstrip()] = {
             "batch_images_per_s": [max(x["batch_images_per_s"].values()) for x in mine],
             "single_rps_c16": [x["single_rps_c16"] for x in mine],
             "p50_ms_at_250": [x["latency"][1]["p50_ms"] for x in mine],
             "p99_ms_at_250": [x["latency"][1]["p99_ms"] for x in mine],
+            "max_ms_at_250": [x["latency"][1]["max_ms"] for x in mine],
+            "full_collections": [x["full_collections"] for x in mine],
         }
-    name = "batch-size" + ("-processes" if args.processes != [1] else "")
+    name = "batch-size" + ("-processes" if args.processes != [1] else "") + ("-flags" if args.flags != [""] else "")
     if args.compare:  # one report per compared commit
         rev = subprocess.run(
             ["git", "-C", str(args.compare), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
@@ -97,7 +125,8 @@ def main() -> None:
         + "; ".join(
             f"{r}: batch requests {'/'.join(f'{v:,.0f}' for v in s['batch_images_per_s'])} images/s, "
             f"single {'/'.join(f'{v:.0f}' for v in s['single_rps_c16'])} req/s, "
-            f"p50 at 250/s {'/'.join(f'{v:.1f}' for v in s['p50_ms_at_250'])} ms"
+            f"p50 at 250/s {'/'.join(f'{v:.1f}' for v in s['p50_ms_at_250'])} ms, "
+            f"max {'/'.join(f'{v:.0f}' for v in s['max_ms_at_250'])} ms"
             for r, s in summary.items()
         )
     )

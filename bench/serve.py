@@ -93,11 +93,14 @@ def run_wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = 
     unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
     pct = {q: float(v) * unit[u] for q, v, u in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    # Thread stats: "Latency  avg  stdev  max  +/-stdev"
+    worst = re.search(r"^\s+Latency\s+\S+\s+\S+\s+([\d.]+)(us|ms|s)\s", out, re.M)
     return {
         "connections": conns,
         "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         **{f"p{q}_ms": v for q, v in pct.items()},
+        "max_ms": float(worst.group(1)) * unit[worst.group(2)] if worst else None,
     }
 
 
@@ -122,7 +125,7 @@ def paced(url: str, body_file: Path, rate: float, seconds: float) -> dict:
         "sent_rps": r["rps"],
         "connections": conns,
         "non_2xx": r["non_2xx"],
-        **{k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms")},
+        **{k: r[k] for k in ("p50_ms", "p90_ms", "p99_ms", "max_ms")},
     }
 
 

@@ -104,6 +104,17 @@ PANELS = [
         "s",
     ),
     (
+        "Garbage-collection pauses (time per second, by generation)",
+        "timeseries",
+        [
+            (
+                "sum by (generation, instance) (rate(nccr_guard_gc_pause_seconds_sum[1m]))",
+                "gen {{generation}} {{instance}}",
+            )
+        ],
+        "s",
+    ),
+    (
         "Rejections by reason",
         "timeseries",
         [("sum by (reason) (rate(nccr_guard_rejections_total[1m]))", "{{reason}}")],

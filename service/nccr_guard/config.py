@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         description="run perturbed copies only up to the deepest layer the verdict reads from them (variants that "
         "read no logits of copies; exact, --no-truncate runs the whole network)",
     )
+    gc_freeze: bool = Field(
+        True,
+        description="after start-up, exempt the objects alive then (models, libraries) from garbage collection: "
+        "full collections then pause the server for milliseconds instead of 50-250 ms",
+    )
     seed: int = 0
     max_upload_bytes: int = 10 * 1024 * 1024
     max_pixels: int = 4096 * 4096

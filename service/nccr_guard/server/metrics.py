@@ -9,6 +9,7 @@ process and `exposition()` answers for all workers together (counters and histog
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import time
 from collections.abc import Callable
@@ -91,6 +92,14 @@ class Metrics:
             buckets=LATENCY,
             registry=r,
         )
+        self.gc_pause = Histogram(
+            "nccr_guard_gc_pause_seconds",
+            "Python garbage-collection pauses by generation: a full (generation 2) collection stops the event loop "
+            "and the batch workers alike",
+            ["generation"],
+            buckets=LATENCY,
+            registry=r,
+        )
         self.ready = Gauge(
             "nccr_guard_ready",
             "1 when every model is warm and the service takes work (every worker, with --processes N)",
@@ -117,6 +126,27 @@ class Metrics:
             MultiProcessCollector(merged, path)
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+class GcPauses:
+    """Times every garbage collection into `Metrics.gc_pause` while installed (`gc.callbacks`, ~1 µs each)."""
+
+    def __init__(self, pause: Histogram) -> None:
+        self.pause, self.started = pause, 0.0
+        self.children = {g: pause.labels(str(g)) for g in (0, 1, 2)}
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self.started = time.perf_counter()
+        else:
+            self.children[info["generation"]].observe(time.perf_counter() - self.started)
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *_) -> None:
+        gc.callbacks.remove(self)
 
 
 async def watch_event_loop(lag: Histogram, sample: Callable[[], None], every_s: float = 0.1) -> None:
