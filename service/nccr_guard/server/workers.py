@@ -4,8 +4,9 @@ on its own SO_REUSEPORT listener for the same address.
 Why not uvicorn's `--workers` supervisor: its workers run uvicorn's plain `Server`, whose shutdown closes the
 listener and idle keep-alive connections at once, so a request sent on one just then was lost (a CI failure);
 here each worker drains like the single-process server (503 + `Connection: close` for new requests while queued
-work finishes). And its workers share one accept socket, which left one worker idle when a few long requests
-arrived together; with SO_REUSEPORT the kernel spreads connections over the workers' listeners by hash.
+work finishes). And its workers share one accept socket, where the first worker to wake takes every connection
+of a burst; with SO_REUSEPORT the kernel spreads connections over the workers' listeners by hash (not by load:
+a few long-lived connections can still share one worker, docs/performance.md).
 
 The parent binds the address without listening, which holds the port (and resolves port 0) and reports
 "address in use" before any worker starts; only the workers listen. SIGTERM/SIGINT to the parent is forwarded
