@@ -5,7 +5,8 @@
 Bare loops run Detector.detect (rows + one forward of K+1 rows + scoring) in-process over several process/
 thread/batch configurations; the best one is the baseline. The service is a real `nccr-guard serve` on
 127.0.0.1 driven by wrk (closed loop) at several concurrencies for the peak, with /v1/detect/batch requests
-of 32 PNGs (images/s, the way to send a small model's inputs), then at fractions of the peak for latency (wrk
+of 32 PNGs (images/s, the way to send a small model's inputs) and KServe v2 requests of 32 raw FP32 tensors
+(binary tensor data extension: no image decoding), then at fractions of the peak for latency (wrk
 with Poisson think times per connection: about open-loop, see `paced`). The same saturation ratio is then
 measured for the speaker model, whose verdict costs ~1,000x more compute than an MNIST one (--no-speaker
 skips it). Writes reports/bench/serve.json and reports/bench/latency.png (latency-<flags>.png with
@@ -15,6 +16,7 @@ skips it). Writes reports/bench/serve.json and reports/bench/latency.png (latenc
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import shutil
@@ -64,6 +66,14 @@ def png_bytes() -> bytes:
     return pngs(1)[0]
 
 
+def binary_tensors(n: int) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 binary-extension request of the first `n` held-out digits as one FP32 tensor: body, headers."""
+    x = np.ascontiguousarray(sample_inputs(MODEL, n), dtype="<f4")
+    tensor = {"name": "input", "shape": list(x.shape), "datatype": "FP32", "parameters": {"binary_data_size": x.nbytes}}
+    head = json.dumps({"inputs": [tensor]}).encode()
+    return head + x.tobytes(), {"Inference-Header-Content-Length": str(len(head))}
+
+
 def multipart(pngs: list[bytes]) -> bytes:
     """A /v1/detect/batch body: one `file` field per PNG."""
     parts = [
@@ -76,13 +86,22 @@ def multipart(pngs: list[bytes]) -> bytes:
     return b"".join(parts) + f"--{BOUNDARY}--\r\n".encode()
 
 
-def run_wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = "image/png", lua: str = "") -> dict:
+def run_wrk(
+    url: str,
+    body_file: Path,
+    conns: int,
+    seconds: float,
+    ctype: str = "image/png",
+    lua: str = "",
+    headers: dict[str, str] | None = None,
+) -> dict:
     """One wrk run POSTing `body_file`: requests/s, non-2xx answers and latency percentiles (ms). `lua`: more
     script, e.g. a `delay` hook."""
     script = body_file.with_name(f"{body_file.stem}-{conns}-{abs(hash(lua))}.lua")
+    more = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
     script.write_text(
         f'local f = io.open("{body_file}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\nf:close()\n'
-        f'wrk.headers["Content-Type"] = "{ctype}"\n{lua}'
+        f'wrk.headers["Content-Type"] = "{ctype}"\n{more}{lua}'
     )
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
@@ -104,9 +123,11 @@ def run_wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = 
     }
 
 
-def wrk(url: str, body_file: Path, conns: int, seconds: float, ctype: str = "image/png") -> dict:
+def wrk(
+    url: str, body_file: Path, conns: int, seconds: float, ctype: str = "image/png", headers: dict | None = None
+) -> dict:
     """Closed loop: `conns` connections sending back to back."""
-    r = run_wrk(url, body_file, conns, seconds, ctype)
+    r = run_wrk(url, body_file, conns, seconds, ctype, headers=headers)
     return {"connections": conns, "rps": r["rps"], "non_2xx": r["non_2xx"]}
 
 
@@ -227,14 +248,21 @@ def main() -> None:
             ctype = f"multipart/form-data; boundary={BOUNDARY}"
             batched = [wrk(url + "/batch", batch_body, c, args.seconds, ctype) for c in (4, 16)]
             after_batch = forwards(port)
+            tensor_body = Path(tmp) / "digits.v2"
+            raw, extra = binary_tensors(BATCH_IMAGES)
+            tensor_body.write_bytes(raw)
+            v2 = f"http://127.0.0.1:{port}/v2/models/mnist/infer"
+            # 32 queue slots per request (one per input): 8 connections would fill the default queue of 256.
+            tensors = [wrk(v2, tensor_body, c, args.seconds, "application/octet-stream", extra) for c in (2, 4)]
             peak = max(s["rps"] for s in sat)
             curve = [paced(url, body, f * peak, args.seconds) for f in (0.1, 0.25, 0.5, 0.75)]
     finally:
         proc.terminate()
         proc.wait(30)
-    for b in batched:
+    for b in batched + tensors:
         b["images_per_s"] = b["rps"] * BATCH_IMAGES
     batch_peak = max(b["images_per_s"] for b in batched)
+    tensor_peak = max(b["images_per_s"] for b in tensors)
     half = curve[2]
     ratio = peak / best["detections_per_s"]
     data = {
@@ -249,6 +277,13 @@ def main() -> None:
         "mean_batch_images_batch_requests": (after_batch[0] - after_single[0]) / (after_batch[1] - after_single[1]),
         "batch_requests": {"images_per_request": BATCH_IMAGES, "saturation": batched, "peak_images_per_s": batch_peak},
         "ratio_batch_requests_vs_best_bare": batch_peak / best["detections_per_s"],
+        "binary_tensor_requests": {
+            "endpoint": "/v2/models/mnist/infer (binary tensor data extension)",
+            "inputs_per_request": BATCH_IMAGES,
+            "saturation": tensors,
+            "peak_inputs_per_s": tensor_peak,
+        },
+        "ratio_binary_tensors_vs_best_bare": tensor_peak / best["detections_per_s"],
         "serve_args": args.serve_args,
         "goal_ratio": 0.90,
     }
@@ -263,7 +298,8 @@ def main() -> None:
         f"serve: {peak:.1f} det/s over HTTP vs best bare {best['detections_per_s']:.1f} det/s "
         f"({best['processes']}p x {best['threads']}t x {best['inputs_per_forward']}) = {ratio:.2f}x (goal 0.90x); "
         f"half load p50 {half['p50_ms']:.1f} ms p99 {half['p99_ms']:.1f} ms; batch requests of {BATCH_IMAGES} "
-        f"{batch_peak:.0f} images/s = {data['ratio_batch_requests_vs_best_bare']:.2f}x"
+        f"{batch_peak:.0f} images/s = {data['ratio_batch_requests_vs_best_bare']:.2f}x; binary v2 tensors of "
+        f"{BATCH_IMAGES} {tensor_peak:.0f} inputs/s = {data['ratio_binary_tensors_vs_best_bare']:.2f}x"
         + (f"; speaker model {data['speaker']['ratio_service_vs_best_bare']:.2f}x" if "speaker" in data else "")
     )
 

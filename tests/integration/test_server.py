@@ -6,6 +6,7 @@ import json
 import re
 import time
 
+import numpy as np
 import pytest
 
 from tests.conftest import start_server
@@ -116,6 +117,55 @@ def test_kserve_v2_protocol(server, mnist_test):
         assert r.json()["model_name"] == "mnist" and r.json()["id"] == "r1"
         assert out["prediction"]["data"] == y[:2].tolist() and out["score"]["shape"] == [2]
         assert out["verdict"]["datatype"] == "BYTES" and set(out["verdict"]["data"]) <= {"clean", "adversarial"}
+
+
+def _binary_v2(x: np.ndarray, size: int | None = None, cut: int | None = None) -> tuple[bytes, dict]:
+    """A binary-extension body: the JSON header, then the raw FP32 tensor."""
+    head = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "input",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": x.nbytes if size is None else size},
+                }
+            ]
+        }
+    ).encode()
+    headers = {
+        "inference-header-content-length": str(len(head) if cut is None else cut),
+        "content-type": "application/octet-stream",
+    }
+    return head + x.astype("<f4").tobytes(), headers
+
+
+def test_kserve_v2_binary_tensors_score_like_json(server, mnist_test):
+    x = np.ascontiguousarray(mnist_test[0][:5], dtype=np.float32)
+    with server.client() as c:
+        as_json = c.post(
+            "/v2/models/mnist/infer",
+            json={
+                "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]
+            },
+        )
+        body, headers = _binary_v2(x)
+        as_binary = c.post("/v2/models/mnist/infer", content=body, headers=headers)
+        assert as_json.status_code == as_binary.status_code == 200, as_binary.text
+        assert as_binary.json()["outputs"] == as_json.json()["outputs"]
+        assert as_binary.json()["outputs"][2]["data"] == mnist_test[1][:5].tolist()
+        assert "binary_tensor_data" in c.get("/v2").json()["extensions"]
+        for body, headers, needle in (
+            (*_binary_v2(x, size=x.nbytes - 4), "binary_data_size"),  # declared size is not the tensor's
+            (_binary_v2(x)[0][:-4], _binary_v2(x)[1], "binary_data_size"),  # tensor cut short
+            (_binary_v2(x)[0], {**_binary_v2(x)[1], "inference-header-content-length": "999999"}, "length"),
+        ):
+            r = c.post("/v2/models/mnist/infer", content=body, headers=headers)
+            assert r.status_code == 400 and needle in r.json()["error"], r.text
+        # A JSON request that claims binary data it does not carry.
+        head = json.loads(_binary_v2(x)[0][: int(_binary_v2(x)[1]["inference-header-content-length"])])
+        r = c.post("/v2/models/mnist/infer", json=head)
+        assert r.status_code == 400 and "header" in r.json()["error"], r.text
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import BaseModel, Field
 
 
@@ -69,9 +71,20 @@ class V2Tensor(BaseModel):
     data: list
 
 
+class V2InputTensor(BaseModel):
+    """An input tensor: values in `data`, or (binary tensor data extension) `parameters.binary_data_size` bytes
+    after the JSON header of the body."""
+
+    name: str
+    shape: list[int]
+    datatype: str
+    data: list | None = None
+    parameters: dict[str, Any] | None = None
+
+
 class V2InferRequest(BaseModel):
     id: str | None = None
-    inputs: list[V2Tensor]
+    inputs: list[V2InputTensor]
     outputs: list[dict] | None = None
 
 

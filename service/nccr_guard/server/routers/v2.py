@@ -1,4 +1,7 @@
-"""Open Inference Protocol (KServe v2) REST: health, model metadata and FP32 tensor inference."""
+"""Open Inference Protocol (KServe v2) REST: health, model metadata and FP32 tensor inference, with the binary
+tensor data extension: a body of `Inference-Header-Content-Length` bytes of JSON followed by the raw tensor
+(little-endian FP32, row-major; the input says `"parameters": {"binary_data_size": N}`), as Triton and KServe
+clients send it. Raw tensors skip both image decoding and JSON number parsing; outputs are always JSON."""
 
 from __future__ import annotations
 
@@ -6,21 +9,60 @@ import math
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
 
 from nccr_guard import __version__
 from nccr_guard.inputs import InputError
 from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep, deadline
 from nccr_guard.server.routers.detect import settle
 from nccr_guard.server.schemas import Error, V2InferRequest, V2InferResponse, V2Tensor
+from nccr_guard.server.uploads import read_body
 
-router = APIRouter(prefix="/v2", tags=["kserve-v2"])
 MAX_V2_BATCH = 64
+BINARY_HEADER = "inference-header-content-length"
+
+
+class _JsonPart(Request):
+    """A request whose body is only the JSON header of a binary-extension body."""
+
+    def __init__(self, scope, receive, json_part: bytes) -> None:
+        super().__init__(scope, receive)
+        self._body = json_part
+
+
+class BinaryTensorRoute(APIRoute):
+    """Splits a binary-extension body before FastAPI parses it: the JSON header goes on as the request body (so
+    validation and the OpenAPI schema stay FastAPI's), the tensor bytes into the request state. FastAPI's
+    documented way to change a body before parsing (a custom APIRoute, as for gzip bodies)."""
+
+    def get_route_handler(self):
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            declared = request.headers.get(BINARY_HEADER)
+            if declared is None:
+                return await handler(request)
+            cap = request.app.state.service.settings.max_upload_bytes
+            body = await read_body(request, cap, deadline(request))
+            if not declared.isdigit() or int(declared) > len(body):
+                raise InputError(f"{BINARY_HEADER} {declared!r} is not a length within the {len(body)}-byte body")
+            cut = int(declared)
+            scope = dict(request.scope)
+            kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
+            scope["headers"] = [*kept, (b"content-type", b"application/json")]
+            scope["state"]["v2_binary"] = body[cut:]
+            return await handler(_JsonPart(scope, request.receive, body[:cut]))
+
+        return route
+
+
+router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=BinaryTensorRoute)
 
 
 @router.get("", dependencies=[OpenOrAuthorized])
 async def server_metadata() -> dict:
-    return {"name": "nccr-guard", "version": __version__, "extensions": []}
+    return {"name": "nccr-guard", "version": __version__, "extensions": ["binary_tensor_data"]}
 
 
 @router.get("/health/live")
@@ -64,7 +106,7 @@ async def model_ready(name: str, service: ServiceDep):
     return JSONResponse({"name": name, "ready": rt.ready}, 200 if rt.ready and not service.draining else 503)
 
 
-def _tensor(req: V2InferRequest, shape: list[int]) -> np.ndarray:
+def _tensor(req: V2InferRequest, shape: list[int], binary: bytes | None) -> np.ndarray:
     if len(req.inputs) != 1:
         raise InputError(f"expected exactly one input tensor, got {len(req.inputs)}")
     t = req.inputs[0]
@@ -75,12 +117,28 @@ def _tensor(req: V2InferRequest, shape: list[int]) -> np.ndarray:
         raise InputError(f"input shape {t.shape} does not match [-1, {', '.join(map(str, shape))}]")
     if dims[0] > MAX_V2_BATCH:
         raise InputError(f"at most {MAX_V2_BATCH} inputs per request", 413, "too_large")
-    if len(t.data) != math.prod(dims):
-        raise InputError(f"data holds {len(t.data)} values, shape {t.shape} needs {math.prod(dims)}")
-    try:
-        x = np.asarray(t.data, dtype=np.float32).reshape(dims)
-    except (TypeError, ValueError):
-        raise InputError("data must be a flat list of numbers") from None
+    size = (t.parameters or {}).get("binary_data_size")
+    if size is None and binary is not None:
+        raise InputError(f"{len(binary)} bytes of binary data, but no input declares binary_data_size")
+    if size is not None:
+        if binary is None:
+            raise InputError(f"binary_data_size needs the {BINARY_HEADER} header and the tensor after the JSON")
+        if t.data:
+            raise InputError("an input has either data or binary_data_size, not both")
+        if not isinstance(size, int) or size != len(binary) or size != 4 * math.prod(dims):
+            raise InputError(
+                f"binary_data_size {size!r}: the body holds {len(binary)} bytes after the JSON, "
+                f"shape {t.shape} in FP32 needs {4 * math.prod(dims)}"
+            )
+        x = np.frombuffer(binary, "<f4").reshape(dims)
+    else:
+        data = t.data or []
+        if len(data) != math.prod(dims):
+            raise InputError(f"data holds {len(data)} values, shape {t.shape} needs {math.prod(dims)}")
+        try:
+            x = np.asarray(data, dtype=np.float32).reshape(dims)
+        except (TypeError, ValueError):
+            raise InputError("data must be a flat list of numbers") from None
     if not np.isfinite(x).all():
         raise InputError("input holds NaN or infinite values")
     return x
@@ -96,7 +154,7 @@ async def infer(name: str, req: V2InferRequest, request: Request, service: Servi
     rt = _runtime(service, name)
     request.scope["state"]["model"] = name
     m = rt.detector.manifest
-    x = np.clip(_tensor(req, m.input.shape), *m.input.range)
+    x = np.clip(_tensor(req, m.input.shape, request.scope["state"].get("v2_binary")), *m.input.range)
     due = deadline(request)
     settled = await settle(request, [rt.detect(xi) for xi in x], due)
     if errors := [r for r in settled if isinstance(r, InputError)]:
