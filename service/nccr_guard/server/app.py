@@ -94,7 +94,8 @@ def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
-        with GcPauses(service.metrics.gc_pause):
+        service.gc_pauses = GcPauses(service.metrics.gc_pause)  # flushed into the metric by sample_gauges
+        with service.gc_pauses:
             yield
         lag_watch.cancel()
         with contextlib.suppress(asyncio.CancelledError):

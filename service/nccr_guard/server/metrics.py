@@ -12,6 +12,7 @@ import asyncio
 import gc
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -129,17 +130,26 @@ class Metrics:
 
 
 class GcPauses:
-    """Times every garbage collection into `Metrics.gc_pause` while installed (`gc.callbacks`, ~1 µs each)."""
+    """Times every garbage collection (`gc.callbacks`, ~1 µs each) while installed; `flush` moves the pauses into
+    `Metrics.gc_pause`. The callback itself touches no metric: a collection can start inside a metric update
+    that holds prometheus_client's lock (in multiprocess mode one lock for every metric of the process), and
+    observing from the callback then deadlocked a worker of `--processes 2` (tests/unit/test_gc_pauses.py)."""
 
     def __init__(self, pause: Histogram) -> None:
-        self.pause, self.started = pause, 0.0
+        self.started = 0.0
         self.children = {g: pause.labels(str(g)) for g in (0, 1, 2)}
+        self.pending: deque[tuple[int, float]] = deque(maxlen=100_000)
 
     def __call__(self, phase: str, info: dict) -> None:
         if phase == "start":
             self.started = time.perf_counter()
         else:
-            self.children[info["generation"]].observe(time.perf_counter() - self.started)
+            self.pending.append((info["generation"], time.perf_counter() - self.started))
+
+    def flush(self) -> None:
+        for _ in range(len(self.pending)):  # not `while`: a collection during `observe` appends more
+            generation, seconds = self.pending.popleft()
+            self.children[generation].observe(seconds)
 
     def __enter__(self) -> GcPauses:
         gc.callbacks.append(self)
@@ -147,6 +157,7 @@ class GcPauses:
 
     def __exit__(self, *_) -> None:
         gc.callbacks.remove(self)
+        self.flush()
 
 
 async def watch_event_loop(lag: Histogram, sample: Callable[[], None], every_s: float = 0.1) -> None:

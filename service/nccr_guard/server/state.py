@@ -9,7 +9,7 @@ import httpx
 
 from nccr_guard.config import Settings
 from nccr_guard.inputs import InputError, Limits, sniff_modality
-from nccr_guard.server.metrics import Metrics
+from nccr_guard.server.metrics import GcPauses, Metrics
 from nccr_guard.server.runtime import ModelRuntime
 from nccr_guard.server.workers import StartGate
 
@@ -25,6 +25,7 @@ class Service:
     active: int = 0  # requests being handled, health and metrics excluded
     upstream: httpx.AsyncClient | None = None
     gate: StartGate | None = None  # with --processes N: ready once every worker has started (workers.py)
+    gc_pauses: GcPauses | None = None  # installed while serving (app.py)
 
     @property
     def ready(self) -> bool:
@@ -36,7 +37,10 @@ class Service:
         )
 
     def sample_gauges(self) -> None:
+        """Gauges of the moment, and the garbage-collection pauses recorded since the last call."""
         self.metrics.ready.set(int(self.ready))
+        if self.gc_pauses is not None:
+            self.gc_pauses.flush()
         for name, rt in self.runtimes.items():
             self.metrics.queue_depth.labels(name).set(rt.batcher.depth)
 
