@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         description="server processes, each loading the models, on one port (SO_REUSEPORT); 2 gave 1.5-1.6x "
         "the CPU throughput of 1 here (docs/performance.md)",
     )
+    worker_timeout_s: float = Field(
+        30.0,
+        gt=0,
+        description="with --processes N: a worker whose event loop gives no heartbeat for this long is killed and "
+        "replaced",
+    )
     backend: Literal["torch", "onnx", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = Field(False, description="half precision on CUDA (torch backend)")

@@ -157,8 +157,10 @@ def _detect_pids(log: Path, at_least: int, timeout: float = 30) -> list[int]:
         time.sleep(0.1)
 
 
-def test_two_processes_replace_a_worker_that_dies(tmp_path, digit_pngs):
-    s = start_server(tmp_path, "--processes", "2")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["dies", "hangs"])
+def test_two_processes_replace_a_worker_that_dies_or_hangs(tmp_path, digit_pngs, sig):
+    """A dead worker is replaced at once; a hung one (stopped: no event-loop heartbeat) after the timeout."""
+    s = start_server(tmp_path, "--processes", "2", "--worker-timeout-s", "5")
     png = digit_pngs[0][0].read_bytes()
     try:
         first = asyncio.run(_post_many(s.url, png, 40))
@@ -166,7 +168,7 @@ def test_two_processes_replace_a_worker_that_dies(tmp_path, digit_pngs):
         pids = set(_detect_pids(s.log, 40))
         assert len(pids) == 2
         killed = pids.pop()
-        os.kill(killed, signal.SIGKILL)
+        os.kill(killed, sig)
         deadline = time.monotonic() + 60
         while "replacing it" not in s.log.read_text() and time.monotonic() < deadline:
             time.sleep(0.2)

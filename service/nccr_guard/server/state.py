@@ -37,8 +37,11 @@ class Service:
         )
 
     def sample_gauges(self) -> None:
-        """Gauges of the moment, and the garbage-collection pauses recorded since the last call."""
+        """Gauges of the moment, the garbage-collection pauses recorded since the last call, and (one worker of
+        several) the heartbeat the supervisor watches."""
         self.metrics.ready.set(int(self.ready))
+        if self.gate is not None:
+            self.gate.beat()
         if self.gc_pauses is not None:
             self.gc_pauses.flush()
         for name, rt in self.runtimes.items():

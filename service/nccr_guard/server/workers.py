@@ -11,7 +11,8 @@ a few long-lived connections can still share one worker, docs/performance.md).
 The parent binds the address without listening, which holds the port (and resolves port 0) and reports
 "address in use" before any worker starts; only the workers listen. SIGTERM/SIGINT to the parent is forwarded
 to every worker; the parent exits 0 when all workers drained and exited 0. A worker that dies while serving is
-replaced; one that fails to start (exit code STARTUP_FAILURE) stops the whole server. Metrics: the workers
+replaced, and so is one whose event loop stops its heartbeat for `worker_timeout_s` (hung); one that fails to
+start (exit code STARTUP_FAILURE) stops the whole server. Metrics: the workers
 share a PROMETHEUS_MULTIPROC_DIR (a temporary directory unless the variable is set), so a scrape of any worker
 counts all of them (metrics.py)."""
 
@@ -57,13 +58,17 @@ def listener(host: str, port: int, share: bool = True) -> socket.socket:
 
 @dataclass
 class StartGate:
-    """Readiness of a worker waits until every worker has started serving once. Until a worker listens, the kernel
-    gives all new connections to the others, and keep-alive clients (wrk, a sidecar's pool) keep them: readiness
-    during a slow start would leave the load on one worker. A worker that is replaced later counts again, so a
-    crash does not make the others unready."""
+    """A worker's link to the supervisor. Readiness waits until every worker has started serving once: until a
+    worker listens, the kernel gives all new connections to the others, and keep-alive clients (wrk, a
+    sidecar's pool) keep them, so readiness during a slow start would leave the load on one worker. A worker
+    that is replaced later counts again, so a crash does not make the others unready. And each worker's event
+    loop writes a heartbeat into its slot (every 0.1 s, `Service.sample_gauges`): the supervisor replaces a
+    worker that is alive but silent, as a hung one keeps its share of the connections."""
 
     started: Any  # a multiprocessing.Value("i"): workers that reached listening
     workers: int
+    beats: Any = None  # a multiprocessing.Array("d"): each slot's last heartbeat, time.monotonic()
+    slot: int = 0
 
     def arrive(self) -> None:
         with self.started.get_lock():
@@ -71,6 +76,10 @@ class StartGate:
 
     def open(self) -> bool:
         return self.started.value >= self.workers
+
+    def beat(self) -> None:
+        if self.beats is not None:
+            self.beats[self.slot] = time.monotonic()
 
 
 def worker(settings_json: str, port: int, gate: StartGate) -> None:
@@ -100,14 +109,19 @@ class Supervisor:
         self.settings = settings
         self.stop = threading.Event()
         self.procs: list[BaseProcess] = []
-        self.gate = StartGate(_spawn.Value("i", 0), settings.processes)
+        self.started = _spawn.Value("i", 0)
+        self.beats = _spawn.Array("d", settings.processes, lock=False)  # one writer per slot
 
-    def _start(self, port: int) -> BaseProcess:
-        p = _spawn.Process(
-            target=worker, args=(self.settings.model_dump_json(), port, self.gate), name="nccr-guard-worker"
-        )
+    def _start(self, port: int, slot: int) -> BaseProcess:
+        self.beats[slot] = 0.0  # not checked until the new worker's first heartbeat
+        gate = StartGate(self.started, self.settings.processes, self.beats, slot)
+        p = _spawn.Process(target=worker, args=(self.settings.model_dump_json(), port, gate), name="nccr-guard-worker")
         p.start()
         return p
+
+    def _silent(self, slot: int) -> bool:
+        beat = self.beats[slot]
+        return beat > 0 and time.monotonic() - beat > self.settings.worker_timeout_s
 
     def run(self) -> int:
         with tempfile.TemporaryDirectory(prefix="nccr-guard-metrics-") as shared:
@@ -123,13 +137,19 @@ class Supervisor:
         hold = listener(self.settings.host, port)
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._on_signal)
-        self.procs = [self._start(port) for _ in range(self.settings.processes)]
+        self.procs = [self._start(port, i) for i in range(self.settings.processes)]
         log.info("supervisor: %d workers on %s:%d", len(self.procs), self.settings.host, port)
         failed = False
         while not self.stop.is_set():
             wait([p.sentinel for p in self.procs], timeout=0.2)
             for i, p in enumerate(self.procs):
-                if p.is_alive() or self.stop.is_set():
+                if self.stop.is_set():
+                    break
+                if p.is_alive() and self._silent(i):
+                    log.error("worker %s: no heartbeat for %.0f s: killing it", p.pid, self.settings.worker_timeout_s)
+                    p.kill()
+                    p.join()
+                if p.is_alive():
                     continue
                 if p.exitcode == STARTUP_FAILURE:
                     log.error("worker %s failed to start: stopping", p.pid)
@@ -138,7 +158,7 @@ class Supervisor:
                     break
                 log.error("worker %s exited with %s: replacing it", p.pid, p.exitcode)
                 multiprocess.mark_process_dead(p.pid)  # its live gauges (in flight, queue depth, ready) go
-                self.procs[i] = self._start(port)
+                self.procs[i] = self._start(port, i)
         codes = self._shut_down()
         hold.close()
         return 1 if failed or any(c != 0 for c in codes) else 0
