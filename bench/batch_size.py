@@ -18,23 +18,19 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import httpx
-
 from bench.common import start_server, write_report
-from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, paced, png_bytes, pngs, wrk
+from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, histogram_totals, multipart, paced, png_bytes, pngs, wrk
 
 
 def full_collections(port: int) -> dict | None:
     """Count and total seconds of the server's generation-2 garbage collections, if it exports them."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    got = dict(re.findall(r'^nccr_guard_gc_pause_seconds_(count|sum)\{generation="2"\} (\S+)$', text, re.M))
-    return {"count": float(got["count"]), "seconds": float(got["sum"])} if got else None
+    got = histogram_totals(port, "nccr_guard_gc_pause_seconds", 'generation="2"')
+    return {"count": got[1], "seconds": got[0]} if got else None
 
 
 def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path, service_dir: Path | None) -> dict:

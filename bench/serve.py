@@ -150,11 +150,16 @@ def paced(url: str, body_file: Path, rate: float, seconds: float) -> dict:
     }
 
 
+def histogram_totals(port: int, name: str, label: str) -> tuple[float, float] | None:
+    """(sum, count) of one labelled series of a server's histogram `name`, or None if it does not export it."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    got = dict(re.findall(rf"^{name}_(sum|count)\{{{re.escape(label)}\}} (\S+)$", text, re.M))
+    return (float(got["sum"]), float(got["count"])) if got else None
+
+
 def forwards(port: int) -> tuple[float, float]:
     """(requests, forwards) the MNIST model's batcher has run so far: their ratio is the mean batch."""
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
-    got = dict(re.findall(r'^nccr_guard_batch_requests_(sum|count)\{model="mnist"\} (\S+)$', text, re.M))
-    return float(got["sum"]), float(got["count"])
+    return histogram_totals(port, "nccr_guard_batch_requests", 'model="mnist"')
 
 
 def plot(points: list[dict], peak: float, name: str) -> None:

@@ -56,11 +56,11 @@ def declared_pixels(data: bytes) -> int | None:
     caller decide where to decode before paying for it. A PNG's size is at a fixed place (its first chunk is
     IHDR: width, height); other formats ask PIL, which reads only the header (~20 µs, as much again as the
     PNG decode it would precede). The decode checks the limits itself: a wrong header here only moves it."""
-    from PIL import Image
-
     if data.startswith(PNG_MAGIC) and data[12:16] == b"IHDR" and len(data) >= 24:
         w, h = struct.unpack(">II", data[16:24])
         return w * h
+    from PIL import Image
+
     try:
         if sniff_modality(data) != "image":
             return None

@@ -119,7 +119,7 @@ def test_kserve_v2_protocol(server, mnist_test):
         assert out["verdict"]["datatype"] == "BYTES" and set(out["verdict"]["data"]) <= {"clean", "adversarial"}
 
 
-def _binary_v2(x: np.ndarray, size: int | None = None, cut: int | None = None) -> tuple[bytes, dict]:
+def _binary_v2(x: np.ndarray, size: int | None = None) -> tuple[bytes, dict]:
     """A binary-extension body: the JSON header, then the raw FP32 tensor."""
     head = json.dumps(
         {
@@ -134,7 +134,7 @@ def _binary_v2(x: np.ndarray, size: int | None = None, cut: int | None = None) -
         }
     ).encode()
     headers = {
-        "inference-header-content-length": str(len(head) if cut is None else cut),
+        "inference-header-content-length": str(len(head)),
         "content-type": "application/octet-stream",
     }
     return head + x.astype("<f4").tobytes(), headers
@@ -155,15 +155,15 @@ def test_kserve_v2_binary_tensors_score_like_json(server, mnist_test):
         assert as_binary.json()["outputs"] == as_json.json()["outputs"]
         assert as_binary.json()["outputs"][2]["data"] == mnist_test[1][:5].tolist()
         assert "binary_tensor_data" in c.get("/v2").json()["extensions"]
-        for body, headers, needle in (
+        for bad_body, bad_headers, needle in (
             (*_binary_v2(x, size=x.nbytes - 4), "binary_data_size"),  # declared size is not the tensor's
-            (_binary_v2(x)[0][:-4], _binary_v2(x)[1], "binary_data_size"),  # tensor cut short
-            (_binary_v2(x)[0], {**_binary_v2(x)[1], "inference-header-content-length": "999999"}, "length"),
+            (body[:-4], headers, "binary_data_size"),  # tensor cut short
+            (body, {**headers, "inference-header-content-length": "999999"}, "length"),
         ):
-            r = c.post("/v2/models/mnist/infer", content=body, headers=headers)
+            r = c.post("/v2/models/mnist/infer", content=bad_body, headers=bad_headers)
             assert r.status_code == 400 and needle in r.json()["error"], r.text
         # A JSON request that claims binary data it does not carry.
-        head = json.loads(_binary_v2(x)[0][: int(_binary_v2(x)[1]["inference-header-content-length"])])
+        head = json.loads(body[: int(headers["inference-header-content-length"])])
         r = c.post("/v2/models/mnist/infer", json=head)
         assert r.status_code == 400 and "header" in r.json()["error"], r.text
 

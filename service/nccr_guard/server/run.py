@@ -23,7 +23,10 @@ class DrainingServer(uvicorn.Server):
     would re-raise SIGTERM and exit -15)."""
 
     _draining_task: asyncio.Task | None = None
-    gate: StartGate | None = None
+
+    def __init__(self, config: uvicorn.Config, gate: StartGate | None = None) -> None:
+        super().__init__(config)
+        self.gate = gate  # one worker of several: counts itself in once listening (workers.StartGate)
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -79,9 +82,9 @@ def serve_on(settings: Settings, sockets: list[socket.socket] | None = None, gat
             timeout_keep_alive=5,
             timeout_graceful_shutdown=max(1, int(settings.drain_s)),
             limit_concurrency=settings.max_connections,
-        )
+        ),
+        gate,
     )
-    server.gate = gate
     server.run(sockets=sockets)
     return server.started
 

@@ -67,8 +67,8 @@ class StartGate:
 
     started: Any  # a multiprocessing.Value("i"): workers that reached listening
     workers: int
-    beats: Any = None  # a multiprocessing.Array("d"): each slot's last heartbeat, time.monotonic()
-    slot: int = 0
+    beats: Any  # a multiprocessing.Array("d"): each slot's last heartbeat, time.monotonic()
+    slot: int
 
     def arrive(self) -> None:
         with self.started.get_lock():
@@ -78,8 +78,7 @@ class StartGate:
         return self.started.value >= self.workers
 
     def beat(self) -> None:
-        if self.beats is not None:
-            self.beats[self.slot] = time.monotonic()
+        self.beats[self.slot] = time.monotonic()
 
 
 def worker(settings_json: str, port: int, gate: StartGate) -> None:

@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 
 from nccr_guard import __version__
 from nccr_guard.inputs import InputError
-from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep, deadline
+from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep, deadline, get_service
 from nccr_guard.server.routers.detect import settle
 from nccr_guard.server.schemas import Error, V2InferRequest, V2InferResponse, V2Tensor
 from nccr_guard.server.uploads import read_body
@@ -43,7 +43,7 @@ class BinaryTensorRoute(APIRoute):
             declared = request.headers.get(BINARY_HEADER)
             if declared is None:
                 return await handler(request)
-            cap = request.app.state.service.settings.max_upload_bytes
+            cap = (await get_service(request)).settings.max_upload_bytes
             body = await read_body(request, cap, deadline(request))
             if not declared.isdigit() or int(declared) > len(body):
                 raise InputError(f"{BINARY_HEADER} {declared!r} is not a length within the {len(body)}-byte body")
