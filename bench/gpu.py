@@ -2,10 +2,13 @@
 
     python -m bench.gpu [--seconds 6]   ->  reports/bench/gpu-<device>.json
 
-1. correctness: the default model's scores on CUDA (fp32, and fp16) against CPU on 100 held-out digits;
-2. MNIST engine: detections/s against inputs per forward, split into row building (CPU), forward, scoring;
-3. ResNet-50-shaped model (random weights, 224 px, K=32): p50/p99 latency of one verdict, fp32 and fp16;
-4. the HTTP service on CUDA at saturation (async closed-loop client) against the best bare loop.
+1. correctness: the default model's scores on CUDA (fp32, and fp16; CUDA graphs on, the default) against CPU
+   on 100 held-out digits, and whether the graphs passed their capture check;
+2. MNIST engine: detections/s against inputs per forward, split into row building (CPU), forward, scoring,
+   with and without CUDA graphs;
+3. ResNet-50-shaped model (random weights, 224 px, K=32): p50/p99 latency of one verdict, fp32 and fp16, with
+   and without CUDA graphs;
+4. the HTTP service on CUDA at saturation (async closed-loop client), with and without CUDA graphs.
 """
 
 from __future__ import annotations
@@ -55,9 +58,11 @@ def correctness() -> dict:
     cpu = Detector.load(MNIST, backend="torch", device="cpu").detect(xs)
     res = {}
     for half in (False, True):
-        gpu = Detector.load(MNIST, backend="torch", device=DEVICE, half=half).detect(xs)
+        det = Detector.load(MNIST, backend="torch", device=DEVICE, half=half)
+        gpu = det.detect(xs)
         diff = np.abs(np.array([v.score for v in cpu]) - np.array([v.score for v in gpu]))
         res["fp16" if half else "fp32"] = {
+            "cuda_graphs": det.backend.cuda_graphs,
             "max_abs_score_diff": float(diff.max()),
             "median_abs_score_diff": float(np.median(diff)),
             "same_prediction": float(np.mean([a.index == b.index for a, b in zip(cpu, gpu, strict=True)])),
@@ -94,13 +99,17 @@ def engine_split(det, xs: np.ndarray, per: int, reps: int) -> dict:
     }
 
 
-def mnist_engine() -> list[dict]:
+def mnist_engine() -> dict:
     from nccr_guard.detector import Detector
 
-    det = Detector.load(MNIST, backend="torch", device=DEVICE)
     xs = sample_inputs(MNIST, 128)
-    det.detect(list(xs[:8]))
-    return [engine_split(det, xs, per, 20) for per in (1, 8, 32, 128, 512)]
+    out = {}
+    for graphs in (True, False):
+        det = Detector.load(MNIST, backend="torch", device=DEVICE, cuda_graphs=graphs)
+        det.detect(list(xs[:8]))
+        runs = [engine_split(det, xs, per, 20) for per in (1, 8, 32, 128, 512)]
+        out["cuda_graphs" if graphs else "eager"] = {"active": det.backend.cuda_graphs, "runs": runs}
+    return out
 
 
 def calibrated_resnet(tmp: Path) -> Path:
@@ -126,13 +135,14 @@ def resnet_latency(folder: Path, reps: int = 60) -> dict:
 
     out = {}
     x = np.random.default_rng(1).random((3, 224, 224)).astype(np.float32)
-    for half in (False, True):
-        det = Detector.load(folder, backend="torch", device=DEVICE, half=half)
+    for half, graphs in ((False, True), (True, True), (False, False), (True, False)):
+        det = Detector.load(folder, backend="torch", device=DEVICE, half=half, cuda_graphs=graphs)
         for _ in range(5):
             det.detect([x])
         lat = np.array(timed(lambda det=det: det.detect([x]), reps)) * 1e3
         split = engine_split(det, x[None], 1, 20)
-        out["fp16" if half else "fp32"] = {
+        out[("fp16" if half else "fp32") + ("" if graphs else "-eager")] = {
+            "cuda_graphs": det.backend.cuda_graphs,
             "rows": det.rows_per_input,
             "p50_ms": float(np.percentile(lat, 50)),
             "p99_ms": float(np.percentile(lat, 99)),
@@ -182,7 +192,8 @@ def serve_gpu(seconds: float, extra: tuple[str, ...] = ()) -> dict:
         url = f"http://127.0.0.1:{port}/v1/detect"
         runs = [asyncio.run(closed_loop(url, buf.getvalue(), c, seconds)) for c in (16, 64, 256)]
         m = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
-        model = httpx.get(f"http://127.0.0.1:{port}/v1/models/mnist", trust_env=False).json()
+        cards = {c["name"]: c for c in httpx.get(f"http://127.0.0.1:{port}/v1/models", trust_env=False).json()}
+        model = cards["mnist"]
     finally:
         proc.terminate()
         proc.wait(30)
@@ -194,6 +205,7 @@ def serve_gpu(seconds: float, extra: tuple[str, ...] = ()) -> dict:
         "runs": runs,
         "peak_rps": max(r["rps"] for r in runs),
         "device": model["device"],
+        "cuda_graphs": {name: c["cuda_graphs"] for name, c in cards.items()},
         "batching": model["calibration"]["batching"],
         "mean_batch_requests": float(s["sum"]) / float(s["count"]),
     }
@@ -213,7 +225,14 @@ def main() -> None:
     steps = [
         ("correctness", correctness),
         ("mnist_engine", mnist_engine),
-        ("serve", lambda: [serve_gpu(args.seconds, ("--processes", str(n))) for n in args.processes]),
+        (
+            "serve",
+            lambda: [
+                serve_gpu(args.seconds, ("--processes", str(n), *graphs))
+                for n in args.processes
+                for graphs in ((), ("--no-cuda-graphs",))
+            ],
+        ),
     ]
     tmp = Path(tempfile.mkdtemp())
     steps.append(("resnet50_k32", lambda: resnet_latency(calibrated_resnet(tmp))))

@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     backend: Literal["torch", "onnx", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = Field(False, description="half precision on CUDA (torch backend)")
+    cuda_graphs: bool = Field(
+        True,
+        description="replay captured CUDA graphs for forwards of up to 256 rows (torch backend on CUDA; each graph "
+        "is checked against the eager forward once, and a failed check falls back to eager)",
+    )
     max_batch: int = Field(0, ge=0, description="rows (passes) per forward; 0 = per-device default")
     max_delay_ms: float = Field(-1.0, description="batch gathering window; <0 = per-device default")
     max_queue: int = Field(256, ge=1, description="queued requests per model before 503")

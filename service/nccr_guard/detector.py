@@ -104,9 +104,10 @@ class Detector:
         half: bool = False,
         sequential: bool = True,
         truncate: bool = True,
+        cuda_graphs: bool = True,
     ) -> Detector:
         manifest = load_manifest(folder)
-        be = make_backend(backend, manifest, device=device, threads=threads, half=half)
+        be = make_backend(backend, manifest, device=device, threads=threads, half=half, cuda_graphs=cuda_graphs)
         calib = None
         variant = get_variant(manifest.variant)
         if calibrated:

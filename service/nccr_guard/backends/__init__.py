@@ -21,6 +21,7 @@ class Backend(Protocol):
     device: str
     layers: list[str]  # watched layers, in output order after "logits"
     supports_gradients: bool
+    cuda_graphs: bool  # forwards replay captured CUDA graphs (torch on CUDA)
 
     def forward(self, x: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
         """x: (B, *input_shape) float32 -> {"logits": (B, C), layer: (B, N), ...} float32 numpy arrays.
@@ -52,15 +53,23 @@ def merge_rows(full: dict[str, np.ndarray], part: dict[str, np.ndarray], origina
     return out
 
 
-def make_backend(name: str, manifest: Manifest, device: str = "auto", threads: int = 0, half: bool = False) -> Backend:
+def make_backend(
+    name: str,
+    manifest: Manifest,
+    device: str = "auto",
+    threads: int = 0,
+    half: bool = False,
+    cuda_graphs: bool = True,
+) -> Backend:
     """Build the named backend. `auto`: ONNX Runtime on the CPU when the folder has an ONNX file (measured 4-6x
-    faster than torch eager for small models, docs/performance.md), torch on CUDA or without an ONNX file."""
+    faster than torch eager for small models, docs/performance.md), torch on CUDA or without an ONNX file.
+    `half` and `cuda_graphs` apply to torch on CUDA only."""
     if name == "auto":
         name = _auto(manifest, device)
     if name == "torch":
         from nccr_guard.backends.torch_backend import TorchBackend
 
-        return TorchBackend(manifest, device=device, threads=threads, half=half)
+        return TorchBackend(manifest, device=device, threads=threads, half=half, cuda_graphs=cuda_graphs)
     if name == "onnx":
         from nccr_guard.backends.onnx_backend import OnnxBackend
 

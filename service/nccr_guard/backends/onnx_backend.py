@@ -43,6 +43,7 @@ def _truncated(path: str, input_name: str, names: list[str]) -> bytes:
 class OnnxBackend:
     name = "onnx"
     supports_gradients = False
+    cuda_graphs = False  # ONNX Runtime's CUDA graphs need fixed shapes and IO binding: not used
 
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0) -> None:
         try:

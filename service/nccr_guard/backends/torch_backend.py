@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib
 import threading
 
@@ -10,6 +11,7 @@ import torch
 from torch import nn
 
 from nccr_guard.backends import BackendError, merge_rows
+from nccr_guard.backends.graphs import GraphedForward, cuda_capture
 from nccr_guard.manifest import Manifest
 
 
@@ -97,7 +99,15 @@ class TorchBackend:
     name = "torch"
     supports_gradients = True
 
-    def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0, half: bool = False) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        device: str = "auto",
+        threads: int = 0,
+        half: bool = False,
+        cuda_graphs: bool = True,
+        graph_max_rows: int = 256,
+    ) -> None:
         if threads:
             torch.set_num_threads(threads)
         self.manifest = manifest
@@ -113,6 +123,16 @@ class TorchBackend:
         self.device_rows = self.torch_device.type == "cuda"
         if self.device_rows:
             torch.backends.cudnn.benchmark = True
+        self.graphs: GraphedForward | None = None
+        if cuda_graphs and self.torch_device.type == "cuda":
+            tol = (1e-2, 1e-2) if self.half else (1e-3, 1e-4)
+            capture = cuda_capture(torch.cuda.graph_pool_handle())
+            self.graphs = GraphedForward(capture, graph_max_rows, rtol=tol[0], atol=tol[1])
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether forwards replay CUDA graphs (off on the CPU, by flag, or after a failed capture check)."""
+        return bool(self.graphs and self.graphs.active)
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
         t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
@@ -120,16 +140,22 @@ class TorchBackend:
             t = t.pin_memory().to(self.torch_device, non_blocking=True)
         return t
 
+    def _compute(self, t: torch.Tensor, upto: list[str] | None) -> tuple[torch.Tensor, ...]:
+        """The device tensors `_run` returns, in its order: what a CUDA graph captures."""
+        t = t.half() if self.half else t
+        if upto is not None:
+            return tuple(reduce_tensor(o) for o in self.tapped.truncated(t, upto))
+        outs = self.tapped(t)
+        return (outs[0], *(reduce_tensor(o) for o in outs[1:]))
+
     def _run(self, t: torch.Tensor, upto: list[str] | None = None) -> dict[str, np.ndarray]:
         with torch.inference_mode():
-            t = t.half() if self.half else t
-            if upto is not None:
-                outs = self.tapped.truncated(t, upto)
-                return {n: reduce_tensor(o).float().cpu().numpy() for n, o in zip(upto, outs, strict=True)}
-            outs = self.tapped(t)
-            outs = [outs[0], *(reduce_tensor(o) for o in outs[1:])]
+            fn = functools.partial(self._compute, upto=upto)
+            outs = self.graphs(fn, t, upto or ()) if self.graphs else None
+            if outs is None:
+                outs = fn(t)
             arrays = [o.float().cpu().numpy() for o in outs]
-        return {"logits": arrays[0], **dict(zip(self.layers, arrays[1:], strict=True))}
+        return dict(zip(upto if upto is not None else ["logits", *self.layers], arrays, strict=True))
 
     def forward(self, x: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
         return self._run(self._to_device(x), upto)

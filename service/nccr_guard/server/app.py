@@ -42,6 +42,7 @@ def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
         k=settings.k,
         seed=settings.seed,
         half=settings.half,
+        cuda_graphs=settings.cuda_graphs,
         sequential=settings.sequential,
         truncate=settings.truncate,
         threads=cpu_threads if settings.device != "cuda" else 0,

@@ -28,6 +28,7 @@ def card(rt: ModelRuntime) -> ModelCard:
         passes=det.rows_per_input,
         sequential=det.schedule.__dict__ if det.schedule else None,
         truncated_to=det.truncation,
+        cuda_graphs=det.backend.cuda_graphs,
         calibration={
             "target_fpr": c.target_fpr,
             "threshold": c.threshold,

@@ -1,0 +1,108 @@
+"""CUDA graph replay (backends/graphs.py): bucketing, padding, slicing, keys and the eager fallback.
+
+CUDA graphs need a GPU (bench/gpu.py checks the real thing there). Here torch's CUDAGraph is stood in for by its
+semantics — replay() recomputes the captured function from the static input into the same output tensors —
+and everything of ours around it runs for real: the torch backend's forward, full and truncated."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from nccr_guard.backends.graphs import GraphedForward, buckets
+from nccr_guard.detector import Detector
+from tests.unit.test_truncation import folder_watching
+
+
+def replaying_capture(fn, static):
+    """A CUDA graph's contract on the CPU: fixed output tensors, refreshed from the static input by replay()."""
+    outs = fn(static)
+
+    def replay():
+        for o, new in zip(outs, fn(static), strict=True):
+            o.copy_(new)
+
+    return replay, outs
+
+
+def stale_capture(fn, static):
+    """A graph that does not recompute: what a model with host-side control flow would capture."""
+    outs = tuple(o.clone() for o in fn(static))
+    return (lambda: None), outs
+
+
+def failing_capture(fn, static):
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_buckets_pad_by_at_most_a_quarter_and_cover_every_size():
+    sizes = buckets(256)
+    assert sizes[:12] == [1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 14, 16] and sizes[-3:] == [192, 224, 256]
+    assert len(sizes) == 28
+    g = GraphedForward(replaying_capture, 256)
+    for n in range(1, 257):
+        b = g.bucket(n)
+        assert n <= b <= 1.25 * n
+    assert g.bucket(257) is None
+    assert buckets(100)[-1] == 100
+
+
+@pytest.fixture
+def backend(tmp_path):
+    det = Detector.load(folder_watching(tmp_path, "conv2"), backend="torch", device="cpu", calibrated=False)
+    assert det.backend.graphs is None and not det.backend.cuda_graphs  # the CPU never captures
+    return det.backend
+
+
+def test_replayed_forwards_equal_eager_ones_full_and_truncated(backend, mnist_test):
+    xs = mnist_test[0]
+    eager = {n: (backend.forward(xs[:n]), backend.forward(xs[:n], upto=["conv2"])) for n in (1, 7, 9, 10, 13)}
+    backend.graphs = GraphedForward(replaying_capture, 12)
+    assert backend.cuda_graphs
+    for n in (10, 9, 7, 1, 13, 10):  # 9 after 10 reuses the 10-row graph, whose last row still holds old data
+        full, cut = backend.forward(xs[:n]), backend.forward(xs[:n], upto=["conv2"])
+        assert set(full) == {"logits", "conv2"} and set(cut) == {"conv2"}
+        for got, want in ((full, eager[n][0]), (cut, eager[n][1])):
+            for k in want:
+                assert got[k].shape == want[k].shape
+                np.testing.assert_allclose(got[k], want[k], rtol=1e-5, atol=1e-6)
+    # one graph per (what is computed, bucket); 13 rows is over max_rows 12 and ran eagerly
+    assert sorted((k[0], k[1]) for k in backend.graphs.graphs) == [
+        ((), 1),
+        ((), 7),
+        ((), 10),
+        (("conv2",), 1),
+        (("conv2",), 7),
+        (("conv2",), 10),
+    ]
+
+
+@pytest.mark.parametrize("capture", [stale_capture, failing_capture], ids=["disagrees", "fails"])
+def test_a_bad_capture_turns_graphs_off_and_serves_eagerly(backend, mnist_test, caplog, capture):
+    xs = mnist_test[0]
+    want = backend.forward(xs[:3])
+    backend.graphs = GraphedForward(capture, 8)
+    with caplog.at_level(logging.WARNING, logger="nccr_guard"):
+        first = backend.forward(xs[:3])
+    assert not backend.cuda_graphs and backend.graphs.graphs == {}
+    assert "CUDA graphs turned off" in caplog.text
+    second = backend.forward(xs[3:6])
+    np.testing.assert_allclose(first["logits"], want["logits"], rtol=1e-5)
+    np.testing.assert_allclose(second["logits"], backend.forward(xs[3:6])["logits"], rtol=1e-5)
+
+
+def test_stale_graph_is_caught_by_the_check(mnist_test):
+    """The check compares the replay with an eager forward of the same padded batch: a graph frozen on the
+    padding (zeros) instead of the batch fails it."""
+
+    def frozen(fn, static):
+        outs = tuple(o.clone() for o in fn(torch.zeros_like(static)))
+        return (lambda: None), outs
+
+    g = GraphedForward(frozen, 4)
+    x = torch.as_tensor(mnist_test[0][:2])
+    assert g(lambda t: (t.flatten(1).sum(1, keepdim=True),), x) is None
+    assert not g.active
