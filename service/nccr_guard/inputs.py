@@ -73,6 +73,16 @@ def declared_pixels(data: bytes) -> int | None:
     return w * h
 
 
+# Where Pillow finds an EXIF orientation in a PNG (Image.getexif): an eXIf chunk, ImageMagick's text chunk, XMP.
+PNG_ORIENTATION_KEYS = ("exif", "Raw profile type exif", "XML:com.adobe.xmp", "xmp")
+
+
+def may_be_oriented(img) -> bool:
+    """False when a loaded PNG has none of the chunks Pillow reads an orientation from: exif_transpose would
+    find nothing, after 18 µs of EXIF parsing (a fifth of an MNIST digit's decode). Other formats: True."""
+    return img.format != "PNG" or any(k in img.info for k in PNG_ORIENTATION_KEYS)
+
+
 def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> np.ndarray:
     """Image bytes -> (C, H, W) float32 in the manifest's value range."""
     from PIL import Image, ImageOps, UnidentifiedImageError
@@ -92,7 +102,8 @@ def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> 
             if w < 1 or h < 1:
                 raise InputError("image has no pixels")
             img.load()
-            ImageOps.exif_transpose(img, in_place=True)  # a copy otherwise, even when nothing turns: 4 % of a batch
+            if may_be_oriented(img):
+                ImageOps.exif_transpose(img, in_place=True)  # a copy otherwise, even when nothing turns
     except InputError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -115,12 +126,12 @@ def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> 
     c, h, w = manifest.input.shape
     if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
-    if spec.invert:
-        arr = 1.0 - arr
+    # value = lo + (hi - lo) * p / 255, or with invert lo + (hi - lo) * (1 - p / 255): one multiply, one add
     lo, hi = manifest.input.range
-    return (arr * (hi - lo) + lo).astype(np.float32)
+    scale, offset = (lo - hi, hi) if spec.invert else (hi - lo, lo)
+    arr = np.multiply(np.asarray(img), np.float32(scale / 255.0), dtype=np.float32)
+    arr += np.float32(offset)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
 def decode(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> np.ndarray:

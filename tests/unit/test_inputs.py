@@ -1,4 +1,5 @@
-"""Where an upload is decoded: header-declared pixel counts and the event-loop decoding budget."""
+"""Where and how an upload is decoded: header-declared pixel counts, the event-loop decoding budget, PNG
+orientation and pixel scaling."""
 
 from __future__ import annotations
 
@@ -53,3 +54,68 @@ def test_small_images_decode_inline_and_large_or_audio_do_not():
     assert not decode_inline([Upload(image(side + 1, side), None, None)])
     assert not decode_inline([Upload(png_header_only(100_000, 100_000), None, None)])
     assert not decode_inline([digit, Upload(encode_wav(np.zeros(1600, np.float32), 16000), None, None)])
+
+
+def oriented_png(how: str) -> bytes:
+    """A 4x2 PNG whose top-left pixel is white, with an orientation 6 (turn 90° clockwise) stored `how`."""
+    a = np.zeros((2, 4), np.uint8)
+    a[0, 0] = 255
+    buf = io.BytesIO()
+    img = Image.fromarray(a)
+    if how == "exif":
+        exif = Image.Exif()
+        exif[0x0112] = 6
+        img.save(buf, format="PNG", exif=exif)
+    elif how == "xmp":
+        from PIL import PngImagePlugin
+
+        info = PngImagePlugin.PngInfo()
+        info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
+        img.save(buf, format="PNG", pnginfo=info)
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def manifest_with(tmp_path, shape: tuple[int, int, int], value_range: tuple[float, float], invert: bool):
+    from nccr_guard.manifest import load_manifest
+    from tests.conftest import MNIST
+
+    toml = (MNIST / "model.toml").read_text()
+    c, h, w = shape
+    toml = toml.replace("shape = [1, 28, 28]", f"shape = [{c}, {h}, {w}]")
+    toml = toml.replace("range = [0.0, 1.0]", f"range = [{value_range[0]}, {value_range[1]}]")
+    toml = toml.replace("invert = false", f"invert = {str(invert).lower()}")
+    (tmp_path / "model.toml").write_text(toml)
+    return load_manifest(tmp_path)
+
+
+def test_png_orientation_from_exif_or_xmp_is_applied_and_plain_pngs_skip_the_exif_walk(tmp_path):
+    from nccr_guard.inputs import decode_image, may_be_oriented
+
+    m = manifest_with(tmp_path, (1, 4, 2), (0.0, 1.0), False)  # 2 wide, 4 high: the turned image
+    for how in ("exif", "xmp"):
+        img = Image.open(io.BytesIO(oriented_png(how)))
+        img.load()
+        assert may_be_oriented(img), how
+        x = decode_image(oriented_png(how), m)
+        assert x.shape == (1, 4, 2) and x[0, 0, 1] == 1.0 and x.sum() == 1.0, how  # top-left went top-right
+    plain = Image.open(io.BytesIO(oriented_png("none")))
+    plain.load()
+    assert not may_be_oriented(plain)
+    assert may_be_oriented(Image.open(io.BytesIO(image(3, 3, "JPEG"))))  # other formats: always walked
+
+
+def test_pixel_scaling_matches_the_manifest_range_and_inversion(tmp_path):
+    from nccr_guard.inputs import decode_image
+
+    a = np.arange(0, 256, 16, dtype=np.uint8).reshape(4, 4)
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG")
+    for lo, hi, invert in ((0.0, 1.0, False), (-1.0, 1.0, True), (0.0, 255.0, False), (-0.5, 2.0, True)):
+        m = manifest_with(tmp_path, (1, 4, 4), (lo, hi), invert)
+        p = a / 255.0
+        want = lo + (hi - lo) * ((1 - p) if invert else p)
+        got = decode_image(buf.getvalue(), m)
+        assert got.dtype == np.float32 and got.shape == (1, 4, 4)
+        np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-6)
