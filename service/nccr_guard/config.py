@@ -43,6 +43,12 @@ class Settings(BaseSettings):
         description="with --processes N: a worker whose event loop gives no heartbeat for this long is killed and "
         "replaced",
     )
+    rebalance_connections: bool = Field(
+        True,
+        description="with --processes N: a worker holding more than its share of the open connections closes one "
+        "after its response (at most one per 0.2 s), so that the kernel's hash re-spreads few long-lived "
+        "keep-alive connections",
+    )
     backend: Literal["torch", "onnx", "auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     half: bool = Field(False, description="half precision on CUDA (torch backend)")

@@ -140,6 +140,36 @@ def test_two_processes_share_the_load_and_the_metrics(tmp_path, digit_pngs):
     assert len({x["pid"] for x in detects}) == 2
 
 
+def test_two_processes_even_out_a_few_long_lived_connections(tmp_path, digit_pngs):
+    """Four keep-alive clients, one connection each (a sidecar's or a proxy's pool): SO_REUSEPORT's hash alone
+    leaves them 2/2 over two workers with probability 3/8. A worker with more than its share closes one
+    connection after its response, the client reconnects and is hashed again, until they are even: then
+    nothing is closed any more."""
+    s = start_server(tmp_path, "--processes", "2")
+    png = digit_pngs[0][0].read_bytes()
+    clients = [httpx.Client(base_url=s.url, timeout=30, limits=httpx.Limits(max_connections=1)) for _ in range(4)]
+    rounds = 150
+    try:
+        for n in range(rounds):
+            for i, c in enumerate(clients):
+                headers = {"content-type": "image/png", "x-request-id": f"c{i}-{n}"}
+                assert c.post("/v1/detect", content=png, headers=headers).status_code == 200
+        with s.client() as c:
+            shed = labelled(c.get("/metrics").text, "nccr_guard_connections_rebalanced_total")
+    finally:
+        for c in clients:
+            c.close()
+        assert s.stop() == 0
+    _detect_pids(s.log, 4 * rounds)
+    lines = [json.loads(x) for x in s.log.read_text().splitlines() if '"path": "/v1/detect"' in x]
+    pid = {x["request_id"]: x["pid"] for x in lines}
+    last = [pid[f"c{i}-{rounds - 1}"] for i in range(4)]
+    assert sorted(last.count(p) for p in set(last)) == [2, 2], (last, shed)
+    # settled: over the last 50 rounds each client kept its connection, so its worker
+    for i in range(4):
+        assert {pid[f"c{i}-{n}"] for n in range(rounds - 50, rounds)} == {last[i]}, (i, shed)
+
+
 def test_two_processes_stop_when_a_worker_cannot_start(tmp_path):
     """A model that fails to load fails every worker the same way: the supervisor stops instead of restarting."""
     with pytest.raises(RuntimeError, match="server exited 1"):

@@ -46,10 +46,11 @@ class ServiceMiddleware:
                 app_ms = (time.monotonic() - start) * 1e3
                 out = message.setdefault("headers", [])
                 out.extend([(b"x-request-id", rid.encode()), (b"server-timing", f"app;dur={app_ms:.1f}".encode())])
-                if svc.draining:
+                if svc.draining or svc.shed_connection():
                     # Close keep-alive connections while draining: a client's next request then opens a new
                     # connection (answered 503, or refused once the listener closes) instead of racing the
-                    # server's final close of idle connections, which would lose it.
+                    # server's final close of idle connections, which would lose it. With --processes N, also
+                    # one of a worker's surplus connections: reconnecting, the client may land on another.
                     out.append((b"connection", b"close"))
             elif message["type"] == "http.response.body":
                 sent_bytes += len(message.get("body", b""))

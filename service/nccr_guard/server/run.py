@@ -30,6 +30,9 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
+        service = _find_service(getattr(self.config, "loaded_app", None))
+        if service is not None:
+            service.connections = self.server_state.connections  # counted for --rebalance-connections
         if self.gate is not None and self.started:
             self.gate.arrive()  # listening now: the kernel may give this worker connections
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 import httpx
@@ -26,6 +27,8 @@ class Service:
     upstream: httpx.AsyncClient | None = None
     gate: StartGate | None = None  # with --processes N: ready once every worker has started (workers.py)
     gc_pauses: GcPauses | None = None  # installed while serving (app.py)
+    connections: set = field(default_factory=set)  # uvicorn's open connections (run.DrainingServer)
+    _next_shed: float = 0.0
 
     @property
     def ready(self) -> bool:
@@ -41,11 +44,24 @@ class Service:
         several) the heartbeat the supervisor watches."""
         self.metrics.ready.set(int(self.ready))
         if self.gate is not None:
-            self.gate.beat()
+            self.gate.beat(len(self.connections))
         if self.gc_pauses is not None:
             self.gc_pauses.flush()
         for name, rt in self.runtimes.items():
             self.metrics.queue_depth.labels(name).set(rt.batcher.depth)
+
+    def shed_connection(self) -> bool:
+        """Whether to close the connection of the response being sent, because this worker holds more than its
+        share of the server's connections (workers.StartGate.over_share). At most one per 0.2 s: the other
+        workers' counts are sampled every 0.1 s, and a closed client needs a moment to reconnect elsewhere."""
+        if self.gate is None or not self.settings.rebalance_connections:
+            return False
+        now = time.monotonic()
+        if now < self._next_shed or not self.gate.over_share(len(self.connections)):
+            return False
+        self._next_shed = now + 0.2
+        self.metrics.connections_shed.inc()
+        return True
 
     @property
     def limits(self) -> Limits:

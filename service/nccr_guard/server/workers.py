@@ -5,8 +5,9 @@ Why not uvicorn's `--workers` supervisor: its workers run uvicorn's plain `Serve
 listener and idle keep-alive connections at once, so a request sent on one just then was lost (a CI failure);
 here each worker drains like the single-process server (503 + `Connection: close` for new requests while queued
 work finishes). And its workers share one accept socket, where the first worker to wake takes every connection
-of a burst; with SO_REUSEPORT the kernel spreads connections over the workers' listeners by hash (not by load:
-a few long-lived connections can still share one worker, docs/performance.md).
+of a burst; with SO_REUSEPORT the kernel spreads connections over the workers' listeners by hash, not by load,
+so a worker holding more than its share of the open connections closes one after its response (`Connection:
+close`, at most one per 0.2 s) and the client's reconnection is hashed again (`--rebalance-connections`).
 
 The parent binds the address without listening, which holds the port (and resolves port 0) and reports
 "address in use" before any worker starts; only the workers listen. SIGTERM/SIGINT to the parent is forwarded
@@ -69,6 +70,7 @@ class StartGate:
     workers: int
     beats: Any  # a multiprocessing.Array("d"): each slot's last heartbeat, time.monotonic()
     slot: int
+    conns: Any  # a multiprocessing.Array("i"): each slot's open connections, written with the heartbeat
 
     def arrive(self) -> None:
         with self.started.get_lock():
@@ -77,8 +79,17 @@ class StartGate:
     def open(self) -> bool:
         return self.started.value >= self.workers
 
-    def beat(self) -> None:
+    def beat(self, connections: int) -> None:
         self.beats[self.slot] = time.monotonic()
+        self.conns[self.slot] = connections
+
+    def over_share(self, connections: int) -> bool:
+        """Whether this worker holds more than its fair share (rounded up) of all workers' open connections.
+        SO_REUSEPORT hashes each new connection to a worker regardless of load, so a few long-lived keep-alive
+        connections can all land on one; closing a surplus one after its response makes the client reconnect
+        and be hashed again, until the counts even out (2 connections: 2/0 -> 1/1; 3 stay 2/1)."""
+        total = sum(self.conns) - self.conns[self.slot] + connections
+        return connections * self.workers > total + self.workers - 1
 
 
 def worker(settings_json: str, port: int, gate: StartGate) -> None:
@@ -110,10 +121,12 @@ class Supervisor:
         self.procs: list[BaseProcess] = []
         self.started = _spawn.Value("i", 0)
         self.beats = _spawn.Array("d", settings.processes, lock=False)  # one writer per slot
+        self.conns = _spawn.Array("i", settings.processes, lock=False)
 
     def _start(self, port: int, slot: int) -> BaseProcess:
         self.beats[slot] = 0.0  # not checked until the new worker's first heartbeat
-        gate = StartGate(self.started, self.settings.processes, self.beats, slot)
+        self.conns[slot] = 0  # a dead worker's connections are gone
+        gate = StartGate(self.started, self.settings.processes, self.beats, slot, self.conns)
         p = _spawn.Process(target=worker, args=(self.settings.model_dump_json(), port, gate), name="nccr-guard-worker")
         p.start()
         return p
