@@ -121,6 +121,12 @@ PANELS = [
         "reqps",
     ),
     (
+        "Connections closed to even out workers (--processes N)",
+        "timeseries",
+        [("sum by (instance) (rate(nccr_guard_connections_rebalanced_total[1m]))", "{{instance}}")],
+        "ops",
+    ),
+    (
         "Responses by status code",
         "timeseries",
         [(f"sum by (code) (rate(nccr_guard_requests_total{{{M}}}[1m]))", "{{code}}")],

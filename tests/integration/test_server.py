@@ -206,6 +206,7 @@ def test_metrics_exposition(server, digit_pngs):
         "nccr_guard_model_info",
         "nccr_guard_event_loop_lag_seconds_bucket",
         "nccr_guard_gc_pause_seconds_bucket",
+        "nccr_guard_connections_rebalanced_total",
     ):
         assert name in text, name
     assert re.search(
