@@ -170,6 +170,28 @@ def test_two_processes_even_out_a_few_long_lived_connections(tmp_path, digit_png
         assert {pid[f"c{i}-{n}"] for n in range(rounds - 50, rounds)} == {last[i]}, (i, shed)
 
 
+def test_a_restart_into_the_same_metrics_directory_counts_afresh(tmp_path, digit_pngs):
+    """With PROMETHEUS_MULTIPROC_DIR set by the user, the last run's value files (one per worker pid) would be
+    summed into this run's counters: the server deletes them when it starts."""
+    from tests.conftest import MNIST
+
+    (tmp_path / "metrics").mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "metrics")}
+    png = digit_pngs[0][0].read_bytes()
+    for sent in (5, 3):
+        s = start_server(tmp_path, "--processes", "2", "--models", str(MNIST), env=env)
+        try:
+            answers = asyncio.run(_post_many(s.url, png, sent))
+            assert [getattr(a, "status_code", a) for a in answers] == [200] * sent
+            with s.client() as c:
+                text = c.get("/metrics").text
+            assert labelled(text, "nccr_guard_requests_total", endpoint="/v1/detect", code="200") == sent
+        finally:
+            assert s.stop() == 0
+    assert any((tmp_path / "metrics").glob("*.db"))  # the second run's files stay for a post-mortem scrape
+    assert "metric files of an earlier run" in s.log.read_text()
+
+
 def test_two_processes_stop_when_a_worker_cannot_start(tmp_path):
     """A model that fails to load fails every worker the same way: the supervisor stops instead of restarting."""
     with pytest.raises(RuntimeError, match="server exited 1"):

@@ -29,3 +29,14 @@ def test_a_worker_is_over_its_share_only_above_the_rounded_up_mean(mine, others,
     gate.beat(mine[0])  # publishes this worker's count, as every heartbeat does
     assert gate.conns == conns
     assert gate.over_share(mine[0]) is over
+
+
+def test_a_multiprocess_metrics_directory_is_created_and_cleared_of_value_files_only(tmp_path):
+    from nccr_guard.server.metrics import clear_stale_metrics
+
+    d = tmp_path / "not" / "there"
+    assert clear_stale_metrics(d) == 0 and d.is_dir()  # prometheus_client cannot start in a missing directory
+    for name in ("counter_123.db", "gauge_livesum_123.db", "notes.txt"):
+        (d / name).write_text("x")
+    assert clear_stale_metrics(d) == 2
+    assert [p.name for p in d.iterdir()] == ["notes.txt"]

@@ -14,6 +14,7 @@ import os
 import time
 from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -133,6 +134,17 @@ class Metrics:
             MultiProcessCollector(merged, path)
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+def clear_stale_metrics(path: Path) -> int:
+    """Delete the value files a previous run left in a multiprocess directory; how many. prometheus_client keeps
+    each process's values in `<kind>_<pid>.db` files that outlive the process, so a restart into the same
+    directory would count the last run's requests again (its docs: wipe the directory between runs)."""
+    path.mkdir(parents=True, exist_ok=True)
+    stale = list(path.glob("*.db"))
+    for f in stale:
+        f.unlink(missing_ok=True)
+    return len(stale)
 
 
 class GcPauses:

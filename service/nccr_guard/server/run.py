@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import socket
 import time
+from pathlib import Path
 
 import uvicorn
 
 from nccr_guard.config import Settings
 from nccr_guard.server.app import create_app
 from nccr_guard.server.logs import configure_logging
+from nccr_guard.server.metrics import clear_stale_metrics
 from nccr_guard.server.workers import StartGate, Supervisor
+
+log = logging.getLogger("nccr_guard")
 
 
 class DrainingServer(uvicorn.Server):
@@ -94,6 +100,10 @@ def serve_on(settings: Settings, sockets: list[socket.socket] | None = None, gat
 
 def run(settings: Settings) -> int:
     configure_logging(settings.log_json)
+    # Set by the user (else --processes N makes a fresh one): values left by an earlier run would be counted again.
+    shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if shared and (n := clear_stale_metrics(Path(shared))):
+        log.info("removed %d metric files of an earlier run from %s", n, shared)
     if settings.processes > 1:
         return Supervisor(settings).run()
     return 0 if serve_on(settings) else 1

@@ -14,8 +14,8 @@ The parent binds the address without listening, which holds the port (and resolv
 to every worker; the parent exits 0 when all workers drained and exited 0. A worker that dies while serving is
 replaced, and so is one whose event loop stops its heartbeat for `worker_timeout_s` (hung); one that fails to
 start (exit code STARTUP_FAILURE) stops the whole server. Metrics: the workers
-share a PROMETHEUS_MULTIPROC_DIR (a temporary directory unless the variable is set), so a scrape of any worker
-counts all of them (metrics.py)."""
+share a PROMETHEUS_MULTIPROC_DIR (a temporary directory unless the variable is set; a set one is cleared of an
+earlier run's files at start, run.run), so a scrape of any worker counts all of them (metrics.py)."""
 
 from __future__ import annotations
 
