@@ -8,14 +8,15 @@
    with and without CUDA graphs;
 3. ResNet-50-shaped model (random weights, 224 px, K=32): p50/p99 latency of one verdict, fp32 and fp16, with
    and without CUDA graphs;
-4. the HTTP service on CUDA at saturation (async closed-loop client), with and without CUDA graphs.
+4. the HTTP service on CUDA at saturation (closed-loop clients in several processes, bench/loadgen.py: there is
+   no wrk there), with and without CUDA graphs.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -28,6 +29,7 @@ import numpy as np
 import torch
 
 from bench.common import REPORTS, ROOT, machine, resnet_folder, sample_inputs, start_server
+from bench.loadgen import closed_loop
 
 MNIST = ROOT / "models" / "mnist"
 
@@ -152,34 +154,6 @@ def resnet_latency(folder: Path, reps: int = 60) -> dict:
     return out
 
 
-async def closed_loop(url: str, body: bytes, conns: int, seconds: float) -> dict:
-    done, errors, lat = 0, 0, []
-    async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=conns), trust_env=False) as c:
-
-        async def worker(end: float):
-            nonlocal done, errors
-            while time.perf_counter() < end:
-                t = time.perf_counter()
-                try:
-                    r = await c.post(url, content=body, headers={"content-type": "image/png"})
-                except httpx.HTTPError:
-                    errors += 1
-                    continue
-                lat.append(time.perf_counter() - t)
-                done += r.status_code == 200
-
-        end = time.perf_counter() + seconds
-        await asyncio.gather(*(worker(end) for _ in range(conns)))
-    a = np.array(lat) * 1e3
-    return {
-        "connections": conns,
-        "rps": done / seconds,
-        "transport_errors": errors,
-        "p50_ms": float(np.percentile(a, 50)),
-        "p99_ms": float(np.percentile(a, 99)),
-    }
-
-
 def serve_gpu(seconds: float, extra: tuple[str, ...] = ()) -> dict:
     from PIL import Image
 
@@ -190,7 +164,9 @@ def serve_gpu(seconds: float, extra: tuple[str, ...] = ()) -> dict:
         buf = BytesIO()
         Image.fromarray((sample_inputs(MNIST, 1)[0, 0] * 255).astype(np.uint8)).save(buf, format="PNG")
         url = f"http://127.0.0.1:{port}/v1/detect"
-        runs = [asyncio.run(closed_loop(url, buf.getvalue(), c, seconds)) for c in (16, 64, 256)]
+        clients = max(1, min(8, (os.cpu_count() or 2) // 2))  # the server needs the other cores
+        headers = {"content-type": "image/png"}
+        runs = [closed_loop(url, buf.getvalue(), headers, c, seconds, clients) for c in (16, 64, 256)]
         m = httpx.get(f"http://127.0.0.1:{port}/metrics", trust_env=False).text
         cards = {c["name"]: c for c in httpx.get(f"http://127.0.0.1:{port}/v1/models", trust_env=False).json()}
         model = cards["mnist"]
