@@ -2,6 +2,7 @@
 
     python -m bench.gpu [--seconds 6]   ->  reports/bench/gpu-<device>.json
 
+0. graphs: CUDA-graph replays against eager forwards (full and truncated, fp32 and fp16, several batch sizes);
 1. correctness: the default model's scores on CUDA (fp32, and fp16; CUDA graphs on, the default) against CPU
    on 100 held-out digits, and whether the graphs passed their capture check;
 2. MNIST engine: detections/s against inputs per forward, split into row building (CPU), forward, scoring,
@@ -71,6 +72,39 @@ def correctness() -> dict:
             "same_verdict": float(np.mean([a.verdict == b.verdict for a, b in zip(cpu, gpu, strict=True)])),
         }
     return res
+
+
+def graphs() -> dict:
+    """CUDA graphs against eager forwards on the device: the default model's full forward and a copy of it
+    watching conv2 whose copies run truncated, fp32 and fp16, at batch sizes that hit a bucket exactly, need
+    padding, and exceed the largest bucket (eager). Largest |difference| per output and whether graphs stayed on."""
+    from bench.engine import watching
+    from nccr_guard.backends.torch_backend import TorchBackend
+    from nccr_guard.manifest import load_manifest
+
+    xs = sample_inputs(MNIST, 300)
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = watching(MNIST, Path(tmp) / "conv2", "conv2")
+        for half in (False, True):
+            m = load_manifest(folder)
+            graphed = TorchBackend(m, device=DEVICE, half=half)
+            eager = TorchBackend(m, device=DEVICE, half=half, cuda_graphs=False)
+            worst: dict[str, float] = {}
+            for n in (1, 5, 8, 33, 256, 300):
+                for upto in (None, ["conv2"]):
+                    a, b = graphed.forward(xs[:n], upto), eager.forward(xs[:n], upto)
+                    for k in b:
+                        key = f"{k}{'-truncated' if upto else ''}"
+                        worst[key] = max(worst.get(key, 0.0), float(np.abs(a[k] - b[k]).max()))
+            out["fp16" if half else "fp32"] = {
+                "cuda_graphs": graphed.cuda_graphs,
+                "graphs_captured": len(graphed.graphs.graphs) if graphed.graphs else 0,
+                "max_abs_diff": worst,
+                "replay_ms_33_rows": float(np.median(timed(lambda g=graphed: g.forward(xs[:33]), 50))) * 1e3,
+                "eager_ms_33_rows": float(np.median(timed(lambda e=eager: e.forward(xs[:33]), 50))) * 1e3,
+            }
+    return out
 
 
 def engine_split(det, xs: np.ndarray, per: int, reps: int) -> dict:
@@ -200,6 +234,7 @@ def main() -> None:
     report = {"command": "python -m bench.gpu " + " ".join(sys.argv[1:]), "machine": machine()}
     steps = [
         ("correctness", correctness),
+        ("graphs", graphs),
         ("mnist_engine", mnist_engine),
         (
             "serve",
