@@ -106,3 +106,32 @@ def test_stale_graph_is_caught_by_the_check(mnist_test):
     x = torch.as_tensor(mnist_test[0][:2])
     assert g(lambda t: (t.flatten(1).sum(1, keepdim=True),), x) is None
     assert not g.active
+
+
+def test_a_bucket_where_eager_wins_the_race_stays_eager(backend, mnist_test):
+    """With a clock (`sync`, torch.cuda.synchronize on a GPU) each new graph races the eager forward; a slower
+    replay (here: 50 ms) leaves its bucket eager while graphs stay on for the others."""
+    import time
+
+    replays = []
+
+    def slow_capture(fn, static):
+        replay, outs = replaying_capture(fn, static)
+
+        def slow():
+            replays.append(len(static))
+            time.sleep(0.05)
+            replay()
+
+        return slow, outs
+
+    xs = mnist_test[0]
+    want = backend.forward(xs[:3])
+    backend.graphs = GraphedForward(slow_capture, 8, sync=lambda: None)
+    got = backend.forward(xs[:3])  # capture: two checking replays, three timed ones
+    assert len(replays) == 5
+    assert backend.cuda_graphs and list(backend.graphs.graphs.values()) == [None]
+    for _ in range(3):
+        got = backend.forward(xs[:3])
+        np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5)
+    assert len(replays) == 5  # the bucket's forwards run eagerly now

@@ -7,13 +7,16 @@ up to the next bucket (at most 1.25x the rows) so that a handful of graphs serve
 
 Every graph is checked once against the eager forward, on the batch that triggered its capture and on a scaled
 copy of it; a capture that fails or disagrees turns graphs off for the backend (a warning, then eager
-forwards), so a model that cannot be captured (host syncs, data-dependent shapes) still serves correctly.
+forwards), so a model that cannot be captured (host syncs, data-dependent shapes) still serves correctly. On a
+GPU each new graph also races the eager forward of that batch, and a bucket where eager wins (a large model,
+for which launches are a small part of the time and padding costs real arithmetic) stays eager.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 
 import torch
@@ -62,12 +65,23 @@ class GraphedForward:
     copies truncated to some layers). `__call__` returns host-ready tensors sliced to the real batch, or None
     when the batch is too big or graphs are off: the caller then runs eagerly."""
 
-    def __init__(self, capture: Capture, max_rows: int, rtol: float = 1e-3, atol: float = 1e-4) -> None:
-        self.capture, self.max_rows = capture, max_rows
+    def __init__(
+        self,
+        capture: Capture,
+        max_rows: int,
+        rtol: float = 1e-3,
+        atol: float = 1e-4,
+        sync: Callable[[], None] | None = None,
+    ) -> None:
+        """`sync` (torch.cuda.synchronize on a GPU) turns on a race at capture: the padded replay against the
+        eager forward of the real rows, best of three each; where eager wins (a big model, whose launches are a
+        small part of its time, padded by up to 25 %), that bucket stays eager."""
+        self.capture, self.max_rows, self.sync = capture, max_rows, sync
         self.sizes = buckets(max_rows)
         self.rtol, self.atol = rtol, atol
         self.active = True
-        self.graphs: dict[tuple, tuple[torch.Tensor, Callable[[], None], Outputs]] = {}
+        # (key, bucket, shape, dtype) -> (static input, replay, static outputs), or None: eager was faster there
+        self.graphs: dict[tuple, tuple[torch.Tensor, Callable[[], None], Outputs] | None] = {}
         self._lock = threading.Lock()
 
     def bucket(self, n: int) -> int | None:
@@ -83,7 +97,9 @@ class GraphedForward:
                 return None
             if gkey not in self.graphs:
                 return self._capture(fn, x, gkey)
-            static, replay, outs = self.graphs[gkey]
+            if (graph := self.graphs[gkey]) is None:
+                return None
+            static, replay, outs = graph
             static[:n].copy_(x)
             replay()
             return tuple(o[:n].clone() for o in outs)
@@ -105,11 +121,30 @@ class GraphedForward:
                     if not torch.allclose(g.float(), w[:n].float(), rtol=self.rtol, atol=self.atol):
                         err = float((g.float() - w[:n].float()).abs().max())
                         return self._off(f"replay of {size} rows differs from the eager forward by up to {err:.3g}")
+            faster = self._faster(replay, lambda: fn(x))
         except Exception as e:  # noqa: BLE001 - any capture failure means: serve eagerly
             return self._off(f"capture of {size} rows failed ({type(e).__name__}: {e})")
-        self.graphs[gkey] = (static, replay, outs)
-        log.info("captured a CUDA graph for %d rows (%s)", size, ",".join(gkey[0]) or "full network")
+        what = ",".join(gkey[0]) or "full network"
+        self.graphs[gkey] = (static, replay, outs) if faster else None
+        log.info("CUDA graph for %d rows (%s): %s", size, what, "captured" if faster else "eager is faster, dropped")
         return got
+
+    def _faster(self, replay: Callable[[], None], eager: Callable[[], object]) -> bool:
+        """Whether the (padded) replay beats the eager forward; True without a `sync` to time with."""
+        if self.sync is None:
+            return True
+
+        def best(run: Callable[[], object]) -> float:
+            times = []
+            for _ in range(3):
+                self.sync()
+                t = time.perf_counter()
+                run()
+                self.sync()
+                times.append(time.perf_counter() - t)
+            return min(times)
+
+        return best(replay) < best(eager)
 
     def _off(self, why: str) -> None:
         self.active = False

@@ -127,7 +127,7 @@ class TorchBackend:
         if cuda_graphs and self.torch_device.type == "cuda":
             tol = (1e-2, 1e-2) if self.half else (1e-3, 1e-4)
             capture = cuda_capture(torch.cuda.graph_pool_handle())
-            self.graphs = GraphedForward(capture, graph_max_rows, rtol=tol[0], atol=tol[1])
+            self.graphs = GraphedForward(capture, graph_max_rows, rtol=tol[0], atol=tol[1], sync=torch.cuda.synchronize)
 
     @property
     def cuda_graphs(self) -> bool:
