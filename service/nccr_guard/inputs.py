@@ -126,10 +126,11 @@ def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> 
     c, h, w = manifest.input.shape
     if img.size != (w, h):
         img = img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    # value = lo + (hi - lo) * p / 255, or with invert lo + (hi - lo) * (1 - p / 255): one multiply, one add
+    # value = lo + (hi - lo) * p / 255, or with invert lo + (hi - lo) * (1 - p / 255), in one division and one
+    # addition: for the usual range [0, 1] bit for bit p / 255 (or 1 - p / 255), as the calibration data were
     lo, hi = manifest.input.range
     scale, offset = (lo - hi, hi) if spec.invert else (hi - lo, lo)
-    arr = np.multiply(np.asarray(img), np.float32(scale / 255.0), dtype=np.float32)
+    arr = np.divide(np.asarray(img), np.float32(255.0 / scale), dtype=np.float32)
     arr += np.float32(offset)
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 

@@ -112,10 +112,14 @@ def test_pixel_scaling_matches_the_manifest_range_and_inversion(tmp_path):
     a = np.arange(0, 256, 16, dtype=np.uint8).reshape(4, 4)
     buf = io.BytesIO()
     Image.fromarray(a).save(buf, format="PNG")
-    for lo, hi, invert in ((0.0, 1.0, False), (-1.0, 1.0, True), (0.0, 255.0, False), (-0.5, 2.0, True)):
+    cases = ((0.0, 1.0, False), (0.0, 1.0, True), (-1.0, 1.0, True), (0.0, 255.0, False), (-0.5, 2.0, True))
+    for lo, hi, invert in cases:
         m = manifest_with(tmp_path, (1, 4, 4), (lo, hi), invert)
         p = a / 255.0
         want = lo + (hi - lo) * ((1 - p) if invert else p)
         got = decode_image(buf.getvalue(), m)
         assert got.dtype == np.float32 and got.shape == (1, 4, 4)
         np.testing.assert_allclose(got[0], want, rtol=1e-6, atol=1e-6)
+        if (lo, hi) == (0.0, 1.0):  # the default range: exactly the float32 p / 255 the model was calibrated on
+            f = a.astype(np.float32) / np.float32(255)
+            np.testing.assert_array_equal(got[0], np.float32(1) - f if invert else f)
