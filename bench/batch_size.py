@@ -6,9 +6,10 @@
 
 For each round, each `--max-batch`, `--processes` and `--flags` value (and each checkout) a fresh
 `nccr-guard serve --models models/mnist`:
-/v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 16 connections), single-image throughput
-(wrk, 16 connections), and latency at 150 and 250 requests/s offered (wrk with Poisson think times; with the
-slowest request, and the server's full garbage collections over the whole run where it exports them).
+/v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 8 connections: 8 x 32 fill the default
+queue), single-image throughput (wrk, 16 connections), all counted in verdicts the server gave, and latency
+at 150 and 250 requests/s offered (wrk with Poisson think times; with the slowest request, and the server's
+full garbage collections over the whole run where it exports them).
 Alternating the servers lets the shared machine's drift hit every setting alike. Writes
 reports/bench/batch-size.json (batch-size-processes.json when more than one process is asked for,
 batch-size-flags.json with --flags; -compare-<commit> added with --compare).
@@ -49,10 +50,8 @@ def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path,
             "processes": processes,
             "flags": extra,
             "server": str(service_dir.parent) if service_dir else "this checkout",
-            "batch_images_per_s": {
-                c: wrk(url + "/batch", batch, c, seconds, ctype)["rps"] * BATCH_IMAGES for c in (4, 16)
-            },
-            "single_rps_c16": wrk(url, single, 16, seconds)["rps"],
+            "batch_images_per_s": {c: wrk(url + "/batch", batch, c, seconds, ctype)["verdicts_per_s"] for c in (4, 8)},
+            "single_rps_c16": wrk(url, single, 16, seconds)["verdicts_per_s"],
             "latency": [paced(url, single, r, seconds) for r in (150, 250)],
             "full_collections": full_collections(port),
         }

@@ -125,6 +125,12 @@ class Batcher(Generic[T, R]):
         finally:
             self.sessions -= 1
 
+    def free(self) -> int:
+        """Places left in the queue now (cancelled requests purged first when it looks full)."""
+        if len(self._queue) >= self.max_queue:
+            self._purge()
+        return self.max_queue - len(self._queue)
+
     def _purge(self) -> None:
         self._queue = deque(i for i in self._queue if not i.future.done())
         self._rows = sum(i.rows for i in self._queue)

@@ -141,6 +141,33 @@ def _binary_v2(x: np.ndarray, size: int | None = None) -> tuple[bytes, dict]:
     return head + x.astype("<f4").tobytes(), headers
 
 
+def test_a_full_queue_refuses_the_inputs_beyond_it_and_counts_them(tmp_path, digit_pngs, mnist_test):
+    """--max-queue 4 and nothing else queued: of a six-image batch the first four are scored and the last two
+    refused 503 inside the 200 answer (not decoded), and both count as queue_full rejections. A KServe v2
+    request succeeds or fails whole: five inputs cannot ever fit a queue of four (413)."""
+    from tests.conftest import MNIST
+
+    s = start_server(tmp_path, "--models", str(MNIST), "--max-queue", "4")
+    try:
+        files = [("file", (p.name, p.read_bytes(), "image/png")) for p, _ in digit_pngs[:6]]
+        with s.client() as c:
+            r = c.post("/v1/detect/batch", files=files)
+            assert r.status_code == 200
+            statuses = [item.get("status", 200) if item.get("error") else 200 for item in r.json()["results"]]
+            assert statuses == [200, 200, 200, 200, 503, 503], r.json()
+            text = c.get("/metrics").text
+            assert re.search(r'^nccr_guard_rejections_total\{reason="queue_full"\} 2\.0$', text, re.M)
+            verdicts = sum(map(float, re.findall(r"^nccr_guard_verdicts_total\{[^}]*\} (\S+)$", text, re.M)))
+            assert verdicts == 4  # the refused two were never scored
+            body, headers = _binary_v2(mnist_test[0][:5])
+            too_many = c.post("/v2/models/mnist/infer", content=body, headers=headers)
+            assert too_many.status_code == 413 and "queue of 4" in too_many.json()["error"]
+            body, headers = _binary_v2(mnist_test[0][:4])
+            assert c.post("/v2/models/mnist/infer", content=body, headers=headers).status_code == 200
+    finally:
+        s.stop()
+
+
 def test_kserve_v2_binary_tensors_score_like_json(server, mnist_test):
     x = np.ascontiguousarray(mnist_test[0][:5], dtype=np.float32)
     with server.client() as c:

@@ -90,11 +90,24 @@ class ModelRuntime:
         assert job.verdict is not None
         return job.verdict, total
 
+    def admit(self, n: int) -> None:
+        """Refuse a request of `n` inputs that all succeed or fail together (KServe v2 infer) unless all of them
+        fit the queue now: admitted input by input, the verdicts of those that fit were computed and thrown away
+        with the request's 503."""
+        if n > self.batcher.max_queue:
+            cap = self.batcher.max_queue
+            raise InputError(f"{n} inputs exceed model {self.name}'s queue of {cap} (--max-queue)", 413, "too_large")
+        if self.batcher.free() < n:
+            raise self.at_capacity()
+
+    def at_capacity(self) -> InputError:
+        return InputError(f"model {self.name} is at capacity; retry shortly", 503, "queue_full")
+
     async def detect(self, x: np.ndarray) -> tuple[Verdict, Timings]:
         try:
             verdict, timings = await self._run(x)
         except QueueFull:
-            raise InputError(f"model {self.name} is at capacity; retry shortly", 503, "queue_full") from None
+            raise self.at_capacity() from None
         except Draining:
             raise InputError("shutting down", 503, "draining") from None
         except Exception as e:  # the batch failed in the backend: only its requests see this

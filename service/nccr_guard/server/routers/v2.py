@@ -156,6 +156,7 @@ async def infer(name: str, req: V2InferRequest, request: Request, service: Servi
     m = rt.detector.manifest
     x = np.clip(_tensor(req, m.input.shape, request.scope["state"].get("v2_binary")), *m.input.range)
     due = deadline(request)
+    rt.admit(len(x))
     settled = await settle(request, [rt.detect(xi) for xi in x], due)
     if errors := [r for r in settled if isinstance(r, InputError)]:
         raise errors[0]
