@@ -101,9 +101,7 @@ class Batcher(Generic[T, R]):
         for it like any queued work)."""
         if self._closing and not resume:
             raise Draining("shutting down")
-        if not resume and len(self._queue) >= self.max_queue:  # cancelled requests free their slot now
-            self._purge()
-        if not resume and len(self._queue) >= self.max_queue:
+        if not resume and self.free() <= 0:  # cancelled requests free their slot now
             raise QueueFull(f"{self.name}: {len(self._queue)} requests queued")
         item = _Item(payload, rows, asyncio.get_running_loop().create_future())
         async with self._wakeup:

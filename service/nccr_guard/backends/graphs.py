@@ -76,7 +76,7 @@ class GraphedForward:
         """`sync` (torch.cuda.synchronize on a GPU) turns on a race at capture: the padded replay against the
         eager forward of the real rows, best of three each; where eager wins (a big model, whose launches are a
         small part of its time, padded by up to 25 %), that bucket stays eager."""
-        self.capture, self.max_rows, self.sync = capture, max_rows, sync
+        self.capture, self.sync = capture, sync
         self.sizes = buckets(max_rows)
         self.rtol, self.atol = rtol, atol
         self.active = True

@@ -77,7 +77,7 @@ class Metrics:
         self.verdicts = Counter("nccr_guard_verdicts_total", "verdicts given", ["model", "verdict"], registry=r)
         self.scores = Histogram("nccr_guard_score", "NCCR scores given", ["model"], buckets=SCORE, registry=r)
         self.rejections = Counter("nccr_guard_rejections_total", "requests refused", ["reason"], registry=r)
-        self.connections_shed = Counter(
+        self.connections_rebalanced = Counter(
             "nccr_guard_connections_rebalanced_total",
             "keep-alive connections closed after their response because this worker held more than its share "
             "(--processes N): the client reconnects and may be hashed to another worker",

@@ -60,7 +60,7 @@ class Service:
         if now < self._next_shed or not self.gate.over_share(len(self.connections)):
             return False
         self._next_shed = now + 0.2
-        self.metrics.connections_shed.inc()
+        self.metrics.connections_rebalanced.inc()
         return True
 
     @property

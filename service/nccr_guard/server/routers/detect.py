@@ -119,9 +119,10 @@ async def detect_uploads(
         except InputError as e:
             routed.append(e)
             continue
-        left = free[rt] = free.get(rt, rt.batcher.free())
-        free[rt] = left - 1
-        routed.append(rt if left > 0 else rt.at_capacity())
+        if rt not in free:  # asked once per model and request: free() may purge the queue
+            free[rt] = rt.batcher.free()
+        free[rt] -= 1
+        routed.append(rt if free[rt] >= 0 else rt.at_capacity())
 
     def prepare() -> list[tuple[ModelRuntime, np.ndarray] | InputError]:
         out: list[tuple[ModelRuntime, np.ndarray] | InputError] = []
