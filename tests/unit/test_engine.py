@@ -118,3 +118,26 @@ def test_unknown_variant_and_family_fail_clearly():
         get_variant("nope")
     with pytest.raises(ValueError, match="unknown perturbation family"):
         Perturbation("blur", 1)
+
+
+@pytest.mark.parametrize("copies", [2, 4, 8])
+def test_sweep_spreads_every_prefix_of_its_shifts_over_the_range(copies):
+    """`sweep` copies are circular shifts whose first 2^m fall one in each 2^m-th of [-scale, scale] (so a mean
+    over the first copies of a round already sees the whole range), from a start that differs per generator."""
+    x = np.zeros(4000, np.float32)
+    x[0] = 1.0  # an impulse: each copy's shift is where the impulse went
+    p = Perturbation("sweep", 400, copies)
+
+    def shifts(seed: int) -> np.ndarray:
+        rows = perturb(x, p, np.random.default_rng(seed), (-1.0, 1.0))
+        pos = rows.argmax(-1)
+        return np.where(pos > 2000, pos - 4000, pos)
+
+    for seed in range(20):
+        s = shifts(seed)
+        assert np.abs(s).max() <= 400 and len(set(s.tolist())) == copies
+        for m in (1, 2, 4):
+            if m <= copies:
+                cells = np.floor((s[:m] + 400) / 800 * m).clip(0, m - 1)
+                assert len(set(cells.tolist())) == m, (seed, s)
+    assert not np.array_equal(shifts(0), shifts(1))

@@ -49,3 +49,18 @@ def test_device_rows_path_gives_the_same_verdicts_as_the_numpy_path(detector, mn
     assert [v.index for v in ref] == [v.index for v in got]
     assert np.corrcoef(a, b)[0, 1] > 0.9
     assert np.mean([u.verdict == v.verdict for u, v in zip(ref, got, strict=True)]) >= 0.9
+
+
+@pytest.mark.parametrize("family", ["shift", "sweep"])
+def test_shift_rows_are_circular_shifts_within_the_scale(family):
+    """The audio shift families on the device path: every copy is the clip rolled by at most `scale` samples
+    (drawn on the generator's device), and `sweep` puts its two copies in opposite halves of the range."""
+    x = torch.zeros(3, 4000)
+    x[:, 0] = 1.0
+    rows = build_rows(x, (Perturbation(family, 400, 2),), torch.Generator().manual_seed(3), (-1.0, 1.0))
+    pos = rows[:, 1:].argmax(-1)
+    s = torch.where(pos > 2000, pos - 4000, pos)
+    assert rows.shape == (3, 3, 4000) and int(s.abs().max()) <= 400
+    assert torch.equal(torch.roll(x[0], int(s[0, 0]), -1), rows[0, 1])
+    if family == "sweep":
+        assert int(s[0, 0].sign() * s[0, 1].sign()) <= 0 and abs(int(s[0, 0] - s[0, 1])) >= 399

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from nccr_guard.engine.perturb import Perturbation
+from nccr_guard.engine.perturb import Perturbation, sweep_shifts
 
 
 def median(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -44,8 +44,13 @@ def perturb(x: torch.Tensor, p: Perturbation, gen: torch.Generator, lo: float, h
     if p.family == "gain":
         db = (torch.rand((b, p.copies, *[1] * len(shape)), generator=gen, device=x.device) * 2 - 1) * p.scale
         return x[:, None] * 10 ** (db / 20)
-    shifts = torch.randint(-int(p.scale), int(p.scale) + 1, (p.copies,), generator=gen, device="cpu")
-    return torch.stack([torch.roll(x, int(s), dims=-1) for s in shifts], 1)
+    # Shifts are drawn on the generator's own device (a CUDA generator cannot draw into a CPU tensor), one set
+    # for the whole batch, then read back: torch.roll takes Python ints.
+    if p.family == "sweep":
+        shifts = sweep_shifts(float(torch.rand((), generator=gen, device=gen.device)), p).tolist()
+    else:  # shift
+        shifts = torch.randint(-int(p.scale), int(p.scale) + 1, (p.copies,), generator=gen, device=gen.device).tolist()
+    return torch.stack([torch.roll(x, s, dims=-1) for s in shifts], 1)
 
 
 def build_rows(

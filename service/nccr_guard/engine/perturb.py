@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.ndimage import median_filter
 
-RANDOM_FAMILIES = {"gaussian", "uniform", "snr", "shift", "gain"}
+RANDOM_FAMILIES = {"gaussian", "uniform", "snr", "shift", "sweep", "gain"}
 SQUEEZE_FAMILIES = {"bitdepth", "median"}
 
 
@@ -21,7 +21,12 @@ class Perturbation:
     gaussian/uniform: additive noise, `scale` = std / half-width as a fraction of the value range.
     bitdepth: quantise to `scale` bits. median: median filter of size `scale` over the last two axes.
     snr: additive Gaussian noise at `scale` dB SNR relative to the clip's RMS (audio).
-    shift: circular shift by up to `scale` samples along the last axis (audio).
+    shift: circular shift by up to `scale` samples along the last axis (audio), each copy's shift drawn alone.
+    sweep: the same shifts spread evenly over ±`scale` from one random start (a randomly rotated van der Corput
+        sequence), so every prefix of the copies covers the range: 2 copies are half the range apart, 4 a
+        quarter. Why: a clip's margin drop swings with the shift's phase within the spectrogram's hop, and
+        independent shifts can land on near-identical phases; evenly spread ones make a mean over few copies
+        close to the mean over many (the first rounds of sequential testing, docs/nccr.md).
     gain: gain drawn uniformly in ±`scale` dB (audio).
     """
 
@@ -58,8 +63,31 @@ def _noise(x: np.ndarray, p: Perturbation, rng: np.random.Generator, span: float
     if p.family == "gain":
         db = rng.uniform(-p.scale, p.scale, (p.copies,) + (1,) * x.ndim)
         return (x * (10.0 ** (db / 20.0))).astype(np.float32)
-    shifts = rng.integers(-int(p.scale), int(p.scale) + 1, p.copies)  # shift
+    if p.family == "sweep":
+        shifts = sweep_shifts(rng.random(), p)
+    else:  # shift
+        shifts = rng.integers(-int(p.scale), int(p.scale) + 1, p.copies)
     return np.stack([np.roll(x, int(s), axis=-1) for s in shifts])
+
+
+def sweep_shifts(start: float, p: Perturbation) -> np.ndarray:
+    """The `sweep` family's shifts in samples: the van der Corput points rotated by `start` in [0, 1), spread
+    over [-scale, scale]."""
+    u = (start + van_der_corput(p.copies)) % 1.0
+    return np.round((2.0 * u - 1.0) * p.scale).astype(np.int64)
+
+
+def van_der_corput(n: int) -> np.ndarray:
+    """The first n points of the base-2 van der Corput sequence (0, 1/2, 1/4, 3/4, 1/8, ...): bit-reversed
+    indices, so each prefix of length 2^m holds one point in each of 2^m equal cells of [0, 1)."""
+    out = np.zeros(n)
+    for i in range(n):
+        f, j = 0.5, i
+        while j:
+            out[i] += f * (j & 1)
+            j >>= 1
+            f /= 2
+    return out
 
 
 def _squeeze(xs: np.ndarray, p: Perturbation, lo: float, hi: float) -> np.ndarray:
