@@ -5,7 +5,7 @@
   slices' ratios);
 - truncated vs full forward: cost of one verdict's rows under `hidden-change` (copies read at a hidden layer),
   MNIST watching conv2 and a ResNet-50-shaped net (random weights) at 224 px watching layer2, torch and ONNX;
-- sequential vs fixed K: rows and milliseconds per verdict of the speaker model (`nccr-audio-v1`) on held-out
+- sequential vs fixed K: rows and milliseconds per verdict of the speaker model (its default variant) on held-out
   clean clips, sequential testing on and off.
 
 - the engine's own parts per call (building the rows, turning activations into verdicts), best of 7 timeit

@@ -71,7 +71,7 @@ def _margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
 
 # A copy's prediction flips only when another class beats the original's by more than this share of the logit
 # scale: a near-tie must not turn on float noise (batched forwards may differ in the last bits with the batch's
-# composition, and a single flip in K copies decides the verdict of `nccr-audio-v1`).
+# composition, and a single flip in K copies decides the verdict of the `nccr-audio` variants).
 FLIP_TOLERANCE = 1e-4
 
 
