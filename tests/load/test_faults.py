@@ -164,7 +164,14 @@ def test_three_times_capacity_for_30_s_sheds_cleanly_and_recovers(tmp_path):
 
 
 def test_clients_that_disconnect_free_their_queue_slots(tmp_path):
-    s = start_server(tmp_path, "--models", str(SPEAKER), "--max-queue", "8", "--request-timeout-s", "20")
+    # One clip per forward at all 18 rows (~0.1-0.2 s each here): the 8 queued clips take about a second, so
+    # most of their clients give up while queued, whatever the host's speed (batched and sequential verdicts
+    # finished all 8 inside the 0.3 s on a fast run, and nothing was counted).
+    s = start_server(
+        tmp_path,
+        *("--models", str(SPEAKER), "--max-queue", "8", "--request-timeout-s", "20"),
+        *("--max-batch", "18", "--no-sequential"),
+    )
     body = clip()
 
     async def abandon(n: int):
