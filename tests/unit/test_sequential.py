@@ -128,3 +128,28 @@ def test_jobs_at_different_rounds_share_a_forward(mnist_v2, mnist_test):
         det.variant = dataclasses.replace(det.variant, sequential=None)
     assert [j.verdict.passes for j in jobs] == passes.tolist()
     assert np.allclose([j.verdict.score for j in jobs], want.score, atol=1e-4)
+
+
+def test_a_near_flip_keeps_a_clip_from_settling_clean():
+    """A copy whose margin fell below what clean copies reach (a near flip) counts when predicting the flips to
+    come: the clip cannot settle on the luck of its first copies; without one it settles as before."""
+    from nccr_guard.engine.sequential import _bounds
+
+    per = np.zeros((2, 2))  # no flip in either clip's two copies
+    _, hi = _bounds(per, per.mean(1), True, 0.003, 2, 8, 2.0, near=np.array([0, 1]))  # ~ the speaker's rate
+    assert hi[0] == 0.0 and hi[1] >= 1 / 8
+
+
+def test_calibration_records_the_near_flip_margin_of_clean_copies():
+    """near_flips: per prediction-flip component, the 1 % quantile of clean copies' relative margins."""
+    from nccr_guard.engine.calibration import NEAR_FLIP_QUANTILE, near_flips
+
+    v = get_variant("nccr-audio-v2")
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(50, v.rows, 10)).astype(np.float32)
+    logits[:, :, 3] += 6.0  # class 3 wins every row by a margin of about 6
+    got = near_flips(v, {"logits": logits})
+    assert got[:2] == [None, None] and 0.0 < got[2] < 1.0
+    rows = slice(10, 18)  # snr:20's copies (after the original, 8 sweeps and one 12-bit row)
+    m = logits[:, :, 3] - np.delete(logits, 3, axis=2).max(-1)
+    assert np.isclose(got[2], np.quantile(m[:, rows] / np.abs(m[:, :1]), NEAR_FLIP_QUANTILE))

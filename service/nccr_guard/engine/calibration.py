@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nccr_guard.engine.perturb import row_groups
-from nccr_guard.engine.score import EPS, component_raw, raw_components, standardise, view
+from nccr_guard.engine.score import EPS, component_raw, raw_components, shared_margin, standardise, view
 from nccr_guard.engine.variants import Variant
 
 FORMAT_VERSION = 1
@@ -170,5 +170,29 @@ def fit_calibration(
         else float(raw[:, i].mean())
         for i, c in enumerate(variant.components)
     ]
-    calib.meta = {**(meta or {}), "copy_mean": copy_mean}
+    calib.meta = {**(meta or {}), "copy_mean": copy_mean, "near_flip": near_flips(variant, acts_b)}
     return calib
+
+
+# Share of clean copies whose margin counts as a near flip. The dev results hardly move between 0.5 % and 5 %
+# (docs/nccr.md, "Sequential testing"); 1 % leaves ~2 % of clean clips continuing after a round of two copies.
+NEAR_FLIP_QUANTILE = 0.01
+
+
+def near_flips(variant: Variant, acts: dict[str, np.ndarray]) -> list[float | None]:
+    """Per component, for prediction flips: the relative margin (copy's margin / original's) below which only
+    NEAR_FLIP_QUANTILE of clean copies fall; None for other measures. Why: a flip is binary, so one or two
+    copies without a flip say little about a clip that flips in half its copies; a copy that came close (its
+    margin fell below what clean copies reach) does, and the sequential test counts it when predicting the flips
+    still to come (engine/sequential.py)."""
+    pred = acts["logits"][:, 0].argmax(-1)
+    margin = shared_margin(variant, acts, pred)
+    groups = row_groups(variant.perturbations)
+    out: list[float | None] = []
+    for c in variant.components:
+        if c.measure != "pred_flip" or margin is None:
+            out.append(None)
+            continue
+        rel = margin[:, groups[c.perturbation]] / np.maximum(np.abs(margin[:, :1]), EPS)
+        out.append(float(np.quantile(rel, NEAR_FLIP_QUANTILE)))
+    return out

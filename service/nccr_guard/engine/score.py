@@ -58,7 +58,7 @@ def _pick(v: np.ndarray, sel: np.ndarray | None) -> np.ndarray:
     return np.take_along_axis(v, sel[:, None, :], axis=-1)
 
 
-def _margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
+def class_margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
     """(B, R) logit margin of class `cls` (B,) over the best other class, per row."""
     b = np.arange(len(cls))[:, None]
     r = np.arange(logits.shape[1])[None, :]
@@ -87,7 +87,7 @@ def component_copies(
     `margin`: the (B, R) logit margins of `pred`, when the caller has them (several components share them)."""
     if comp.measure in MARGIN_MEASURES:
         logits = acts["logits"]
-        m = _margin(logits, pred) if margin is None else margin
+        m = class_margin(logits, pred) if margin is None else margin
         if comp.measure == "pred_flip":
             scale = 1.0 + np.abs(logits[:, rows]).max(-1)
             return (m[:, rows] < -FLIP_TOLERANCE * scale).astype(np.float32)
@@ -132,7 +132,7 @@ def raw_components(variant: Variant, calib: Calibration, acts: dict[str, np.ndar
 
 def shared_margin(variant: Variant, acts: dict[str, np.ndarray], pred: np.ndarray) -> np.ndarray | None:
     """The logit margins every margin component reads, computed once."""
-    return _margin(acts["logits"], pred) if any(c.measure in MARGIN_MEASURES for c in variant.components) else None
+    return class_margin(acts["logits"], pred) if any(c.measure in MARGIN_MEASURES for c in variant.components) else None
 
 
 def standardise(raw: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:

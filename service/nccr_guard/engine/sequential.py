@@ -15,7 +15,10 @@ each family per round, up to K. After each round every component's fixed-K value
   come are at most their Φ(z) quantile. Without that prior (older calibrations) it falls back to the z-bound
   with the Agresti-Coull-adjusted rate. Why a prior: a single flip in K copies already puts the fixed-K score
   past the threshold, so no prior-free bound can settle a clean clip before all K copies are in; clean clips
-  flip in ~0.3 % of copies, which is what lets them stop early (docs/nccr.md, "Sequential testing").
+  flip in ~0.3 % of copies, which is what lets them stop early (docs/nccr.md, "Sequential testing"). The
+  flips to come are predicted from the *near* flips seen (copies whose relative margin fell below the 1 %
+  quantile of clean copies', calibration meta `near_flip`; flips included): a clip whose copies come close
+  to flipping keeps drawing copies instead of settling clean on the luck of its first ones.
 
 The bounds pass through the same standardisation and max as the score. The verdict is settled when the lower
 bound of the score is above the threshold or its upper bound at or below it; at n = K it is the fixed-K verdict.
@@ -30,6 +33,7 @@ from scipy.stats import betabinom
 from nccr_guard.engine.calibration import Calibration
 from nccr_guard.engine.perturb import RANDOM_FAMILIES, row_groups
 from nccr_guard.engine.score import (
+    EPS,
     Scores,
     component_copies,
     confidence,
@@ -78,13 +82,25 @@ def _flips_to_come(total: np.ndarray, n: int, k: int, z: float, clean_rate: floa
     return betabinom.ppf(ndtr(z), k - n, PRIOR_A + total, b0 + n - total)
 
 
-def _bounds(per_copy: np.ndarray, raw: np.ndarray, unit: bool, clean_rate: float | None, n: int, k: int, z: float):
+def _bounds(
+    per_copy: np.ndarray,
+    raw: np.ndarray,
+    unit: bool,
+    clean_rate: float | None,
+    n: int,
+    k: int,
+    z: float,
+    near: np.ndarray | None = None,
+):
     """(lo, hi) of the mean over K copies given the first n (per_copy: (B, n), every measure >= 0).
 
-    `clean_rate`: for a 0/1 measure, the clean calibration rate (None: not 0/1, or no rate recorded)."""
+    `clean_rate`: for a 0/1 measure, the clean calibration rate (None: not 0/1, or no rate recorded).
+    `near`: (B,) near-flips seen so far (copies whose margin fell below the clean copies' low quantile, flips
+    included); the flips to come are then predicted from them, not from the flips alone."""
     total = per_copy.sum(1)
     if clean_rate is not None:
-        return total / k, (total + _flips_to_come(total, n, k, z, clean_rate)) / k
+        seen = total if near is None else np.maximum(near, total)
+        return total / k, (total + _flips_to_come(seen, n, k, z, clean_rate)) / k
     if unit and n > 0 and np.isin(per_copy, (0.0, 1.0)).all():  # 0/1 without a prior: Agresti-Coull spread
         p = (total + z * z / 2) / (n + z * z)
         sd = np.sqrt(p * (1 - p))
@@ -108,6 +124,7 @@ def bounded_scores(
     margin = shared_margin(variant, acts, pred)
     raws, los, his = [], [], []
     rates = calib.meta.get("copy_mean")
+    near_at = calib.meta.get("near_flip")
     with np.errstate(divide="ignore", invalid="ignore"):
         for i, comp in enumerate(variant.components):
             per = component_copies(comp, acts, calib, groups[comp.perturbation], pred, margin).astype(np.float64)
@@ -120,7 +137,11 @@ def bounded_scores(
             else:
                 rate = rates[i] if rates and comp.measure == "pred_flip" else None
                 rate = None if rate is None else min(max(rate, 1e-6), 0.5)
-                lo, hi = _bounds(per, raw, comp.measure in ("pred_flip", "flip"), rate, n, p.copies, z)
+                near = None
+                if rate is not None and near_at and near_at[i] is not None and margin is not None:
+                    rel = margin[:, groups[comp.perturbation]] / np.maximum(np.abs(margin[:, :1]), EPS)
+                    near = (rel < near_at[i]).sum(1)
+                lo, hi = _bounds(per, raw, comp.measure in ("pred_flip", "flip"), rate, n, p.copies, z, near)
             raws.append(raw)
             los.append(lo)
             his.append(hi)

@@ -197,21 +197,17 @@ NCCR_AUDIO_V1 = Variant(
 # a clip's margin drop swings with where the shift falls within the spectrogram's 160-sample hop, so eight
 # independent shifts are a noisy mean and two are a poor one. Spread shifts keep the mean over the first copies
 # close to the mean over all of them, which is what lets sequential testing stop early (docs/nccr.md).
-NCCR_AUDIO_V2 = Variant(
+NCCR_AUDIO_V2 = replace(
+    NCCR_AUDIO_V1,
     name="nccr-audio-v2",
-    perturbations=(Perturbation("sweep", 400, 8), Perturbation("bitdepth", 12), Perturbation("snr", 20, 8)),
-    components=(
-        Component("sweep:400", "logits", "margin", "all", "mean"),
-        Component("bitdepth:12", "logits", "margin_change", "all", "mean"),
-        Component("snr:20", "logits", "pred_flip", "all", "mean"),
-    ),
+    perturbations=(Perturbation("sweep", 400, 8), *NCCR_AUDIO_V1.perturbations[1:]),
+    components=(Component("sweep:400", "logits", "margin", "all", "mean"), *NCCR_AUDIO_V1.components[1:]),
     description="logit-margin drop under time shifts spread evenly over +-25 ms, relative margin change under "
     "12-bit quantisation, and the prediction-flip rate under 20 dB noise, max-combined",
     robustness=Component("sweep:400", "*", "flip", "class", "mean"),
     # Chosen on the dev split (reports/sequential/speaker-dev) by nccr-audio-v1's rule: the fewest clean rows
-    # whose worst AUROC loss against fixed K is <= 0.005 (0.00498 here). Schedules that stop at one round (~6
-    # rows) lost 0.015-0.017 on dev: a targeted-PGD clip whose noisy copies flip half the time showed no flip in
-    # its first two, and nothing else marked it.
+    # whose worst AUROC loss against fixed K is <= 0.005 (0.0046 here, with the near-flip bound of
+    # engine/sequential.py; one-round schedules at ~6 rows lose 0.005-0.016 on dev, 0.011-0.012 on test).
     sequential=Schedule(first=1, step=2, z=2.0),
 )
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from nccr_guard.detector import Detector
 from nccr_guard.engine.perturb import van_der_corput
+from nccr_guard.engine.score import class_margin
 from nccr_guard.eval.attacks import attack_table
 from nccr_guard.eval.metrics import auroc
 from nccr_guard.eval.sequential import adversarial
@@ -38,11 +39,7 @@ def margin_drops(det: Detector, xs: np.ndarray, chunk: int = 8) -> np.ndarray:
         rows = np.stack([np.stack([x] + [np.roll(x, int(s), -1) for s in GRID]) for x in xb])
         b, r = rows.shape[:2]
         logits = det.forward(rows.reshape(b * r, *rows.shape[2:]))["logits"].reshape(b, r, -1)
-        pred = logits[:, 0].argmax(-1)
-        top = np.take_along_axis(logits, pred[:, None, None].repeat(r, 1), -1)[..., 0]
-        rest = logits.copy()
-        rest[np.arange(b), :, pred] = -np.inf
-        m = top - rest.max(-1)
+        m = class_margin(logits, logits[:, 0].argmax(-1))
         out.append(np.maximum(m[:, :1] - m[:, 1:], 0) / np.maximum(np.abs(m[:, :1]), 1e-6))
     return np.concatenate(out)
 
