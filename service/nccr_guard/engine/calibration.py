@@ -174,8 +174,8 @@ def fit_calibration(
     return calib
 
 
-# Share of clean copies whose margin counts as a near flip. The dev results hardly move between 0.5 % and 5 %
-# (docs/nccr.md, "Sequential testing"); 1 % leaves ~2 % of clean clips continuing after a round of two copies.
+# Share of clean copies whose margin counts as a near flip: each clean copy drawn is one with this chance, and
+# makes its clip draw more copies. Not tuned (docs/nccr.md, "Sequential testing").
 NEAR_FLIP_QUANTILE = 0.01
 
 
