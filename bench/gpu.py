@@ -4,7 +4,9 @@
 
 0. graphs: CUDA-graph replays against eager forwards (full and truncated, fp32 and fp16, several batch sizes);
 1. correctness: the default model's scores on CUDA (fp32, and fp16; CUDA graphs on, the default) against CPU
-   on 100 held-out digits, and whether the graphs passed their capture check;
+   on 100 held-out digits, and whether the graphs passed their capture check; `speaker`: the speaker model on
+   CUDA against CPU on held-out clips, sequential (rows built on the host) and fixed K (rows built on the
+   device, whose noise differs from the host's), and whether its LSTM captured as a graph;
 2. MNIST engine: detections/s against inputs per forward, split into row building (CPU), forward, scoring,
    with and without CUDA graphs;
 3. ResNet-50-shaped model (random weights, 224 px, K=32): p50/p99 latency of one verdict, fp32 and fp16, with
@@ -33,6 +35,7 @@ from bench.common import REPORTS, ROOT, machine, resnet_folder, sample_inputs, s
 from bench.loadgen import closed_loop
 
 MNIST = ROOT / "models" / "mnist"
+SPEAKER = ROOT / "models" / "speaker"
 
 
 DEVICE = "cuda"
@@ -70,6 +73,37 @@ def correctness() -> dict:
             "median_abs_score_diff": float(np.median(diff)),
             "same_prediction": float(np.mean([a.index == b.index for a, b in zip(cpu, gpu, strict=True)])),
             "same_verdict": float(np.mean([a.verdict == b.verdict for a, b in zip(cpu, gpu, strict=True)])),
+        }
+    return res
+
+
+def speaker(clips: int = 12) -> dict:
+    """The speaker model on the device against the CPU, sequential testing on and off."""
+    from nccr_guard.detector import Detector
+
+    try:
+        xs, source = list(sample_inputs(SPEAKER, clips)), "test split"
+    except Exception:  # no espeak-ng / festival to synthesise the corpus there: seeded noise at speech level
+        from nccr_guard.manifest import load_manifest
+
+        shape = (clips, *load_manifest(SPEAKER).input.shape)
+        xs = list((np.random.default_rng(0).standard_normal(shape) * 0.05).astype(np.float32))
+        source = "seeded noise (no speech corpus on this machine)"
+    res: dict = {"clips": source}
+    for sequential in (True, False):
+        cpu = Detector.load(SPEAKER, device="cpu", sequential=sequential).detect(xs)
+        det = Detector.load(SPEAKER, device=DEVICE, sequential=sequential)
+        t = time.perf_counter()
+        dev = det.detect(xs)
+        seconds = time.perf_counter() - t
+        diff = np.abs(np.array([v.score for v in cpu]) - np.array([v.score for v in dev]))
+        res["sequential" if sequential else "fixed_k"] = {
+            "cuda_graphs": det.backend.cuda_graphs,
+            "ms_per_clip": round(seconds / clips * 1e3, 2),
+            "mean_passes": float(np.mean([v.passes for v in dev])),
+            "max_abs_score_diff": float(diff.max()),
+            "same_prediction": float(np.mean([a.index == b.index for a, b in zip(cpu, dev, strict=True)])),
+            "same_verdict": float(np.mean([a.verdict == b.verdict for a, b in zip(cpu, dev, strict=True)])),
         }
     return res
 
@@ -234,6 +268,7 @@ def main() -> None:
     report = {"command": "python -m bench.gpu " + " ".join(sys.argv[1:]), "machine": machine()}
     steps = [
         ("correctness", correctness),
+        ("speaker", speaker),
         ("graphs", graphs),
         ("mnist_engine", mnist_engine),
         (
