@@ -89,3 +89,14 @@ def test_missing_calibration_says_what_to_run(tmp_path):
     (folder / "calibration.npz").unlink()
     with pytest.raises(ManifestError, match="nccr-guard calibrate"):
         Detector.load(folder)
+
+
+def test_a_second_sample_of_a_split_shares_no_input_with_the_first(detector):
+    """eval's --exclude: the inputs a run with n=100 picks are left out, so a second sample is untouched."""
+    from nccr_guard.eval.attacks import correctly_classified
+
+    _, first, _, _ = correctly_classified(detector, "test", 100)
+    _, second, _, _ = correctly_classified(detector, "test", 200, exclude=100)
+    assert len(first) >= 95 and len(second) >= 190
+    seen = {x.tobytes() for x in first}
+    assert not any(x.tobytes() in seen for x in second)

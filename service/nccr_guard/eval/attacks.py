@@ -119,14 +119,20 @@ def _pgd_minimal(clf, x: np.ndarray, p: dict, seed: int) -> np.ndarray:
     return out
 
 
-def correctly_classified(det, split: str, n: int) -> tuple[object, np.ndarray, np.ndarray, float]:
+def correctly_classified(det, split: str, n: int, exclude: int = 0) -> tuple[object, np.ndarray, np.ndarray, float]:
     """The detector's model as an ART classifier, the up-to-`n` inputs of `split` (spread over its classes) that
-    it classifies correctly with their labels, and its accuracy on them: what every attack run starts from."""
+    it classifies correctly with their labels, and its accuracy on them: what every attack run starts from.
+    `exclude`: leave out the inputs a run with n=`exclude` picks (a second, untouched sample of the split)."""
     from nccr_guard.backends.torch_backend import load_module
     from nccr_guard.datasets import load_split
 
     m = det.manifest
-    xs, ys = spread(*load_split(m, split), n)
+    xs, ys = load_split(m, split)
+    if exclude:
+        keep = np.ones(len(xs), bool)
+        keep[spread_index(len(xs), exclude)] = False
+        xs, ys = xs[keep], ys[keep]
+    xs, ys = spread(xs, ys, n)
     module = det.backend.module if hasattr(det.backend, "module") else load_module(m)
     clf = art_classifier(module, tuple(m.input.shape), len(m.labels), m.input.range)
     ok = clf.predict(xs).argmax(1) == ys
@@ -137,8 +143,13 @@ def spread(xs: np.ndarray, ys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarr
     """At most `n` inputs spaced evenly through a split (splits are ordered by class: the first n would not be)."""
     if n >= len(xs):
         return xs, ys
-    idx = np.linspace(0, len(xs) - 1, n).round().astype(int)
+    idx = spread_index(len(xs), n)
     return xs[idx], ys[idx]
+
+
+def spread_index(total: int, n: int) -> np.ndarray:
+    """Indices of `spread`'s picks among `total` inputs."""
+    return np.arange(total) if n >= total else np.linspace(0, total - 1, n).round().astype(int)
 
 
 def impersonation_target(labels: np.ndarray, n_classes: int) -> np.ndarray:

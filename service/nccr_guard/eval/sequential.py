@@ -69,20 +69,28 @@ def compare(
     return out
 
 
-def adversarial(det: Detector, split: str, n: int, seed: int, attacks: list[str]) -> tuple[np.ndarray, dict]:
-    """Correctly classified clean inputs of the split and each attack's successful adversarial examples (cached)."""
+def adversarial(
+    det: Detector, split: str, n: int, seed: int, attacks: list[str], exclude: int = 0
+) -> tuple[np.ndarray, dict]:
+    """Correctly classified clean inputs of the split and each attack's successful adversarial examples (cached).
+    `exclude`: leave out the inputs a run with n=`exclude` picks (see attacks.correctly_classified)."""
     table = attack_table(det.manifest.modality)
-    clf, x0, y0, _ = correctly_classified(det, split, n)
+    clf, x0, y0, _ = correctly_classified(det, split, n, exclude)
     cache = cache_dir().parent / "adversarial"
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in attacks:
-        f = cache / f"{det.manifest.name}-{split}-{name}-n{n}-s{seed}.npy"
+        f = cache / f"{det.manifest.name}-{sample_key(split, n, seed, exclude).replace('@', name)}.npy"
         if not f.exists():
             adv = run_attack(name, clf, x0, seed, table)
             np.save(f, adv[attack_succeeded(name, clf.predict(adv).argmax(1), y0, len(det.manifest.labels))])
         out[name] = np.load(f)
     return x0, out
+
+
+def sample_key(split: str, n: int, seed: int, exclude: int) -> str:
+    """Cache-name part of one sample of a split, '@' where the attack (or 'clean') goes."""
+    return f"{split}-@-n{n}-s{seed}" + (f"-x{exclude}" if exclude else "")
 
 
 def cached_activations(det: Detector, xs: np.ndarray, key: str) -> dict[str, np.ndarray]:
@@ -103,6 +111,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--n", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--attacks", nargs="+", default=None, help="default: the modality's attack table")
+    ap.add_argument(
+        "--exclude",
+        type=int,
+        default=0,
+        help="leave out the inputs a run with --n EXCLUDE picks: a second sample of the split no earlier run saw",
+    )
     ap.add_argument("--grid", action="store_true", help="replay every schedule of the grid, not just the variant's")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -113,9 +127,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     det = Detector.load(args.model, device="cpu", seed=args.seed, sequential=False)
     attacks = args.attacks or list(attack_table(det.manifest.modality))
-    x0, advs = adversarial(det, args.split, args.n, args.seed, attacks)
-    clean = cached_activations(det, x0, f"{args.split}-clean-n{args.n}-s{args.seed}")
-    adv = {a: cached_activations(det, x, f"{args.split}-{a}-n{args.n}-s{args.seed}") for a, x in advs.items() if len(x)}
+    x0, advs = adversarial(det, args.split, args.n, args.seed, attacks, args.exclude)
+    key = sample_key(args.split, args.n, args.seed, args.exclude)
+    clean = cached_activations(det, x0, key.replace("@", "clean"))
+    adv = {a: cached_activations(det, x, key.replace("@", a)) for a, x in advs.items() if len(x)}
     schedules = GRID if args.grid else [det.variant.sequential or Schedule()]
     runs = [compare(det, clean, adv, s) for s in schedules]
     for r in runs:
@@ -133,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "model": det.manifest.name,
         "variant": det.variant.name,
-        "split": args.split,
+        "split": args.split + (f" (without the {args.exclude} inputs of --n {args.exclude})" if args.exclude else ""),
         "n_clean": len(x0),
         "seed": args.seed,
         "command": "python -m nccr_guard.eval.sequential " + " ".join(argv if argv is not None else sys.argv[1:]),
