@@ -94,6 +94,11 @@ def _squeeze(xs: np.ndarray, p: Perturbation, lo: float, hi: float) -> np.ndarra
     """The squeezed batch (B, *shape): squeezers are deterministic and per-sample, so one call does every input."""
     if p.family == "bitdepth":
         levels = 2 ** int(p.scale) - 1
+        if lo == 0.0 and hi == 1.0:  # images: the maps to and from [0, 1] are exact identities (profiled: 3 of
+            out = xs * np.float32(levels)  # the 4 rows of an nccr-v3 verdict are squeezes)
+            np.round(out, out=out)
+            out /= np.float32(levels)
+            return out
         unit = (xs - lo) / (hi - lo)
         return (np.round(unit * levels) / levels * (hi - lo) + lo).astype(np.float32)
     nd = xs.ndim - 1  # one input's dimensions; the filter covers its last two (one for a 1-D signal)
