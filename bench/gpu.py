@@ -57,6 +57,17 @@ def timed(fn, reps: int) -> list[float]:
     return out
 
 
+def agreement(ref: list, got: list) -> dict:
+    """How far verdicts `got` (on the device) stray from `ref` (on the CPU) for the same inputs."""
+    diff = np.abs(np.array([v.score for v in ref]) - np.array([v.score for v in got]))
+    return {
+        "max_abs_score_diff": float(diff.max()),
+        "median_abs_score_diff": float(np.median(diff)),
+        "same_prediction": float(np.mean([a.index == b.index for a, b in zip(ref, got, strict=True)])),
+        "same_verdict": float(np.mean([a.verdict == b.verdict for a, b in zip(ref, got, strict=True)])),
+    }
+
+
 def correctness() -> dict:
     from nccr_guard.detector import Detector
 
@@ -65,15 +76,7 @@ def correctness() -> dict:
     res = {}
     for half in (False, True):
         det = Detector.load(MNIST, backend="torch", device=DEVICE, half=half)
-        gpu = det.detect(xs)
-        diff = np.abs(np.array([v.score for v in cpu]) - np.array([v.score for v in gpu]))
-        res["fp16" if half else "fp32"] = {
-            "cuda_graphs": det.backend.cuda_graphs,
-            "max_abs_score_diff": float(diff.max()),
-            "median_abs_score_diff": float(np.median(diff)),
-            "same_prediction": float(np.mean([a.index == b.index for a, b in zip(cpu, gpu, strict=True)])),
-            "same_verdict": float(np.mean([a.verdict == b.verdict for a, b in zip(cpu, gpu, strict=True)])),
-        }
+        res["fp16" if half else "fp32"] = {"cuda_graphs": det.backend.cuda_graphs, **agreement(cpu, det.detect(xs))}
     return res
 
 
@@ -96,14 +99,11 @@ def speaker(clips: int = 12) -> dict:
         t = time.perf_counter()
         dev = det.detect(xs)
         seconds = time.perf_counter() - t
-        diff = np.abs(np.array([v.score for v in cpu]) - np.array([v.score for v in dev]))
         res["sequential" if sequential else "fixed_k"] = {
             "cuda_graphs": det.backend.cuda_graphs,
             "ms_per_clip": round(seconds / clips * 1e3, 2),
             "mean_passes": float(np.mean([v.passes for v in dev])),
-            "max_abs_score_diff": float(diff.max()),
-            "same_prediction": float(np.mean([a.index == b.index for a, b in zip(cpu, dev, strict=True)])),
-            "same_verdict": float(np.mean([a.verdict == b.verdict for a, b in zip(cpu, dev, strict=True)])),
+            **agreement(cpu, dev),
         }
     return res
 

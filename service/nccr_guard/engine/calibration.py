@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from nccr_guard.engine.perturb import row_groups
-from nccr_guard.engine.score import EPS, component_raw, raw_components, shared_margin, standardise, view
+from nccr_guard.engine.score import (
+    EPS,
+    component_raw,
+    raw_components,
+    relative_margin,
+    shared_margin,
+    standardise,
+    view,
+)
 from nccr_guard.engine.variants import Variant
 
 FORMAT_VERSION = 1
@@ -193,6 +201,5 @@ def near_flips(variant: Variant, acts: dict[str, np.ndarray]) -> list[float | No
         if c.measure != "pred_flip" or margin is None:
             out.append(None)
             continue
-        rel = margin[:, groups[c.perturbation]] / np.maximum(np.abs(margin[:, :1]), EPS)
-        out.append(float(np.quantile(rel, NEAR_FLIP_QUANTILE)))
+        out.append(float(np.quantile(relative_margin(margin, groups[c.perturbation]), NEAR_FLIP_QUANTILE)))
     return out

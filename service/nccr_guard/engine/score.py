@@ -69,6 +69,12 @@ def class_margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
     return top - others.max(axis=-1)
 
 
+def relative_margin(margin: np.ndarray, rows: slice) -> np.ndarray:
+    """(B, copies) each copy's logit margin as a share of its original's (1: unchanged, < 0: flipped). The
+    calibration's near-flip cut-off and the sequential test's count of near flips read it alike."""
+    return margin[:, rows] / np.maximum(np.abs(margin[:, :1]), EPS)
+
+
 # A copy's prediction flips only when another class beats the original's by more than this share of the logit
 # scale: a near-tie must not turn on float noise (batched forwards may differ in the last bits with the batch's
 # composition, and a single flip in K copies decides the verdict of the `nccr-audio` variants).

@@ -33,11 +33,11 @@ from scipy.stats import betabinom
 from nccr_guard.engine.calibration import Calibration
 from nccr_guard.engine.perturb import RANDOM_FAMILIES, row_groups
 from nccr_guard.engine.score import (
-    EPS,
     Scores,
     component_copies,
     confidence,
     reduce_copies,
+    relative_margin,
     shared_margin,
     standardise,
 )
@@ -139,8 +139,7 @@ def bounded_scores(
                 rate = None if rate is None else min(max(rate, 1e-6), 0.5)
                 near = None
                 if rate is not None and near_at and near_at[i] is not None and margin is not None:
-                    rel = margin[:, groups[comp.perturbation]] / np.maximum(np.abs(margin[:, :1]), EPS)
-                    near = (rel < near_at[i]).sum(1)
+                    near = (relative_margin(margin, groups[comp.perturbation]) < near_at[i]).sum(1)
                 lo, hi = _bounds(per, raw, comp.measure in ("pred_flip", "flip"), rate, n, p.copies, z, near)
             raws.append(raw)
             los.append(lo)

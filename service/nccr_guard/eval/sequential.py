@@ -80,7 +80,7 @@ def adversarial(
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in attacks:
-        f = cache / f"{det.manifest.name}-{sample_key(split, n, seed, exclude).replace('@', name)}.npy"
+        f = cache / f"{det.manifest.name}-{sample_key(split, name, n, seed, exclude)}.npy"
         if not f.exists():
             adv = run_attack(name, clf, x0, seed, table)
             np.save(f, adv[attack_succeeded(name, clf.predict(adv).argmax(1), y0, len(det.manifest.labels))])
@@ -88,9 +88,9 @@ def adversarial(
     return x0, out
 
 
-def sample_key(split: str, n: int, seed: int, exclude: int) -> str:
-    """Cache-name part of one sample of a split, '@' where the attack (or 'clean') goes."""
-    return f"{split}-@-n{n}-s{seed}" + (f"-x{exclude}" if exclude else "")
+def sample_key(split: str, what: str, n: int, seed: int, exclude: int) -> str:
+    """Cache-name part of one sample of a split: its clean inputs (`what` = "clean") or one attack's."""
+    return f"{split}-{what}-n{n}-s{seed}" + (f"-x{exclude}" if exclude else "")
 
 
 def cached_activations(det: Detector, xs: np.ndarray, key: str) -> dict[str, np.ndarray]:
@@ -128,9 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     det = Detector.load(args.model, device="cpu", seed=args.seed, sequential=False)
     attacks = args.attacks or list(attack_table(det.manifest.modality))
     x0, advs = adversarial(det, args.split, args.n, args.seed, attacks, args.exclude)
-    key = sample_key(args.split, args.n, args.seed, args.exclude)
-    clean = cached_activations(det, x0, key.replace("@", "clean"))
-    adv = {a: cached_activations(det, x, key.replace("@", a)) for a, x in advs.items() if len(x)}
+    sample = (args.n, args.seed, args.exclude)
+    clean = cached_activations(det, x0, sample_key(args.split, "clean", *sample))
+    adv = {a: cached_activations(det, x, sample_key(args.split, a, *sample)) for a, x in advs.items() if len(x)}
     schedules = GRID if args.grid else [det.variant.sequential or Schedule()]
     runs = [compare(det, clean, adv, s) for s in schedules]
     for r in runs:
