@@ -7,11 +7,12 @@ every other test sends a handful of requests.
 from __future__ import annotations
 
 import asyncio
-import shutil
 import socket
 import statistics
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 
 from nccr_guard.audio import encode_wav
 from tests.conftest import MNIST, ROOT, start_server
+from tests.faulty import faulty_folder, marked
 from tests.load.test_load import metric
 
 SPEAKER = ROOT / "models" / "speaker"
@@ -200,27 +202,7 @@ def test_clients_that_disconnect_free_their_queue_slots(tmp_path):
 
 @pytest.fixture
 def faulty_model(tmp_path) -> Path:
-    folder = tmp_path / "faulty"
-    folder.mkdir()
-    for f in ("weights.pt", "calibration.npz"):
-        shutil.copy(MNIST / f, folder / f)
-    toml = (MNIST / "model.toml").read_text()
-    toml = toml.replace('name = "mnist"', 'name = "faulty"').replace('onnx = "model.onnx"\n', "")
-    (folder / "model.toml").write_text(toml.replace("nccr_guard.nets:MnistCNN", "tests.faulty:FaultyMnist"))
-    return folder
-
-
-def marked(png: bytes, corner: tuple[int, int]) -> bytes:
-    """The digit with one bright corner pixel: tests.faulty.FaultyMnist's trigger."""
-    import io
-
-    from PIL import Image
-
-    img = np.asarray(Image.open(io.BytesIO(png))).copy()
-    img[corner] = 255
-    buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
-    return buf.getvalue()
+    return faulty_folder(tmp_path, MNIST)
 
 
 def test_backend_fault_fails_only_its_batch(tmp_path, faulty_model, digit_pngs):
@@ -332,5 +314,82 @@ def test_batch_answers_every_item_by_the_deadline(tmp_path, faulty_model, digit_
             assert "timed out" in res[0]["error"] and took < 1.5 + 1.0, took
             time.sleep(2)  # the stalled forward ends; the server is whole again
             assert c.post("/v1/detect", content=clean, headers={"content-type": "image/png"}).status_code == 200
+    finally:
+        assert s.stop() == 0
+
+
+def read_answer(sock: socket.socket) -> bytes:
+    """One HTTP answer (head and Content-Length body) from a socket that stays open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536) or b""
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(
+        next(v for k, v in (h.split(b":", 1) for h in head.split(b"\r\n")[1:]) if k.lower() == b"content-length")
+    )
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_full_queue_refuses_uploads_from_their_headers(tmp_path, faulty_model, digit_pngs):
+    """With every queue place taken (stalled 3 s forwards, --max-queue 1), an upload is answered 503 with
+    Retry-After from its headers alone, its body never sent: on /v1/detect (multipart), /v1/detect/batch and
+    KServe v2 infer. The connection stays usable: the unread body is discarded and the next request on it is
+    served. Once the stalls end, uploads are scored again."""
+    clean = digit_pngs[0][0].read_bytes()
+    stall = marked(clean, (0, -1))
+    s = start_server(
+        tmp_path,
+        *("--models", str(faulty_model), "--max-batch", "4", "--max-queue", "1", "--request-timeout-s", "20"),
+        env={"PYTHONPATH": str(ROOT)},
+    )
+    port = int(s.url.rsplit(":", 1)[1])
+    held = threading.Event()
+
+    async def stalls(sent: list) -> list[int]:
+        """Stalled uploads one by one, 0.2 s apart, until one waits in the queue: every batch worker busy."""
+        async with httpx.AsyncClient(base_url=s.url, timeout=30) as c:
+            post = c.post("/v1/detect", content=stall, headers={"content-type": "image/png"})
+            for _ in range(12):
+                sent.append(asyncio.ensure_future(post))
+                await asyncio.sleep(0.2)
+                if metric((await c.get("/metrics")).text, "nccr_guard_queue_depth") >= 1:
+                    break
+                post = c.post("/v1/detect", content=stall, headers={"content-type": "image/png"})
+            held.set()
+            return [r.status_code for r in await asyncio.gather(*sent)]
+
+    heads = {
+        "/v1/detect": "multipart/form-data; boundary=xyz",
+        "/v1/detect/batch": "multipart/form-data; boundary=xyz",
+        "/v2/models/faulty/infer": "application/json",
+    }
+    try:
+        with ThreadPoolExecutor(1) as pool:
+            codes = pool.submit(asyncio.run, stalls([]))
+            assert held.wait(10)
+            with s.client() as c:
+                assert metric(c.get("/metrics").text, "nccr_guard_queue_depth") == 1
+                before = metric(c.get("/metrics").text, 'nccr_guard_rejections_total{reason="queue_full"}')
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+                for path, ctype in heads.items():
+                    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: 100\r\n"
+                    sock.sendall(head.encode() + b"\r\n")
+                    t = time.monotonic()
+                    answer = read_answer(sock)  # nothing of the body sent yet; a body read would time out
+                    assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+                    assert b"retry-after: 1" in answer.lower() and b"at capacity" in answer, answer
+                    assert time.monotonic() - t < 2
+                    sock.sendall(b"-" * 100)  # the body after all: discarded, the connection goes on
+                sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+                assert read_answer(sock).startswith(b"HTTP/1.1 200")
+            codes = codes.result()
+        assert set(codes) == {200}, codes
+        with s.client() as c:
+            after = metric(c.get("/metrics").text, 'nccr_guard_rejections_total{reason="queue_full"}')
+            assert after - before >= 3
+            r = c.post("/v1/detect", files={"file": ("d.png", clean, "image/png")})
+            assert r.status_code == 200 and r.json()["prediction"]["index"] == digit_pngs[0][1], r.text
     finally:
         assert s.stop() == 0

@@ -146,6 +146,9 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
         if e.reason in ("too_large", "timeout") and e.status in (408, 413):
             # The rest of the body is unread: close, or the server would go on receiving (and discarding) it.
             headers = {"Connection": "close"}
+        if e.reason == "queue_full" and "chunked" in request.headers.get("transfer-encoding", "").lower():
+            # Refused from its headers (Service.refuse_if_full), a chunked body of unknown length is unread.
+            headers = {"Retry-After": "1", "Connection": "close"}
         return JSONResponse({"error": str(e)}, e.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)

@@ -68,6 +68,21 @@ class Service:
         s = self.settings
         return Limits(s.max_upload_bytes, s.max_pixels, s.max_audio_s)
 
+    def refuse_if_full(self, name: str | None, content_type: str) -> None:
+        """Refuse an upload from its headers alone (503, its body neither read nor parsed) when every model it
+        could go to has a full queue: a client that ignores Retry-After would otherwise cost the overloaded
+        event loop a body read and a multipart parse per refusal. The candidates are the named model, or those
+        of a raw body's declared modality (image/*, audio/*), or else every model (a multipart body's files are
+        known only once parsed); a model with room admits the request to the full path and its queue check."""
+        if name:
+            candidates = [self.runtime(name)]
+        else:
+            kind = content_type.split("/", 1)[0].strip().lower()
+            everyone = list(self.runtimes.values())
+            candidates = [rt for rt in everyone if rt.detector.manifest.modality == kind] or everyone
+        if candidates and all(rt.batcher.free() <= 0 for rt in candidates):
+            raise candidates[0].at_capacity()
+
     def runtime(self, name: str | None, data: bytes | None = None) -> ModelRuntime:
         """The named model, or the first model of the upload's modality."""
         if name:

@@ -101,6 +101,11 @@ async def wait_unless_gone(request: Request, coro: Coroutine[Any, Any, T], due: 
     return result
 
 
+def refuse_if_full(request: Request, service: Service) -> None:
+    """Service.refuse_if_full for an upload request, from its query (`model`) and content type."""
+    service.refuse_if_full(request.query_params.get("model"), request.headers.get("content-type", ""))
+
+
 async def detect_uploads(
     request: Request, service: Service, uploads: list[Upload], model: str | None
 ) -> list[Detection | InputError]:
@@ -188,6 +193,7 @@ async def detect_upload(request: Request, service: Service, up: Upload, model: s
 @router.post("/detect", response_model=Detection, responses=ERRORS, openapi_extra=UPLOAD_BODY)
 async def detect(request: Request, service: ServiceDep) -> Detection:
     """Score one image or audio clip: multipart field `file`, or a raw `image/*` / `audio/*` body."""
+    refuse_if_full(request, service)
     uploads, fields = await read_uploads(request, service.settings.max_upload_bytes, deadline(request))
     if len(uploads) != 1:
         raise InputError(f"send exactly one file here ({len(uploads)} given); use /v1/detect/batch for several")
@@ -197,6 +203,7 @@ async def detect(request: Request, service: ServiceDep) -> Detection:
 @router.post("/detect/batch", response_model=BatchDetection, responses=ERRORS, openapi_extra=UPLOAD_BODY)
 async def detect_batch(request: Request, service: ServiceDep) -> BatchDetection:
     """Score several files (repeated multipart field `file`); each gets its own result or error."""
+    refuse_if_full(request, service)
     uploads, fields = await read_uploads(request, service.settings.max_upload_bytes, deadline(request))
     results = await detect_uploads(request, service, uploads, fields.get("model"))
     # A failed item is a rejection too, though the answer is 200 (a whole request's error counts in the handler).

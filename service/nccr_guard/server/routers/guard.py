@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse
 
 from nccr_guard.inputs import InputError
 from nccr_guard.server.deps import Authorized, ServiceDep, deadline
-from nccr_guard.server.routers.detect import ERRORS, UPLOAD_BODY, detect_upload
+from nccr_guard.server.routers.detect import ERRORS, UPLOAD_BODY, detect_upload, refuse_if_full
 from nccr_guard.server.uploads import read_body, read_uploads
 
 router = APIRouter(prefix="/v1", tags=["guard"], dependencies=[Authorized])
@@ -40,6 +40,7 @@ async def guard(request: Request, service: ServiceDep) -> Response:
     s = service.settings
     if not s.upstream or service.upstream is None:
         raise InputError("sidecar mode is off: start with --upstream URL", 404, "not_found")
+    refuse_if_full(request, service)
     body = await read_body(request, s.max_upload_bytes, deadline(request))
     uploads, fields = await read_uploads(_Replay(request, body), s.max_upload_bytes, deadline(request))
     det = await detect_upload(request, service, uploads[0], fields.get("model"))
