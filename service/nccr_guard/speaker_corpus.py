@@ -1,9 +1,9 @@
 """A reproducible synthetic speaker corpus: Debian's espeak-ng voices (with variants) and festival voices.
 
 Each speaker reads its own seeded sentences, different for every split (enrolment = `train`, `calib`, `dev`,
-`test`), with small per-utterance jitter of speed and pitch so that no two clips are the same recording. The
-synthesisers' raw output (16, 22.05 and 32 kHz WAV) is cached on disk and goes through the same decoder as
-uploads (`nccr_guard.audio`), so resampling and level normalisation are part of what is evaluated.
+`test`, `holdout`), with small per-utterance jitter of speed and pitch so that no two clips are the same
+recording. The synthesisers' raw output (16, 22.05 and 32 kHz WAV) is cached on disk and goes through the same
+decoder as uploads (`nccr_guard.audio`), so resampling and level normalisation are part of what is evaluated.
 
 A model folder declares its corpus in `model.toml` `[split]`: `source = "speaker-corpus"`, `voices`, `counts`
 (clips per speaker per split) and `seed`; labels are the voice names in order.
@@ -23,7 +23,9 @@ import numpy as np
 
 from nccr_guard.manifest import Manifest, ManifestError
 
-SPLITS = ("train", "calib", "dev", "test")
+# `holdout` (session 9) came after every choice had looked at both `test` samples: its sentences follow the
+# others', so no clip repeats an earlier split's, and adding it left their clips unchanged.
+SPLITS = ("train", "calib", "dev", "test", "holdout")
 
 _SUBJECTS = [
     "the old farmer",

@@ -128,3 +128,19 @@ def test_speaker_rows_built_in_torch_agree_with_the_numpy_rows():
     assert np.mean([u.verdict == v.verdict for u, v in zip(ref, got, strict=True)]) >= 0.8
     a, b = np.array([v.score for v in ref]), np.array([v.score for v in got])
     assert np.corrcoef(a, b)[0, 1] > 0.9
+
+
+def test_speaker_sequential_rounds_online_match_the_replay():
+    """The speaker's default schedule (per-family first rounds: two spread shifts, one noisy copy) run online,
+    round by round as the server does, decides as the replay of the same clips' fixed-K rows."""
+    from nccr_guard.datasets import load_split
+    from nccr_guard.detector import Detector
+    from nccr_guard.engine.sequential import replay
+
+    xs = list(load_split(SPEAKER, "test")[0][15::30][:10])
+    det = Detector.load(SPEAKER_DIR, device="cpu")
+    assert det.schedule is not None and det.schedule.first_by
+    got = det.detect(xs)
+    want, passes = replay(det.variant, det.calib, det.activations(xs), det.schedule)
+    assert [v.passes for v in got] == passes.tolist() and passes.min() < det.variant.rows
+    assert np.allclose([v.score for v in got], want.score, atol=1e-4)

@@ -26,6 +26,29 @@ def test_round_plan_and_row_layout():
         Schedule(0, 1)
 
 
+def test_per_family_first_rounds():
+    """`first_by`: two spread shifts but one noisy copy in the first round, then `step` more of each, up to K."""
+    v = get_variant("nccr-audio-v2")
+    plan = rounds(v, Schedule(1, 2, 2.0, (("sweep", 2),)))
+    assert [(n["sweep:400"], n["snr:20"]) for n in plan] == [(2, 1), (4, 3), (6, 5), (8, 7), (8, 8)]
+    # original, the first two shifts (1-2), the 12-bit row (9), the first noisy copy (10)
+    assert layout(v, plan[0]).tolist() == [0, 1, 2, 9, 10]
+    assert (layout(v, plan[-1]) == np.arange(v.rows)).all()
+    assert Schedule(1, 2, 2.0, (("sweep", 2),)).label == "1 (sweep 2)/2/2"
+    with pytest.raises(ValueError):
+        Schedule(1, 1, 2.0, (("sweep", 0),))
+
+
+def test_per_family_counts_decide_as_one_count_does(mnist_v2):
+    """A plan of per-family counts that are all equal replays exactly as the plain count: the two code paths of
+    `layout` and `bounded_scores` agree."""
+    det, clean, noisy = mnist_v2
+    for acts in (clean, noisy):
+        a, pa = replay(det.variant, det.calib, acts, Schedule(2, 2, 2.0))
+        b, pb = replay(det.variant, det.calib, acts, Schedule(1, 2, 2.0, (("gaussian", 2),)))
+        assert (pa == pb).all() and np.array_equal(a.score, b.score)
+
+
 @pytest.fixture(scope="module")
 def mnist_v2(mnist_test):
     """The MNIST model under nccr-v2 (12 Gaussian copies), calibrated in memory, and activations of held-out

@@ -26,12 +26,14 @@ bound of the score is above the threshold or its upper bound at or below it; at 
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 from scipy.special import ndtr
 from scipy.stats import betabinom
 
 from nccr_guard.engine.calibration import Calibration
-from nccr_guard.engine.perturb import RANDOM_FAMILIES, row_groups
+from nccr_guard.engine.perturb import RANDOM_FAMILIES, Perturbation, row_groups
 from nccr_guard.engine.score import (
     Scores,
     component_copies,
@@ -43,7 +45,7 @@ from nccr_guard.engine.score import (
 )
 from nccr_guard.engine.variants import Schedule, Variant
 
-__all__ = ["Schedule", "bounded_scores", "layout", "max_copies", "replay", "rounds", "settled"]
+__all__ = ["Copies", "Schedule", "bounded_scores", "copies_of", "layout", "max_copies", "replay", "rounds", "settled"]
 
 
 def max_copies(variant: Variant) -> int:
@@ -51,25 +53,49 @@ def max_copies(variant: Variant) -> int:
     return max((p.copies for p in variant.perturbations if p.family in RANDOM_FAMILIES), default=0)
 
 
-def rounds(variant: Variant, schedule: Schedule) -> list[int]:
-    """Copies per noise family after each round: first, first+step, ..., K (one round when K is 0)."""
+Copies = int | dict[str, int]  # copies per noise family after a round: one count for all, or per perturbation key
+
+
+def copies_of(n: Copies, p: Perturbation) -> int:
+    """The copies of noise family `p` that a round's count `n` includes (at most its own K)."""
+    return min(n if isinstance(n, int) else n[p.key], p.copies)
+
+
+def rounds(variant: Variant, schedule: Schedule) -> list[Copies]:
+    """Copies per noise family after each round: first, first+step, ..., K (one round when K is 0). One count
+    for all families, or with `schedule.first_by` a count per perturbation key."""
     k = max_copies(variant)
-    n, out = min(schedule.first, k), []
-    while True:
-        out.append(n)
-        if n >= k:
-            return out
-        n = min(n + schedule.step, k)
+    if not schedule.first_by:
+        n, out = min(schedule.first, k), []
+        while True:
+            out.append(n)
+            if n >= k:
+                return out
+            n = min(n + schedule.step, k)
+    noisy = [p for p in variant.perturbations if p.family in RANDOM_FAMILIES]
+    plan: list[Copies] = []
+    while not plan or any(plan[-1][p.key] < p.copies for p in noisy):
+        step = len(plan) * schedule.step
+        plan.append({p.key: min(schedule.first_for(p.family) + step, p.copies) for p in noisy})
+    return plan
 
 
-def layout(variant: Variant, n: int) -> np.ndarray:
-    """Indices, into the fixed-K rows, of the rows `variant.with_k(n)` would have, in its order."""
+def layout(variant: Variant, n: Copies) -> np.ndarray:
+    """Indices, into the fixed-K rows, of the rows a round's count `n` includes, in the variant's row order."""
     groups = row_groups(variant.perturbations)
     idx = [np.array([0])]
     for p in variant.perturbations:
         g = groups[p.key]
-        idx.append(np.arange(g.start, g.start + (min(n, p.copies) if p.family in RANDOM_FAMILIES else 1)))
+        idx.append(np.arange(g.start, g.start + (copies_of(n, p) if p.family in RANDOM_FAMILIES else 1)))
     return np.concatenate(idx)
+
+
+def _partial(variant: Variant, n: Copies) -> Variant:
+    """The variant with a round's count of copies per noise family: the rows `layout` picks, as a variant."""
+    if isinstance(n, int):
+        return variant.with_k(n) if n else variant
+    noisy = [p.with_copies(copies_of(n, p)) if p.family in RANDOM_FAMILIES else p for p in variant.perturbations]
+    return replace(variant, perturbations=tuple(noisy))
 
 
 PRIOR_A = 0.5  # the Beta prior's first shape: Jeffreys-like mass near a zero flip rate
@@ -112,12 +138,12 @@ def _bounds(
 
 
 def bounded_scores(
-    variant: Variant, calib: Calibration, acts: dict[str, np.ndarray], n: int, z: float
+    variant: Variant, calib: Calibration, acts: dict[str, np.ndarray], n: Copies, z: float
 ) -> tuple[Scores, np.ndarray, np.ndarray]:
-    """Scores after n copies per noise family, with (B,) lower and upper bounds on the fixed-K score.
+    """Scores after a round's n copies per noise family, with (B,) lower and upper bounds on the fixed-K score.
 
-    acts: layer -> (B, R_n, N) in `variant.with_k(n)` row order; `variant` itself is the fixed-K one."""
-    part = variant.with_k(n) if n else variant
+    acts: layer -> (B, R_n, N) in `layout(variant, n)` row order; `variant` itself is the fixed-K one."""
+    part = _partial(variant, n)
     groups = row_groups(part.perturbations)
     family = {p.key: p for p in variant.perturbations}
     pred = acts["logits"][:, 0].argmax(-1)
@@ -130,7 +156,8 @@ def bounded_scores(
             per = component_copies(comp, acts, calib, groups[comp.perturbation], pred, margin).astype(np.float64)
             raw = reduce_copies(comp, per)
             p = family[comp.perturbation]
-            if p.family not in RANDOM_FAMILIES or n >= p.copies:
+            seen = copies_of(n, p) if p.family in RANDOM_FAMILIES else 0
+            if p.family not in RANDOM_FAMILIES or seen >= p.copies:
                 lo = hi = raw
             elif comp.reduce == "max":
                 lo, hi = raw, np.full_like(raw, np.inf)
@@ -140,7 +167,7 @@ def bounded_scores(
                 near = None
                 if rate is not None and near_at and near_at[i] is not None and margin is not None:
                     near = (relative_margin(margin, groups[comp.perturbation]) < near_at[i]).sum(1)
-                lo, hi = _bounds(per, raw, comp.measure in ("pred_flip", "flip"), rate, n, p.copies, z, near)
+                lo, hi = _bounds(per, raw, comp.measure in ("pred_flip", "flip"), rate, seen, p.copies, z, near)
             raws.append(raw)
             los.append(lo)
             his.append(hi)

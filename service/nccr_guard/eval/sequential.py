@@ -28,6 +28,9 @@ from nccr_guard.eval.metrics import auroc, rate_above
 from nccr_guard.speaker_corpus import cache_dir
 
 GRID = [Schedule(f, s, z) for f in (1, 2, 4) for s in (1, 2, 4) for z in (1.0, 2.0, 3.0)]
+# Per-family first rounds (session 9): two spread shifts (a mean needs two copies for a standard error) and one
+# copy of every other noise family, whose 0/1 flips settle from one copy under the clean prior.
+GRID += [Schedule(1, s, z, (("sweep", 2),)) for s in (1, 2) for z in (1.0, 1.5, 2.0, 3.0)]
 
 
 def compare(
@@ -38,7 +41,7 @@ def compare(
     fixed_c = score_rows(det.variant, det.calib, clean).score
     seq_c, pass_c = replay(det.variant, det.calib, clean, schedule)
     out = {
-        "schedule": {"first": schedule.first, "step": schedule.step, "z": schedule.z},
+        "schedule": {"first": schedule.first, "step": schedule.step, "z": schedule.z, "first_by": schedule.first_by},
         "fixed_rows": det.variant.rows,
         "clean": {
             "mean_rows": float(pass_c.mean()),
@@ -104,6 +107,11 @@ def cached_activations(det: Detector, xs: np.ndarray, key: str) -> dict[str, np.
     return acts
 
 
+def pooled(parts: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Activations of several samples as one (layer -> inputs of every part, in order)."""
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, required=True)
@@ -117,6 +125,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="leave out the inputs a run with --n EXCLUDE picks: a second sample of the split no earlier run saw",
     )
+    ap.add_argument(
+        "--pool",
+        action="store_true",
+        help="with --exclude: score both samples together (the one --n EXCLUDE picks and this one), for a choice "
+        "that one clip moves less",
+    )
     ap.add_argument("--grid", action="store_true", help="replay every schedule of the grid, not just the variant's")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
@@ -127,10 +141,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     det = Detector.load(args.model, device="cpu", seed=args.seed, sequential=False)
     attacks = args.attacks or list(attack_table(det.manifest.modality))
-    x0, advs = adversarial(det, args.split, args.n, args.seed, attacks, args.exclude)
-    sample = (args.n, args.seed, args.exclude)
-    clean = cached_activations(det, x0, sample_key(args.split, "clean", *sample))
-    adv = {a: cached_activations(det, x, sample_key(args.split, a, *sample)) for a, x in advs.items() if len(x)}
+    if args.pool and not args.exclude:
+        ap.error("--pool needs --exclude (the other sample)")
+    samples = [(args.n, args.seed, args.exclude)] + ([(args.exclude, args.seed, 0)] if args.pool else [])
+    cleans, advs_acts = [], []
+    for n, seed, exclude in samples:
+        x0, advs = adversarial(det, args.split, n, seed, attacks, exclude)
+        sample = (n, seed, exclude)
+        cleans.append(cached_activations(det, x0, sample_key(args.split, "clean", *sample)))
+        advs_acts.append(
+            {a: cached_activations(det, x, sample_key(args.split, a, *sample)) for a, x in advs.items() if len(x)}
+        )
+    clean = pooled(cleans)
+    adv = {a: pooled([s[a] for s in advs_acts if a in s]) for a in dict.fromkeys(a for s in advs_acts for a in s)}
+    n_clean = len(clean["logits"])
     schedules = GRID if args.grid else [det.variant.sequential or Schedule()]
     runs = [compare(det, clean, adv, s) for s in schedules]
     for r in runs:
@@ -148,8 +172,15 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "model": det.manifest.name,
         "variant": det.variant.name,
-        "split": args.split + (f" (without the {args.exclude} inputs of --n {args.exclude})" if args.exclude else ""),
-        "n_clean": len(x0),
+        "split": args.split
+        + (
+            f" (both samples: --n {args.exclude} and the {args.n} after it)"
+            if args.pool
+            else f" (without the {args.exclude} inputs of --n {args.exclude})"
+            if args.exclude
+            else ""
+        ),
+        "n_clean": n_clean,
         "seed": args.seed,
         "command": "python -m nccr_guard.eval.sequential " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": " ".join(filter(None, [platform.machine(), platform.processor()]))
@@ -184,8 +215,9 @@ def markdown(result: dict) -> str:
             f"{m['tpr_fixed']:.3f}→{m['tpr_sequential']:.3f}"
             for m in r["attacks"].values()
         ]
+        first = f"{s['first']}" + "".join(f" ({f} {n})" for f, n in s.get("first_by", ()))
         lines.append(
-            f"| {s['first']} | {s['step']} | {s['z']:g} | {c['mean_rows']:.1f} of {r['fixed_rows']} | "
+            f"| {first} | {s['step']} | {s['z']:g} | {c['mean_rows']:.1f} of {r['fixed_rows']} | "
             + " | ".join(cells)
             + f" | {c['fpr_fixed']:.3f}→{c['fpr_sequential']:.3f} |"
         )
