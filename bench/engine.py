@@ -6,7 +6,8 @@
 - truncated vs full forward: cost of one verdict's rows under `hidden-change` (copies read at a hidden layer),
   MNIST watching conv2 and a ResNet-50-shaped net (random weights) at 224 px watching layer2, torch and ONNX;
 - sequential vs fixed K: rows and milliseconds per verdict of the speaker model (its default variant) on held-out
-  clean clips, sequential testing on and off.
+  clean clips, sequential testing on and off, and under the previous default schedule (session 8's uniform
+  first round, 1/2/2), in the same run.
 
 - the engine's own parts per call (building the rows, turning activations into verdicts), best of 7 timeit
   repeats on fixed inputs, so a change to either can be measured apart from the forward's noise
@@ -18,6 +19,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import sys
 import tempfile
@@ -30,6 +32,7 @@ import torch
 from bench.common import ROOT, median_ms, resnet_folder, sample_inputs, write_report
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant
+from nccr_guard.engine.variants import Schedule
 
 MODEL = ROOT / "models" / "mnist"
 SPEAKER = ROOT / "models" / "speaker"
@@ -135,6 +138,9 @@ def truncation(reps: int) -> list[dict]:
     return out
 
 
+PREVIOUS_SCHEDULE = Schedule(first=1, step=2, z=2.0)  # nccr-audio-v2's default in session 8
+
+
 def sequential(n: int) -> dict:
     """Speaker verdicts on `n` held-out clean clips: rows and ms, sequential testing on vs off (same clips)."""
     from nccr_guard.datasets import load_split
@@ -143,19 +149,22 @@ def sequential(n: int) -> dict:
     xs, _ = load_split(det.manifest, "test")
     xs = xs[np.linspace(0, len(xs) - 1, n).astype(int)]
     out = {"model": "speaker", "variant": det.variant.name, "clips": n, "schedule": det.variant.sequential.__dict__}
-    for on in (False, True):
-        det.use_sequential = on
+    default = det.variant
+    previous = dataclasses.replace(default, sequential=PREVIOUS_SCHEDULE)
+    for key, on, variant in (("fixed", False, default), ("sequential", True, default), ("previous", True, previous)):
+        det.use_sequential, det.variant = on, variant
         det.detect(xs[:1])
         t = time.perf_counter()
         verdicts = det.detect(list(xs), chunk=1)
         ms = 1e3 * (time.perf_counter() - t) / n
-        key = "sequential" if on else "fixed"
         out[key] = {
             "mean_rows": float(np.mean([v.passes for v in verdicts])),
             "ms_per_verdict": round(ms, 1),
             "flagged": int(sum(v.adversarial for v in verdicts)),
         }
         print(key, out[key], flush=True)
+    det.variant = default
+    out["previous"]["schedule"] = PREVIOUS_SCHEDULE.__dict__
     out["rows_ratio"] = out["sequential"]["mean_rows"] / out["fixed"]["mean_rows"]
     out["time_ratio"] = out["sequential"]["ms_per_verdict"] / out["fixed"]["ms_per_verdict"]
     return out
@@ -214,7 +223,8 @@ def main() -> None:
         f"engine/bare ratio {min(r['ratio'] for r in results):.2f}-{max(r['ratio'] for r in results):.2f} (goal 0.95); "
         f"truncated/full ResNet-50 {min(res):.2f}-{max(res):.2f}; sequential speaker rows "
         f"{seq['sequential']['mean_rows']:.1f}/{seq['fixed']['mean_rows']:.0f} = {seq['rows_ratio']:.2f}, "
-        f"time {seq['time_ratio']:.2f}"
+        f"time {seq['time_ratio']:.2f} (previous schedule: rows {seq['previous']['mean_rows']:.1f}, "
+        f"{seq['previous']['ms_per_verdict'] / seq['fixed']['ms_per_verdict']:.2f} of fixed K's time)"
     )
 
 

@@ -2,8 +2,9 @@
 
 Why: a verdict costs its rows, and most inputs are clear-cut long before all K copies are in (LCR's sequential
 test, ../shared/anchors.md). Every input's rows are drawn once, exactly as for fixed K, and forwarded in rounds:
-the original, every squeezed row and the first `first` copies of each noise family, then `step` more copies of
-each family per round, up to K. After each round every component's fixed-K value is bounded:
+the original, every squeezed row and the first `first` copies of each noise family (per family where the
+schedule's `first_by` says so), then `step` more copies of each family per round, up to K. After each round
+every component's fixed-K value is bounded:
 
 - squeezers (one deterministic row) and families already at K copies are exact;
 - a max over copies can only grow: its lower bound is the running max, its upper bound open;
@@ -91,9 +92,8 @@ def layout(variant: Variant, n: Copies) -> np.ndarray:
 
 
 def _partial(variant: Variant, n: Copies) -> Variant:
-    """The variant with a round's count of copies per noise family: the rows `layout` picks, as a variant."""
-    if isinstance(n, int):
-        return variant.with_k(n) if n else variant
+    """The variant with a round's count of copies per noise family: the rows `layout` picks, as a variant (each
+    family capped at its own K, as `layout` caps it)."""
     noisy = [p.with_copies(copies_of(n, p)) if p.family in RANDOM_FAMILIES else p for p in variant.perturbations]
     return replace(variant, perturbations=tuple(noisy))
 
