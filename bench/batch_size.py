@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import start_server, write_report
+from bench.common import compare_suffix, compared_servers, start_server, write_report
 from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, histogram_totals, multipart, paced, png_bytes, pngs, wrk
 
 
@@ -87,7 +86,7 @@ def main() -> None:
     ap.add_argument("--compare", type=Path, help="another checkout whose server code runs alongside this one's")
     args = ap.parse_args()
     args.flags = args.flags or [""]
-    dirs = [None] + ([args.compare.resolve() / "service"] if args.compare else [])
+    dirs = compared_servers(args.compare)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [
             one_server(r, p, f, args.seconds, Path(tmp), d)
@@ -109,11 +108,7 @@ def main() -> None:
             "full_collections": [x["full_collections"] for x in mine],
         }
     name = "batch-size" + ("-processes" if args.processes != [1] else "") + ("-flags" if args.flags != [""] else "")
-    if args.compare:  # one report per compared commit
-        rev = subprocess.run(
-            ["git", "-C", str(args.compare), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        name += "-compare-" + (rev.stdout.strip() or args.compare.name)
+    name += compare_suffix(args.compare)
     write_report(name, {"runs": runs, "summary": summary}, "python -m bench.batch_size " + " ".join(sys.argv[1:]))
     print(
         "batch-size: "

@@ -153,3 +153,16 @@ def start_server(
             time.sleep(0.2)
     proc.kill()
     raise RuntimeError("server did not become ready")
+
+
+def compared_servers(checkout: Path | None) -> list[Path | None]:
+    """The server code a --compare bench runs: this checkout's (None) and, given another checkout, its service/."""
+    return [None] + ([checkout.resolve() / "service"] if checkout else [])
+
+
+def compare_suffix(checkout: Path | None) -> str:
+    """'-compare-<short commit>' for a --compare bench's report name (one report per compared commit), else ''."""
+    if checkout is None:
+        return ""
+    rev = subprocess.run(["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    return "-compare-" + (rev.stdout.strip() or checkout.name)

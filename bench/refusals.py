@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,8 +25,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.common import ROOT, write_report
-from bench.common import start_server as start
+from bench.common import ROOT, compare_suffix, compared_servers, start_server, write_report
 from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, multipart, png_bytes, pngs, run_wrk
 from tests.faulty import faulty_folder, marked
 
@@ -59,7 +57,7 @@ def hold(url: str, stall: bytes, stop: threading.Event) -> None:
 def one_server(folder: Path, seconds: float, tmp: Path, service_dir: Path | None) -> dict:
     port = 18800 + os.getpid() % 100
     flags = ["--models", str(folder), "--max-batch", "4", "--max-queue", "1", "--request-timeout-s", "60"]
-    proc = start(port, flags, service_dir=service_dir)
+    proc = start_server(port, flags, service_dir=service_dir)
     url = f"http://127.0.0.1:{port}"
     stop = threading.Event()
     holders = threading.Thread(target=hold, args=(url, marked(png_bytes(), (0, -1)), stop))
@@ -110,7 +108,7 @@ def main() -> None:
     args = ap.parse_args()
     # The faulty model's module lives in tests/: the servers import it from this checkout.
     os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    dirs = [None] + ([args.compare.resolve() / "service"] if args.compare else [])
+    dirs = compared_servers(args.compare)
     with tempfile.TemporaryDirectory() as tmp:
         folder = faulty_folder(Path(tmp), MODEL)
         runs = [one_server(folder, args.seconds, Path(tmp), d) for _ in range(args.rounds) for d in dirs]
@@ -126,12 +124,7 @@ def main() -> None:
         }
         for server in dict.fromkeys(x["server"] for x in runs)
     }
-    name = "refusals"
-    if args.compare:
-        rev = subprocess.run(
-            ["git", "-C", str(args.compare), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        )
-        name += "-compare-" + (rev.stdout.strip() or args.compare.name)
+    name = "refusals" + compare_suffix(args.compare)
     write_report(name, {"runs": runs, "summary": summary}, "python -m bench.refusals " + " ".join(sys.argv[1:]))
     print(
         "refusals: "
