@@ -7,6 +7,7 @@ every other test sends a handful of requests.
 from __future__ import annotations
 
 import asyncio
+import re
 import socket
 import statistics
 import threading
@@ -333,19 +334,19 @@ def read_answer(sock: socket.socket) -> bytes:
 
 
 def test_a_full_queue_refuses_uploads_from_their_headers(tmp_path, faulty_model, digit_pngs):
-    """With every queue place taken (stalled 3 s forwards, --max-queue 1), an upload is answered 503 with
-    Retry-After from its headers alone, its body never sent: on /v1/detect (multipart), /v1/detect/batch and
-    KServe v2 infer. The connection stays usable: the unread body is discarded and the next request on it is
-    served. Once the stalls end, uploads are scored again."""
+    """The image model's queue held full (stalled 3 s forwards, --max-queue 1), the speaker's free: an upload that
+    can only go to the image model is answered 503 with Retry-After from its headers alone, its body never sent —
+    a raw image/* body, `?model=faulty` on /v1/detect and /v1/detect/batch, KServe v2 infer. The connection stays
+    usable: the unread body is discarded and the next request on it is served. A multipart body with no model
+    named could be audio, so it is read (then refused at the queue, as before), and audio is still scored. Once
+    the stalls end, images are scored again."""
     clean = digit_pngs[0][0].read_bytes()
     stall = marked(clean, (0, -1))
-    s = start_server(
-        tmp_path,
-        *("--models", str(faulty_model), "--max-batch", "4", "--max-queue", "1", "--request-timeout-s", "20"),
-        env={"PYTHONPATH": str(ROOT)},
-    )
+    flags = ("--max-batch", "4", "--max-queue", "1", "--request-timeout-s", "20")
+    s = start_server(tmp_path, "--models", str(faulty_model), str(SPEAKER), *flags, env={"PYTHONPATH": str(ROOT)})
     port = int(s.url.rsplit(":", 1)[1])
     held = threading.Event()
+    depth = 'nccr_guard_queue_depth{model="faulty"}'
 
     async def stalls(sent: list) -> list[int]:
         """Stalled uploads one by one, 0.2 s apart, until one waits in the queue: every batch worker busy."""
@@ -354,15 +355,16 @@ def test_a_full_queue_refuses_uploads_from_their_headers(tmp_path, faulty_model,
             for _ in range(12):
                 sent.append(asyncio.ensure_future(post))
                 await asyncio.sleep(0.2)
-                if metric((await c.get("/metrics")).text, "nccr_guard_queue_depth") >= 1:
+                if metric((await c.get("/metrics")).text, re.escape(depth)) >= 1:
                     break
                 post = c.post("/v1/detect", content=stall, headers={"content-type": "image/png"})
             held.set()
             return [r.status_code for r in await asyncio.gather(*sent)]
 
-    heads = {
-        "/v1/detect": "multipart/form-data; boundary=xyz",
-        "/v1/detect/batch": "multipart/form-data; boundary=xyz",
+    early = {
+        "/v1/detect": "image/png",
+        "/v1/detect?model=faulty": "multipart/form-data; boundary=xyz",
+        "/v1/detect/batch?model=faulty": "multipart/form-data; boundary=xyz",
         "/v2/models/faulty/infer": "application/json",
     }
     try:
@@ -370,25 +372,30 @@ def test_a_full_queue_refuses_uploads_from_their_headers(tmp_path, faulty_model,
             codes = pool.submit(asyncio.run, stalls([]))
             assert held.wait(10)
             with s.client() as c:
-                assert metric(c.get("/metrics").text, "nccr_guard_queue_depth") == 1
+                assert metric(c.get("/metrics").text, re.escape(depth)) == 1
                 before = metric(c.get("/metrics").text, 'nccr_guard_rejections_total{reason="queue_full"}')
             with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-                for path, ctype in heads.items():
+                for path, ctype in early.items():
                     head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: {ctype}\r\nContent-Length: 100\r\n"
                     sock.sendall(head.encode() + b"\r\n")
                     t = time.monotonic()
                     answer = read_answer(sock)  # nothing of the body sent yet; a body read would time out
-                    assert answer.startswith(b"HTTP/1.1 503"), answer[:300]
+                    assert answer.startswith(b"HTTP/1.1 503"), (path, answer[:300])
                     assert b"retry-after: 1" in answer.lower() and b"at capacity" in answer, answer
                     assert time.monotonic() - t < 2
                     sock.sendall(b"-" * 100)  # the body after all: discarded, the connection goes on
                 sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
                 assert read_answer(sock).startswith(b"HTTP/1.1 200")
+            with s.client() as c:  # the speaker has room: multipart bodies are read, audio is scored
+                r = c.post("/v1/detect", files={"file": ("d.png", clean, "image/png")})
+                assert r.status_code == 503 and "at capacity" in r.json()["error"], r.text
+                r = c.post("/v1/detect", content=clip(), headers={"content-type": "audio/wav"})
+                assert r.status_code == 200 and r.json()["model"] == "speaker", r.text
             codes = codes.result()
         assert set(codes) == {200}, codes
         with s.client() as c:
             after = metric(c.get("/metrics").text, 'nccr_guard_rejections_total{reason="queue_full"}')
-            assert after - before >= 3
+            assert after - before >= 5
             r = c.post("/v1/detect", files={"file": ("d.png", clean, "image/png")})
             assert r.status_code == 200 and r.json()["prediction"]["index"] == digit_pngs[0][1], r.text
     finally:
