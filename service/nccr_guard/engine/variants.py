@@ -63,10 +63,14 @@ class Schedule:
         return dict(self.first_by).get(family, self.first)
 
     @property
+    def first_label(self) -> str:
+        """The first round, with per-family firsts: '1 (sweep 2)'."""
+        return f"{self.first}" + "".join(f" ({f} {n})" for f, n in self.first_by)
+
+    @property
     def label(self) -> str:
         """first/step/z, with per-family firsts: '1 (sweep 2)/2/2'."""
-        by = "".join(f" ({f} {n})" for f, n in self.first_by)
-        return f"{self.first}{by}/{self.step}/{self.z:g}"
+        return f"{self.first_label}/{self.step}/{self.z:g}"
 
 
 @dataclass(frozen=True)

@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
         ap.error("--pool needs --exclude (the other sample)")
     samples = [(args.n, args.seed, args.exclude)] + ([(args.exclude, args.seed, 0)] if args.pool else [])
     cleans, advs_acts = [], []
-    for n, seed, exclude in samples:
+    for sample in samples:
+        n, seed, exclude = sample
         x0, advs = adversarial(det, args.split, n, seed, attacks, exclude)
-        sample = (n, seed, exclude)
         cleans.append(cached_activations(det, x0, sample_key(args.split, "clean", *sample)))
         advs_acts.append(
             {a: cached_activations(det, x, sample_key(args.split, a, *sample)) for a, x in advs.items() if len(x)}
@@ -215,7 +215,7 @@ def markdown(result: dict) -> str:
             f"{m['tpr_fixed']:.3f}→{m['tpr_sequential']:.3f}"
             for m in r["attacks"].values()
         ]
-        first = f"{s['first']}" + "".join(f" ({f} {n})" for f, n in s.get("first_by", ()))
+        first = Schedule(s["first"], s["step"], s["z"], tuple(map(tuple, s.get("first_by", ())))).first_label
         lines.append(
             f"| {first} | {s['step']} | {s['z']:g} | {c['mean_rows']:.1f} of {r['fixed_rows']} | "
             + " | ".join(cells)
