@@ -94,15 +94,27 @@ def _bare_worker(args: tuple) -> int:
     import torch
 
     from nccr_guard.detector import Detector
+    from nccr_guard.inputs import Limits, decode
 
     torch.set_num_threads(threads)
     det = Detector.load(model, backend=backend, device="cpu", threads=threads)
     xs = sample_inputs(model) if xs is None else xs
-    det.detect(list(xs[:per_forward]))  # warm-up
+    if isinstance(xs[0], bytes):  # uploads: each loop decodes its inputs as the server does, then detects
+        files, limits = xs, Limits()
+        xs = [decode(f, det.manifest, limits) for f in files]
+        det.detect(xs[:per_forward])  # warm-up
+
+        def inputs(batch: list[int]) -> list[np.ndarray]:
+            return [decode(files[k], det.manifest, limits) for k in batch]
+    else:
+        det.detect(list(xs[:per_forward]))  # warm-up
+
+        def inputs(batch: list[int]) -> list[np.ndarray]:
+            return [xs[k] for k in batch]
+
     done, i, end = 0, 0, time.monotonic() + seconds
     while time.monotonic() < end:
-        batch = [xs[(i + j) % len(xs)] for j in range(per_forward)]
-        det.detect(batch)
+        det.detect(inputs([(i + j) % len(xs) for j in range(per_forward)]))
         done += per_forward
         i += per_forward
     return done
@@ -115,10 +127,11 @@ def bare_detections_per_s(
     per_forward: int,
     seconds: float,
     backend: str = "torch",
-    inputs: np.ndarray | None = None,
+    inputs: np.ndarray | list[bytes] | None = None,
 ) -> float:
     """Detections/s of `procs` processes each looping Detector.detect over `per_forward` inputs per forward,
-    cycling through `inputs` (default: the model's first 64 test inputs)."""
+    cycling through `inputs` (default: the model's first 64 test inputs; files as bytes: decoded in the loop,
+    the server's whole work for them but HTTP, parsing and batching)."""
     ctx = mp.get_context("spawn")
     with ctx.Pool(procs) as pool:
         counts = pool.map(_bare_worker, [(model, threads, per_forward, seconds, backend, inputs)] * procs)
