@@ -36,3 +36,19 @@ def test_harness_smoke(tmp_path):
     assert ev["attacks"]["deepfool"]["detectors"]["nccr"]["auroc"] > 0.9
     assert "| deepfool |" in (out / "eval.md").read_text()
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_model_level_candidates_are_rates_that_grow_with_the_noise():
+    """The robustness study's candidate measures on the shipped model: every candidate is measured, rates stay in
+    [0, 1], and the decision neuron moves further under stronger noise of either family."""
+    from nccr_guard.eval.robustness_study import CANDIDATES, candidate_values
+
+    vals = candidate_values(MNIST, seed=0)
+    assert set(vals) == {c.name for c in CANDIDATES}
+    for name, v in vals.items():
+        assert v >= 0, name
+        if name.startswith(("flip", "pred_flip")):
+            assert v <= 1, name
+    for family, weak, strong in (("gaussian", 0.1, 0.3), ("uniform", 0.1, 0.2)):
+        assert vals[f"margin[logits/all]@{family}:{strong}/mean"] > vals[f"margin[logits/all]@{family}:{weak}/mean"]
+    assert vals["flip[*/class]@bitdepth:1/mean"] > 0  # 1-bit squeezing moves some class neurons across
