@@ -60,16 +60,31 @@ def calibrate(
         "model": det.manifest.name,
     }
     calib = fit_calibration(det.variant, half_a, half_b, len(det.manifest.labels), target_fpr, meta)
+    if det.variant.robustness_rows is not None:
+        calib.robustness = float(model_level(det, calib, xs).mean())
     if write:
         calib.save(det.manifest.calibration_path)
     return calib
 
 
+def model_level(det: Detector, calib: Calibration, xs: np.ndarray) -> np.ndarray:
+    """(n,) the robustness component per clean input, forwarding the rows it reads: the verdict's own, or its
+    own rows (`Variant.robustness_rows`), which the verdict never makes."""
+    verdict_variant = det.variant
+    det.variant = verdict_variant.robustness_variant()
+    try:
+        acts = activations(det, xs, desc="robustness")
+    finally:
+        det.variant = verdict_variant
+    return model_nccr(verdict_variant, calib, acts)
+
+
 def robustness(folder: Path, data: Path | None = None, split: str = "test", backend: str = "auto") -> dict:
     """Model-level NCCR: the mean absolute cover change rate over clean inputs (lower = more robust)."""
     det = Detector.load(folder, backend=backend, device="cpu", truncate=False)
+    assert det.calib is not None
     xs = clean_inputs(det.manifest, data, split)
-    per_input = model_nccr(det.variant, det.calib, activations(det, xs, desc="robustness"))
+    per_input = model_level(det, det.calib, xs)
     comp = det.variant.robustness
     return {
         "model": det.manifest.name,

@@ -6,6 +6,8 @@ import json
 import shutil
 import subprocess
 
+import pytest
+
 from tests.conftest import BIN, MNIST
 
 
@@ -62,3 +64,9 @@ def test_calibrate_and_robustness_on_a_copy(tmp_path):
     assert r.returncode == 0, r.stderr
     rob = json.loads(r.stdout)
     assert 0.0 < rob["nccr"] < 0.5 and rob["n"] == 500
+    # The model-level NCCR reads rows the verdict never makes (Gaussian copies): calibration forwards them apart,
+    # and gives the same number as `robustness` on the same inputs.
+    assert rob["measure"] == "margin[logits/all]@gaussian:0.1/mean"
+    r = run("robustness", "--model", str(folder), "--split", "calib")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["nccr"] == pytest.approx(out["robustness_nccr"], rel=1e-9)

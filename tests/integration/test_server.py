@@ -94,6 +94,7 @@ def test_models_endpoints(server):
         m = c.get("/v1/models/mnist").json()
         assert m["backend"] in ("torch", "onnx") and m["device"] == "cpu" and m["variant"] == "nccr-v3"
         assert m["calibration"]["target_fpr"] == 0.05 and m["passes"] > 1 and m["robustness_nccr"] > 0
+        assert m["robustness_measure"] == "margin[logits/all]@gaussian:0.1/mean"
         s = c.get("/v1/models/speaker").json()
         assert s["backend"] == "torch" and s["variant"] == "nccr-audio-v2" and s["passes"] == 18
         assert m["cuda_graphs"] is False and s["cuda_graphs"] is False  # the CPU never captures

@@ -141,3 +141,25 @@ def test_sweep_spreads_every_prefix_of_its_shifts_over_the_range(copies):
                 cells = np.floor((s[:m] + 400) / 800 * m).clip(0, m - 1)
                 assert len(set(cells.tolist())) == m, (seed, s)
     assert not np.array_equal(shifts(0), shifts(1))
+
+
+def test_robustness_rows_are_never_verdict_rows():
+    """A model-level measure with rows of its own: the verdict's rows stay as they were, and the robustness
+    variant makes only those rows and measures only that component."""
+    v = get_variant("nccr-v3")
+    assert v.robustness_rows is not None and v.rows == 4
+    assert all(p.family == "bitdepth" for p in v.perturbations)
+    r = v.robustness_variant()
+    assert r.perturbations == (v.robustness_rows,) and r.components == (v.robustness,) and r.rows == 17
+    assert r.robustness_variant() is r and get_variant("nccr-audio-v2").robustness_variant().rows == 18
+    assert v.with_k(5).robustness_rows == v.robustness_rows  # K is the verdict's, not the model-level measure's
+    with pytest.raises(ValueError, match="unknown perturbation"):
+        Variant("x", v.perturbations, v.components, robustness=Component("gaussian:0.2", "logits", "margin"))
+    with pytest.raises(ValueError, match="own rows"):
+        Variant(
+            "x",
+            v.perturbations,
+            v.components,
+            robustness=Component("gaussian:0.1", "logits", "change"),
+            robustness_rows=Perturbation("gaussian", 0.1, 4),
+        )

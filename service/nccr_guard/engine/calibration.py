@@ -141,7 +141,9 @@ def fit_neuron_stats(variant: Variant, acts: dict[str, np.ndarray], n_classes: i
 
 
 def model_nccr(variant: Variant, calib: Calibration, acts: dict[str, np.ndarray]) -> np.ndarray:
-    """(n,) absolute NCCR of the robustness component per clean input: its mean is the model-level NCCR."""
+    """(n,) absolute NCCR of the robustness component per clean input: its mean is the model-level NCCR. `acts`:
+    rows of `variant.robustness_variant()`."""
+    variant = variant.robustness_variant()
     comp = variant.robustness
     pred = acts["logits"][:, 0].argmax(-1)
     return component_raw(comp, acts, calib, row_groups(variant.perturbations)[comp.perturbation], pred)
@@ -167,7 +169,11 @@ def fit_calibration(
     calib.clean_scores = scores
     calib.threshold = float(np.quantile(scores, 1.0 - target_fpr, method="higher"))
     calib.target_fpr = target_fpr
-    calib.robustness = float(np.concatenate([model_nccr(variant, calib, a) for a in (acts_a, acts_b)]).mean())
+    calib.robustness = (  # with rows of its own, the caller forwards them (calibrate.model_level)
+        float(np.concatenate([model_nccr(variant, calib, a) for a in (acts_a, acts_b)]).mean())
+        if variant.robustness_rows is None
+        else float("nan")
+    )
     # Per component, the mean raw value on clean half B; for 0/1 measures the Jeffreys-smoothed rate over all
     # copies seen, never 0: the prior of the sequential test's flip bound (engine/sequential.py).
     copies = {p.key: p.copies for p in variant.perturbations}

@@ -6,13 +6,14 @@ Trains MNIST models with one recipe (nccr_guard.training) and different robustne
 augmentation, PGD adversarial training at several eps), calibrates each with the default variant, and measures
 on the held-out split: the model-level NCCR (`nccr-guard robustness`) and the accuracy under ART PGD-L∞.
 
-Session 10 (the primary measure came out inverted on the first five models): a fixed list of NCCR candidates
+Session 10 (the measure then in use came out inverted on the first five models): a fixed list of NCCR candidates
 (CANDIDATES: cover flips of each class's characteristic neurons, the decision neuron's relative margin drop,
 and prediction flips, each under 1-bit squeezing and under Gaussian and uniform noise at two scales) is
 measured on every model; the rule, fixed before any candidate was measured, picks the candidate with the
 highest Spearman correlation on the first five models (DEV_RECIPES) at the primary eps, and the claim is its
-correlation on five models trained afterwards with other strengths (HELDOUT_RECIPES). Trained models are
-cached under $NCCR_GUARD_CACHE/robustness (by recipe, epochs and seed).
+correlation on five models trained afterwards with other strengths (HELDOUT_RECIPES). The chosen one became
+`nccr-v3`'s model-level measure. Trained models are cached under $NCCR_GUARD_CACHE/robustness (by recipe,
+epochs and seed).
 """
 
 from __future__ import annotations
@@ -221,11 +222,12 @@ def markdown(r: dict) -> str:
         "# Model-level NCCR vs robustness (MNIST)",
         "",
         f"`{r['command']}` — {r['n_test']} held-out digits, "
-        f"{r['seconds']} s (trained models cached). Robust accuracy: ART PGD-L∞, 40 steps. Primary NCCR: "
-        f"`{r['models'][0]['nccr_measure']}` averaged over clean held-out digits (lower = more stable); chosen "
-        f"candidate: `{chosen}` (rule below).",
+        f"{r['seconds']} s (trained models cached). Robust accuracy: ART PGD-L∞, 40 steps. Model NCCR: the "
+        f"default variant's measure (`nccr-guard robustness`), `{r['models'][0]['nccr_measure']}`, averaged over "
+        f"clean held-out digits (lower = more stable); chosen candidate: `{chosen}` (rule below). Until session "
+        "10 the default measure was `flip[*/class]@bitdepth:1/mean`, the first candidate below.",
         "",
-        "| model | group | epochs | clean acc | model NCCR (primary) | noise NCCR (exploratory) | chosen candidate | "
+        "| model | group | epochs | clean acc | model NCCR | noise NCCR (exploratory) | chosen candidate | "
         + " | ".join(f"PGD ε={e} acc" for e in PGD_EPS)
         + " |",
         "|---|---|---|---|---|---|---|" + "---|" * len(PGD_EPS),
@@ -258,7 +260,7 @@ def markdown(r: dict) -> str:
         "| measure | " + " | ".join(f"{g} ρ ε={e}" for g in ("dev", "held-out", "all") for e in PGD_EPS) + " |",
         "|---|" + "---|" * (3 * len(PGD_EPS)),
     ]
-    table = {"primary (current)": r["spearman_primary_by_group"], **r["spearman_candidates"]}
+    table = {"model NCCR (`nccr-guard robustness`)": r["spearman_primary_by_group"], **r["spearman_candidates"]}
     for name, by in table.items():
         cells = " | ".join(f"{by[g][f'eps{e}']:.2f}" for g in ("dev", "held-out", "all") for e in PGD_EPS)
         label = f"**`{name}`** (chosen)" if name == chosen else (f"`{name}`" if "@" in name else name)
@@ -275,7 +277,8 @@ def scatter(r: dict, path: Path) -> None:
     eps = r["primary_eps"]
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4))
     chosen = r["chosen_candidate"]
-    panels = (("primary model NCCR", lambda m: m["nccr"]), (chosen, lambda m: m["candidates"][chosen]))
+    first = CANDIDATES[0].name  # the default measure until session 10
+    panels = ((first, lambda m: m["candidates"][first]), (chosen, lambda m: m["candidates"][chosen]))
     for ax, (label, value) in zip(axes, panels, strict=True):
         for m in r["models"]:
             ax.scatter(value(m), m[f"robust_accuracy_eps{eps}"], marker="o" if m["group"] == "dev" else "^")

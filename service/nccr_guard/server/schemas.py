@@ -61,7 +61,11 @@ class ModelCard(BaseModel):
     truncated_to: list[str] | None = Field(None, description="layers perturbed copies run up to; null: full network")
     cuda_graphs: bool = Field(False, description="forwards replay captured CUDA graphs (torch backend on CUDA)")
     calibration: dict
-    robustness_nccr: float
+    robustness_nccr: float = Field(
+        description="model-level NCCR over the clean calibration data (lower = more stable; docs/nccr.md says how "
+        "far it ranks models by robustness)"
+    )
+    robustness_measure: str = Field(description="the component robustness_nccr averages")
     ready: bool
 
 

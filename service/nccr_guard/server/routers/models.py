@@ -37,6 +37,7 @@ def card(rt: ModelRuntime) -> ModelCard:
             "batching": rt.policy.__dict__,
         },
         robustness_nccr=c.robustness,
+        robustness_measure=det.variant.robustness.name,
         ready=rt.ready,
     )
 
