@@ -1,7 +1,7 @@
 """A reproducible synthetic speaker corpus: Debian's espeak-ng voices (with variants) and festival voices.
 
 Each speaker reads its own seeded sentences, different for every split (enrolment = `train`, `calib`, `dev`,
-`test`, `holdout`), with small per-utterance jitter of speed and pitch so that no two clips are the same
+`test`, `holdout`, `holdout2`), with small per-utterance jitter of speed and pitch so that no two clips are the same
 recording. The synthesisers' raw output (16, 22.05 and 32 kHz WAV) is cached on disk and goes through the same
 decoder as uploads (`nccr_guard.audio`), so resampling and level normalisation are part of what is evaluated.
 
@@ -24,8 +24,9 @@ import numpy as np
 from nccr_guard.manifest import Manifest, ManifestError
 
 # `holdout` (session 9) came after every choice had looked at both `test` samples: its sentences follow the
-# others', so no clip repeats an earlier split's, and adding it left their clips unchanged.
-SPLITS = ("train", "calib", "dev", "test", "holdout")
+# others', so no clip repeats an earlier split's, and adding it left their clips unchanged. `holdout2` (session
+# 10) the same way, after the holdout had been scored: a second untouched sample for the same claim.
+SPLITS = ("train", "calib", "dev", "test", "holdout", "holdout2")
 
 _SUBJECTS = [
     "the old farmer",
