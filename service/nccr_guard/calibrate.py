@@ -80,7 +80,8 @@ def model_level(det: Detector, calib: Calibration, xs: np.ndarray) -> np.ndarray
 
 
 def robustness(folder: Path, data: Path | None = None, split: str = "test", backend: str = "auto") -> dict:
-    """Model-level NCCR: the mean absolute cover change rate over clean inputs (lower = more robust)."""
+    """Model-level NCCR: the robustness component's mean over clean inputs (lower = more stable; how far that
+    ranks models by robustness is measured in docs/nccr.md)."""
     det = Detector.load(folder, backend=backend, device="cpu", truncate=False)
     assert det.calib is not None
     xs = clean_inputs(det.manifest, data, split)

@@ -229,7 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("robustness", help="model-level NCCR over clean data (lower = more robust)")
+    p = sub.add_parser(
+        "robustness", help="model-level NCCR over clean data (lower = more stable; a coarse robustness rating)"
+    )
     _add_model_flags(p, backend=False)
     p.add_argument("--backend", choices=["torch", "onnx", "auto"], default="auto")
     p.add_argument("--data", type=Path, default=None, help="folder of clean inputs (default: the manifest split)")
