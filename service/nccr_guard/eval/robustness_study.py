@@ -13,7 +13,7 @@ measured on every model; the rule, fixed before any candidate was measured, pick
 highest Spearman correlation on the first five models (DEV_RECIPES) at the primary eps, and the claim is its
 correlation on five models trained afterwards with other strengths (HELDOUT_RECIPES). The chosen one became
 `nccr-v3`'s model-level measure. Trained models are cached under $NCCR_GUARD_CACHE/robustness (by recipe,
-epochs and seed).
+epochs and seed; delete them after changing the training code).
 """
 
 from __future__ import annotations
@@ -189,6 +189,8 @@ def study(src: Path, out: Path, epochs: int, adv_epochs: int, seed: int, n: int)
         for c in CANDIDATES
     }
     # The rule: best dev correlation at the primary eps, then at the other eps; nan (a constant measure) last.
+    # A tie beyond both goes to the first in CANDIDATES order (max keeps the first maximum): it happened in
+    # session 10, three ways, and is stated with the result in docs/nccr.md.
     other = next(e for e in PGD_EPS if e != PRIMARY_EPS)
 
     def rank(name: str) -> tuple[float, float]:
