@@ -1,6 +1,10 @@
 """GPU checks and benchmarks, run on a machine with an NVIDIA GPU (bench/gpu.sh sets up the environment).
 
-    python -m bench.gpu [--seconds 6]   ->  reports/bench/gpu-<device>.json
+    python -m bench.gpu [--seconds 6] [--only STEP ...] [--out DIR]   ->  reports/bench/gpu-<device>.json
+
+The report is rewritten after every step, in this order: correctness, graphs, resnet50_k32, speaker,
+mnist_engine, serve (the issue's headline number third, so that a run cut short by a lent machine's time limit
+still has it; pass `--out $OUT` there).
 
 0. graphs: CUDA-graph replays against eager forwards (full and truncated, fp32 and fp16, several batch sizes);
 1. correctness: the default model's scores on CUDA (fp32, and fp16; CUDA graphs on, the default) against CPU
@@ -261,15 +265,25 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="cpu only to smoke-test this script")
     ap.add_argument("--only", nargs="*", default=None, help="run only these steps")
     ap.add_argument("--processes", type=int, nargs="*", default=[1], help="server process counts to measure")
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=REPORTS,
+        help="folder for the report, rewritten after every step (on a lent machine: $OUT, so that a run cut off "
+        "by its time limit still brings back the steps it finished)",
+    )
     args = ap.parse_args()
     global DEVICE
     DEVICE = args.device
     assert DEVICE == "cpu" or torch.cuda.is_available(), "no CUDA device"
     report = {"command": "python -m bench.gpu " + " ".join(sys.argv[1:]), "machine": machine()}
+    tmp = Path(tempfile.mkdtemp())
+    # The issue's headline (ResNet-50 p50 at K=32) right after the checks, so a run cut short still has it.
     steps = [
         ("correctness", correctness),
-        ("speaker", speaker),
         ("graphs", graphs),
+        ("resnet50_k32", lambda: resnet_latency(calibrated_resnet(tmp))),
+        ("speaker", speaker),
         ("mnist_engine", mnist_engine),
         (
             "serve",
@@ -280,8 +294,10 @@ def main() -> None:
             ],
         ),
     ]
-    tmp = Path(tempfile.mkdtemp())
-    steps.append(("resnet50_k32", lambda: resnet_latency(calibrated_resnet(tmp))))
+    dev = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
+    suffix = "-" + "-".join(args.only) if args.only else ""
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu-{dev}{suffix}.json"
     for name, fn in [s for s in steps if args.only is None or s[0] in args.only]:
         t = time.perf_counter()
         try:
@@ -289,11 +305,8 @@ def main() -> None:
         except Exception as e:  # report what failed and go on: device time is scarce
             report[name] = {"error": f"{type(e).__name__}: {e}"}
         print(name, round(time.perf_counter() - t, 1), "s", json.dumps(report[name])[:600], flush=True)
+        path.write_text(json.dumps(report, indent=1) + "\n")  # after every step: a cut-off run keeps its steps
     shutil.rmtree(tmp, ignore_errors=True)
-    dev = (report["machine"]["gpu"] or "cpu").replace(" ", "-").lower()
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    suffix = "-" + "-".join(args.only) if args.only else ""
-    (REPORTS / f"gpu-{dev}{suffix}.json").write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
