@@ -99,19 +99,13 @@ def _bare_worker(args: tuple) -> int:
     torch.set_num_threads(threads)
     det = Detector.load(model, backend=backend, device="cpu", threads=threads)
     xs = sample_inputs(model) if xs is None else xs
-    if isinstance(xs[0], bytes):  # uploads: each loop decodes its inputs as the server does, then detects
-        files, limits = xs, Limits()
-        xs = [decode(f, det.manifest, limits) for f in files]
-        det.detect(xs[:per_forward])  # warm-up
+    files, limits = (xs, Limits()) if isinstance(xs[0], bytes) else (None, None)
 
-        def inputs(batch: list[int]) -> list[np.ndarray]:
-            return [decode(files[k], det.manifest, limits) for k in batch]
-    else:
-        det.detect(list(xs[:per_forward]))  # warm-up
+    def inputs(batch: list[int]) -> list[np.ndarray]:
+        """Files are decoded in the loop, as the server decodes every upload."""
+        return [decode(files[k], det.manifest, limits) for k in batch] if files else [xs[k] for k in batch]
 
-        def inputs(batch: list[int]) -> list[np.ndarray]:
-            return [xs[k] for k in batch]
-
+    det.detect(inputs(list(range(per_forward))))  # warm-up
     done, i, end = 0, 0, time.monotonic() + seconds
     while time.monotonic() < end:
         det.detect(inputs([(i + j) % len(xs) for j in range(per_forward)]))

@@ -232,6 +232,26 @@ def speaker(seconds: float, serve_args: list[str]) -> dict:
     return out
 
 
+def bare_loops(configs: list[tuple], seconds: float, files: list[bytes] | None = None) -> list[dict]:
+    """Detections/s of the bare MNIST loop in each (processes, threads, inputs per forward, backend)
+    configuration; with `files`, each loop decodes them as it goes."""
+    out = []
+    for procs, threads, per, backend in configs:
+        rate = bare_detections_per_s(MODEL, procs, threads, per, seconds, backend, files)
+        out.append(
+            {
+                "processes": procs,
+                "threads": threads,
+                "inputs_per_forward": per,
+                "backend": backend,
+                "detections_per_s": rate,
+            }
+        )
+        how = " decoding PNGs" if files else ""
+        print(f"bare {backend} {procs}p x {threads}t x {per}/fwd{how}: {rate:.1f} det/s", flush=True)
+    return out
+
+
 def saturation(port: int, tmp: Path, seconds: float) -> dict:
     """Closed-loop peaks of one server on the three MNIST paths: one PNG per request, 32 PNGs per
     /v1/detect/batch request, 32 raw tensors per KServe v2 request; mean batches from the batcher's metrics."""
@@ -291,29 +311,10 @@ def main() -> None:
     args = ap.parse_args()
     if not shutil.which("wrk"):
         sys.exit("wrk not found: apt-get install wrk")
-    bare = []
-    for procs, threads, per, backend in BARE_CONFIGS:
-        rate = bare_detections_per_s(MODEL, procs, threads, per, args.seconds, backend)
-        bare.append(
-            {
-                "processes": procs,
-                "threads": threads,
-                "inputs_per_forward": per,
-                "backend": backend,
-                "detections_per_s": rate,
-            }
-        )
-        print(f"bare {backend} {procs}p x {threads}t x {per}/fwd: {rate:.1f} det/s", flush=True)
+    bare = bare_loops(BARE_CONFIGS, args.seconds)
     best = max(bare, key=lambda b: b["detections_per_s"])
-    decoded = []  # the same loops fed PNG files: the server's work for a PNG but HTTP, parsing and batching
-    for procs, threads, per, backend in BARE_CONFIGS:
-        if backend == best["backend"]:
-            rate = bare_detections_per_s(MODEL, procs, threads, per, args.seconds, backend, pngs(64))
-            decoded.append(
-                {"processes": procs, "threads": threads, "inputs_per_forward": per, "backend": backend}
-                | {"detections_per_s": rate}
-            )
-            print(f"bare {backend} {procs}p x {threads}t x {per}/fwd decoding PNGs: {rate:.1f} det/s", flush=True)
+    # The same loops fed PNG files: the server's work for a PNG but HTTP, parsing and batching.
+    decoded = bare_loops([c for c in BARE_CONFIGS if c[3] == best["backend"]], args.seconds, pngs(64))
     decoding = max(decoded, key=lambda b: b["detections_per_s"])
     configs = [args.serve_args] + ([args.also_serve_args] if args.also_serve_args.split() else [])
     port = 18000 + os.getpid() % 1000
