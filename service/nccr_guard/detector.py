@@ -20,6 +20,8 @@ from nccr_guard.manifest import Manifest, ManifestError, load_manifest, weight_h
 
 log = logging.getLogger(__name__)
 
+VERDICTS = ("clean", "adversarial")  # what Verdict.verdict can be
+
 
 @dataclass
 class Verdict:

@@ -123,3 +123,110 @@ def test_pixel_scaling_matches_the_manifest_range_and_inversion(tmp_path):
         if (lo, hi) == (0.0, 1.0):  # the default range: exactly the float32 p / 255 the model was calibrated on
             f = a.astype(np.float32) / np.float32(255)
             np.testing.assert_array_equal(got[0], np.float32(1) - f if invert else f)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
+    """`png` with one more chunk right after IHDR (8 bytes of signature, 25 of IHDR)."""
+    return png[:33] + png_chunk(kind, data) + png[33:]
+
+
+def interlaced_png(a: np.ndarray) -> bytes:
+    """An Adam7-interlaced 8-bit PNG of `a` (grey (H, W) or RGB (H, W, 3)); PIL only writes progressive ones."""
+    h, w = a.shape[:2]
+    raw = b""
+    for y0, x0, dy, dx in (
+        (0, 0, 8, 8),
+        (0, 4, 8, 8),
+        (4, 0, 8, 4),
+        (0, 2, 4, 4),
+        (2, 0, 4, 2),
+        (0, 1, 2, 2),
+        (1, 0, 2, 1),
+    ):
+        sub = np.ascontiguousarray(a[y0::dy, x0::dx])
+        if sub.size:
+            raw += b"".join(b"\x00" + row.tobytes() for row in sub)  # filter 0 on every row
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if a.ndim == 2 else 2, 0, 0, 1)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
+
+
+def png_of(a: np.ndarray, **save) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def palette_png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a).quantize(8).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_plain_pngs_decode_to_the_same_pixels_through_libspng_as_through_pil(mnist_test):
+    """The fast path (libspng) takes only PNGs it decodes exactly as PIL does; everything else goes through PIL.
+    Both paths are compared on the files each case makes, and the end-to-end decode on the held-out digits."""
+    import pytest
+
+    from nccr_guard.inputs import InputError, Limits, decode_image, pil_pixels, plain_png, spng_pixels
+    from nccr_guard.manifest import load_manifest
+    from tests.conftest import MNIST
+
+    rng = np.random.default_rng(0)
+    grey, rgb = rng.integers(0, 256, (23, 37), np.uint8), rng.integers(0, 256, (17, 31, 3), np.uint8)
+    m = load_manifest(MNIST)
+    spec_l, spec_rgb = m.input.image, m.input.image.model_copy(update={"mode": "RGB"})
+    plain = {
+        "grey": (png_of(grey), spec_l),
+        "grey, most compression": (png_of(grey, compress_level=9, optimize=True), spec_l),
+        "rgb": (png_of(rgb), spec_rgb),
+        "grey, interlaced": (interlaced_png(grey), spec_l),
+        "rgb, interlaced": (interlaced_png(rgb), spec_rgb),
+        "grey with gAMA and pHYs": (
+            with_chunk(with_chunk(png_of(grey), b"gAMA", struct.pack(">I", 45455)), b"pHYs", bytes(9)),
+            spec_l,
+        ),
+    }
+    for name, (data, spec) in plain.items():
+        assert plain_png(data, spec.mode), name
+        np.testing.assert_array_equal(spng_pixels(data, Limits()), pil_pixels(data, spec, Limits()), err_msg=name)
+    not_plain = {
+        "rgb into a grey model": (png_of(rgb), spec_l),
+        "grey into an rgb model": (png_of(grey), spec_rgb),
+        "text chunk (may hold an orientation)": (with_chunk(png_of(grey), b"tEXt", b"Comment\x00hi"), spec_l),
+        "exif orientation": (oriented_png("exif"), spec_l),
+        "16-bit": (png_of(grey.astype(np.uint16) * 257), spec_l),
+        "palette": (palette_png(rgb), spec_l),
+        "transparency": (png_of(grey, transparency=0), spec_l),
+        "bad CRC": (png_of(grey)[:-5] + b"\x00" + png_of(grey)[-4:], spec_l),
+        "JPEG": (image(8, 8, "JPEG"), spec_l),
+    }
+    for name, (data, spec) in not_plain.items():
+        assert not plain_png(data, spec.mode), name
+    # A cut zlib stream with its CRC made right again: libspng refuses it, and PIL says why.
+    good = png_of(grey)
+    start = 8 + 25
+    (n,) = struct.unpack(">I", good[start : start + 4])
+    idat = good[start + 8 : start + 8 + n]
+    cut = good[:start] + png_chunk(b"IDAT", idat[: n // 2]) + png_chunk(b"IEND", b"")
+    assert plain_png(cut, "L") and spng_pixels(cut, Limits()) is None
+    with pytest.raises(InputError, match="cannot decode image"):
+        decode_image(cut, m)
+    # The size limit holds on the fast path before libspng allocates anything.
+    with pytest.raises(InputError, match="exceeds") as e:
+        decode_image(good, m, Limits(max_pixels=100))
+    assert e.value.status == 413
+    # End to end on the held-out digits: exactly the float32 p / 255 the model was calibrated on.
+    for x in mnist_test[0][:16, 0]:
+        p = (x * 255).round().astype(np.uint8)
+        data = png_of(p)
+        assert plain_png(data, "L")
+        np.testing.assert_array_equal(decode_image(data, m)[0], p.astype(np.float32) / np.float32(255))
