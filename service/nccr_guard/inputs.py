@@ -52,14 +52,25 @@ def sniff_modality(data: bytes, content_type: str | None = None) -> str:
     )
 
 
+def png_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG's IHDR, its first chunk, at a fixed place; None for anything else."""
+    if data.startswith(PNG_MAGIC) and data[12:16] == b"IHDR" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    return None
+
+
+def check_pixels(w: int, h: int, limits: Limits) -> None:
+    if w * h > limits.max_pixels:
+        raise InputError(f"image of {w}x{h} pixels exceeds the {limits.max_pixels}-pixel limit", 413, "too_large")
+
+
 def declared_pixels(data: bytes) -> int | None:
     """The pixel count an image upload's header declares, or None for audio and anything unreadable. Lets the
     caller decide where to decode before paying for it. A PNG's size is at a fixed place (its first chunk is
     IHDR: width, height); other formats ask PIL, which reads only the header (~20 µs, as much again as the
     PNG decode it would precede). The decode checks the limits itself: a wrong header here only moves it."""
-    if data.startswith(PNG_MAGIC) and data[12:16] == b"IHDR" and len(data) >= 24:
-        w, h = struct.unpack(">II", data[16:24])
-        return w * h
+    if size := png_size(data):
+        return size[0] * size[1]
     from PIL import Image
 
     try:
@@ -102,7 +113,7 @@ def plain_png(data: bytes, mode: str) -> bool:
     samples already in `mode`, only chunks from PLAIN_PNG_CHUNKS, every CRC right (libspng as pyspng sets it up
     ignores CRCs, PIL refuses a bad one). Anything else, malformed files included, takes the PIL path, which
     makes the error messages."""
-    if pyspng is None or not data.startswith(PNG_MAGIC) or len(data) < 33 or data[12:16] != b"IHDR":
+    if pyspng is None or png_size(data) is None or len(data) < 33:
         return False
     if data[24] != 8 or data[25] != PLAIN_PNG_COLOUR.get(mode):
         return False
@@ -131,10 +142,7 @@ def pil_pixels(data: bytes, spec, limits: Limits) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
             w, h = img.size
-            if w * h > limits.max_pixels:
-                raise InputError(
-                    f"image of {w}x{h} pixels exceeds the {limits.max_pixels}-pixel limit", 413, "too_large"
-                )
+            check_pixels(w, h, limits)
             if w < 1 or h < 1:
                 raise InputError("image has no pixels")
             img.load()
@@ -164,9 +172,7 @@ def pil_pixels(data: bytes, spec, limits: Limits) -> np.ndarray:
 def spng_pixels(data: bytes, limits: Limits) -> np.ndarray | None:
     """A plain PNG's pixels through libspng, or None when libspng refuses it (PIL then says why). The size limit
     is checked from IHDR first: libspng would allocate whatever the header declares."""
-    w, h = struct.unpack(">II", data[16:24])
-    if w * h > limits.max_pixels:
-        raise InputError(f"image of {w}x{h} pixels exceeds the {limits.max_pixels}-pixel limit", 413, "too_large")
+    check_pixels(*png_size(data), limits)
     try:
         return pyspng.load(data)
     except RuntimeError:

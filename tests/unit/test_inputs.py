@@ -16,20 +16,38 @@ from nccr_guard.server.routers.detect import INLINE_PIXELS, INLINE_UPLOADS, deco
 from nccr_guard.server.uploads import Upload
 
 
-def image(w: int, h: int, fmt: str = "PNG") -> bytes:
+def encoded(img: Image.Image, fmt: str = "PNG", **save) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.zeros((h, w), np.uint8)).save(buf, format=fmt)
+    img.save(buf, format=fmt, **save)
     return buf.getvalue()
+
+
+def image(w: int, h: int, fmt: str = "PNG") -> bytes:
+    return encoded(Image.fromarray(np.zeros((h, w), np.uint8)), fmt)
+
+
+def png_of(a: np.ndarray, **save) -> bytes:
+    return encoded(Image.fromarray(a), **save)
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def built_png(w: int, h: int, colour: int, interlace: int, raw: bytes) -> bytes:
+    """An 8-bit PNG written by hand: IHDR, one IDAT of `raw` (filtered scanlines) compressed, IEND."""
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, colour, 0, 0, interlace)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + png_chunk(b"IHDR", ihdr)
+        + png_chunk(b"IDAT", zlib.compress(raw))
+        + png_chunk(b"IEND", b"")
+    )
 
 
 def png_header_only(w: int, h: int) -> bytes:
     """A PNG that declares w x h pixels and holds no image data: what a decompression bomb's header looks like."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    return built_png(w, h, 0, 0, b"")
 
 
 def test_declared_pixels_reads_headers_only():
@@ -60,21 +78,17 @@ def oriented_png(how: str) -> bytes:
     """A 4x2 PNG whose top-left pixel is white, with an orientation 6 (turn 90° clockwise) stored `how`."""
     a = np.zeros((2, 4), np.uint8)
     a[0, 0] = 255
-    buf = io.BytesIO()
-    img = Image.fromarray(a)
     if how == "exif":
         exif = Image.Exif()
         exif[0x0112] = 6
-        img.save(buf, format="PNG", exif=exif)
-    elif how == "xmp":
+        return png_of(a, exif=exif)
+    if how == "xmp":
         from PIL import PngImagePlugin
 
         info = PngImagePlugin.PngInfo()
         info.add_itxt("XML:com.adobe.xmp", '<x:xmpmeta><rdf:Description tiff:Orientation="6"/></x:xmpmeta>')
-        img.save(buf, format="PNG", pnginfo=info)
-    else:
-        img.save(buf, format="PNG")
-    return buf.getvalue()
+        return png_of(a, pnginfo=info)
+    return png_of(a)
 
 
 def manifest_with(tmp_path, shape: tuple[int, int, int], value_range: tuple[float, float], invert: bool):
@@ -125,10 +139,6 @@ def test_pixel_scaling_matches_the_manifest_range_and_inversion(tmp_path):
             np.testing.assert_array_equal(got[0], np.float32(1) - f if invert else f)
 
 
-def png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-
 def with_chunk(png: bytes, kind: bytes, data: bytes) -> bytes:
     """`png` with one more chunk right after IHDR (8 bytes of signature, 25 of IHDR)."""
     return png[:33] + png_chunk(kind, data) + png[33:]
@@ -150,25 +160,7 @@ def interlaced_png(a: np.ndarray) -> bytes:
         sub = np.ascontiguousarray(a[y0::dy, x0::dx])
         if sub.size:
             raw += b"".join(b"\x00" + row.tobytes() for row in sub)  # filter 0 on every row
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 0 if a.ndim == 2 else 2, 0, 0, 1)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + png_chunk(b"IHDR", ihdr)
-        + png_chunk(b"IDAT", zlib.compress(raw))
-        + png_chunk(b"IEND", b"")
-    )
-
-
-def png_of(a: np.ndarray, **save) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).save(buf, format="PNG", **save)
-    return buf.getvalue()
-
-
-def palette_png(a: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(a).quantize(8).save(buf, format="PNG")
-    return buf.getvalue()
+    return built_png(w, h, 0 if a.ndim == 2 else 2, 1, raw)
 
 
 def test_plain_pngs_decode_to_the_same_pixels_through_libspng_as_through_pil(mnist_test):
@@ -213,7 +205,7 @@ def test_plain_pngs_decode_to_the_same_pixels_through_libspng_as_through_pil(mni
         "text chunk (may hold an orientation)": (with_chunk(png_of(grey), b"tEXt", b"Comment\x00hi"), spec_l),
         "exif orientation": (oriented_png("exif"), spec_l),
         "16-bit": (png_of(grey.astype(np.uint16) * 257), spec_l),
-        "palette": (palette_png(rgb), spec_l),
+        "palette": (encoded(Image.fromarray(rgb).quantize(8)), spec_l),
         "transparency": (png_of(grey, transparency=0), spec_l),
         "bad CRC": (png_of(grey)[:-5] + b"\x00" + png_of(grey)[-4:], spec_l),
         "JPEG": (image(8, 8, "JPEG"), spec_l),
