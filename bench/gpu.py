@@ -2,8 +2,8 @@
 
     python -m bench.gpu [--seconds 6] [--only STEP ...] [--out DIR]   ->  reports/bench/gpu-<device>.json
 
-The report is rewritten after every step, in this order: correctness, graphs, resnet50_k32, speaker,
-mnist_engine, serve (the issue's headline number third, so that a run cut short by a lent machine's time limit
+The report is rewritten after every step, in this order: correctness, graphs, resnet50_k32, onnx_runtime,
+speaker, mnist_engine, serve (the issue's headline number third, so that a run cut short by a lent machine's time limit
 still has it; pass `--out $OUT` there).
 
 0. graphs: CUDA-graph replays against eager forwards (full and truncated, fp32 and fp16, several batch sizes);
@@ -14,7 +14,8 @@ still has it; pass `--out $OUT` there).
 2. MNIST engine: detections/s against inputs per forward, split into row building (CPU), forward, scoring,
    with and without CUDA graphs;
 3. ResNet-50-shaped model (random weights, 224 px, K=32): p50/p99 latency of one verdict, fp32 and fp16, with
-   and without CUDA graphs;
+   and without CUDA graphs; onnx_runtime: the execution providers the installed onnxruntime offers and, where
+   CUDA is one, the default model's ONNX scores on CUDA against the CPU;
 4. the HTTP service on CUDA at saturation (closed-loop clients in several processes, bench/loadgen.py: there is
    no wrk there), with and without CUDA graphs.
 """
@@ -28,6 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
+import traceback
 from io import BytesIO
 from pathlib import Path
 
@@ -173,6 +175,27 @@ def engine_split(det, xs: np.ndarray, per: int, reps: int) -> dict:
     }
 
 
+def onnx_runtime() -> dict:
+    """ONNX Runtime on the device: which execution providers this onnxruntime build offers, and where the CUDA one
+    is there, the default model's ONNX scores on CUDA against the CPU and detections/s at 1 and 32 inputs."""
+    import onnxruntime as ort
+
+    from nccr_guard.detector import Detector
+
+    res: dict = {"onnxruntime": ort.__version__, "providers": ort.get_available_providers()}
+    if "CUDAExecutionProvider" not in res["providers"]:
+        res["cuda"] = "not offered by this onnxruntime build (the CUDA provider ships in onnxruntime-gpu)"
+        return res
+    xs = list(sample_inputs(MNIST, 100))
+    cpu = Detector.load(MNIST, backend="onnx", device="cpu").detect(xs)
+    det = Detector.load(MNIST, backend="onnx", device=DEVICE)
+    res["device"] = det.backend.device
+    res["agreement"] = agreement(cpu, det.detect(xs))
+    for per in (1, 32):
+        res[f"detections_per_s_{per}"] = per / float(np.median(timed(lambda n=per: det.detect(xs[:n]), 20)))
+    return res
+
+
 def mnist_engine() -> dict:
     from nccr_guard.detector import Detector
 
@@ -226,12 +249,12 @@ def resnet_latency(folder: Path, reps: int = 60) -> dict:
     return out
 
 
-def serve_gpu(seconds: float, extra: tuple[str, ...] = ()) -> dict:
+def serve_gpu(seconds: float, extra: tuple[str, ...] = (), logs: Path = REPORTS) -> dict:
     from PIL import Image
 
     port = 18765
-    REPORTS.mkdir(parents=True, exist_ok=True)
-    proc = start_server(port, ("--device", DEVICE, *extra), log=REPORTS / "gpu-serve.log")
+    logs.mkdir(parents=True, exist_ok=True)
+    proc = start_server(port, ("--device", DEVICE, *extra), log=logs / f"gpu-serve{'-'.join(['', *extra])}.log")
     try:
         buf = BytesIO()
         Image.fromarray((sample_inputs(MNIST, 1)[0, 0] * 255).astype(np.uint8)).save(buf, format="PNG")
@@ -283,12 +306,13 @@ def main() -> None:
         ("correctness", correctness),
         ("graphs", graphs),
         ("resnet50_k32", lambda: resnet_latency(calibrated_resnet(tmp))),
+        ("onnx_runtime", onnx_runtime),
         ("speaker", speaker),
         ("mnist_engine", mnist_engine),
         (
             "serve",
             lambda: [
-                serve_gpu(args.seconds, ("--processes", str(n), *graphs))
+                serve_gpu(args.seconds, ("--processes", str(n), *graphs), args.out)
                 for n in args.processes
                 for graphs in ((), ("--no-cuda-graphs",))
             ],
@@ -303,7 +327,8 @@ def main() -> None:
         try:
             report[name] = fn()
         except Exception as e:  # report what failed and go on: device time is scarce
-            report[name] = {"error": f"{type(e).__name__}: {e}"}
+            report[name] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
+            traceback.print_exc()
         print(name, round(time.perf_counter() - t, 1), "s", json.dumps(report[name])[:600], flush=True)
         path.write_text(json.dumps(report, indent=1) + "\n")  # after every step: a cut-off run keeps its steps
     shutil.rmtree(tmp, ignore_errors=True)
