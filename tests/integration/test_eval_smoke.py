@@ -1,5 +1,6 @@
-"""The evaluation harness end to end on a few dozen held-out digits: every attack, every detector, the files
-and the eval.json schema other tools read."""
+"""The evaluation harness end to end on 16 held-out digits: every attack, every detector, the files and the
+eval.json schema other tools read. 16 rather than 40 digits: ART's two Carlini-Wagner runs cost ~1.5 s a digit
+here and were 105 of the test's 139 s (session 12); at 16 the test takes ~77 s."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ DETECTORS = {"nccr", "prediction_flip", "feature_squeezing", "low_margin"}
 def test_harness_smoke(tmp_path):
     out = tmp_path / "report"
     r = subprocess.run(
-        [str(BIN), "evaluate", "--model", str(MNIST), "--n", "40", "--seed", "0", "--out", str(out)],
+        [str(BIN), "evaluate", "--model", str(MNIST), "--out", str(out)]
+        + ["--n", "16", "--calib-n", "200", "--seed", "0"],
         capture_output=True,
         text=True,
         timeout=900,
@@ -23,7 +25,7 @@ def test_harness_smoke(tmp_path):
     assert {p.name for p in out.iterdir()} >= {"eval.json", "eval.md", "roc.png", "scores.png"}
     ev = json.loads((out / "eval.json").read_text())
     assert {"model", "variant", "command", "seed", "n_clean", "attacks"} <= set(ev)
-    assert ev["model"] == "mnist" and ev["seed"] == 0 and ev["n_clean"] >= 35
+    assert ev["model"] == "mnist" and ev["seed"] == 0 and ev["n_clean"] >= 14
     assert set(ev["attacks"]) == {"fgsm", "pgd", "pgd_minimal", "cw_l2", "deepfool", "pgd_highconf", "cw_l2_conf10"}
     for name, a in ev["attacks"].items():
         assert {"params", "success_rate", "n_adversarial", "detectors"} <= set(a), name
@@ -32,7 +34,7 @@ def test_harness_smoke(tmp_path):
             assert set(a["detectors"]) == DETECTORS
             for d in a["detectors"].values():
                 assert 0 <= d["auroc"] <= 1 and 0 <= d["tpr_at_fpr05"] <= 1
-    assert ev["attacks"]["deepfool"]["n_adversarial"] >= 30
+    assert ev["attacks"]["deepfool"]["n_adversarial"] >= 14
     assert ev["attacks"]["deepfool"]["detectors"]["nccr"]["auroc"] > 0.9
     assert "| deepfool |" in (out / "eval.md").read_text()
     assert (out / "roc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
