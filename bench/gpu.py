@@ -3,8 +3,8 @@
     python -m bench.gpu [--seconds 6] [--only STEP ...] [--out DIR]   ->  reports/bench/gpu-<device>.json
 
 The report is rewritten after every step, in this order: correctness, graphs, resnet50_k32, onnx_runtime,
-speaker, mnist_engine, serve (the issue's headline number third, so that a run cut short by a lent machine's time limit
-still has it; pass `--out $OUT` there).
+speaker, mnist_engine, engine_profile, serve (the issue's headline number third, so that a run cut short by a
+lent machine's time limit still has it; pass `--out $OUT` there).
 
 0. graphs: CUDA-graph replays against eager forwards (full and truncated, fp32 and fp16, several batch sizes);
 1. correctness: the default model's scores on CUDA (fp32, and fp16; CUDA graphs on, the default) against CPU
@@ -12,7 +12,7 @@ still has it; pass `--out $OUT` there).
    CUDA against CPU on held-out clips, sequential (rows built on the host) and fixed K (rows built on the
    device, whose noise differs from the host's), and whether its LSTM captured as a graph;
 2. MNIST engine: detections/s against inputs per forward, split into row building (CPU), forward, scoring,
-   with and without CUDA graphs;
+   with and without CUDA graphs; engine_profile: torch.profiler's top operators around those detections;
 3. ResNet-50-shaped model (random weights, 224 px, K=32): p50/p99 latency of one verdict, fp32 and fp16, with
    and without CUDA graphs; onnx_runtime: the execution providers the installed onnxruntime offers and, where
    CUDA is one, the default model's ONNX scores on CUDA against the CPU;
@@ -209,6 +209,49 @@ def mnist_engine() -> dict:
     return out
 
 
+def engine_profile(calls: int = 50) -> dict:
+    """Where a detection's time goes around the forward on the device: torch.profiler over `calls` detections of
+    the default model at 1 and at 32 inputs per call, the top operators by host time (a device->host copy shows
+    its synchronisation here) and the device's busy time against the wall. Session 12 measured the engine at
+    0.23x of the bare forward on an H200 at 32 inputs, with no breakdown: this is that breakdown."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from nccr_guard.detector import Detector
+
+    xs = sample_inputs(MNIST, 32)
+    det = Detector.load(MNIST, backend="torch", device=DEVICE)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE == "cuda" else [])
+    out = {}
+    for per in (1, 32):
+        batch = list(xs[:per])
+        for _ in range(5):
+            det.detect(batch)
+        wall = sum(timed(lambda b=batch: det.detect(b), calls))  # unprofiled: the profiler's start costs seconds
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                det.detect(batch)
+            sync()
+        events = prof.key_averages()
+        device_us = sum(getattr(e, "self_device_time_total", 0.0) for e in events)
+        out[f"{per}_inputs"] = {
+            "wall_ms_per_detect": wall / calls * 1e3,
+            "device_busy_ms_per_detect": device_us / calls / 1e3,
+            # wall minus this: Python between the operators (numpy scoring, verdicts, the engine's own code)
+            "host_ops_ms_per_detect": sum(e.self_cpu_time_total for e in events) / calls / 1e3,
+            "top_ops_by_host_time": [
+                {
+                    "op": e.key,
+                    "calls_per_detect": e.count / calls,
+                    "host_us_per_detect": e.cpu_time_total / calls,
+                    "host_self_us_per_detect": e.self_cpu_time_total / calls,
+                    "device_self_us_per_detect": getattr(e, "self_device_time_total", 0.0) / calls,
+                }
+                for e in sorted(events, key=lambda e: -e.self_cpu_time_total)[:20]
+            ],
+        }
+    return out
+
+
 def calibrated_resnet(tmp: Path) -> Path:
     from PIL import Image
 
@@ -309,6 +352,7 @@ def main() -> None:
         ("onnx_runtime", onnx_runtime),
         ("speaker", speaker),
         ("mnist_engine", mnist_engine),
+        ("engine_profile", engine_profile),
         (
             "serve",
             lambda: [
