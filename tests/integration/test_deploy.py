@@ -117,6 +117,18 @@ def test_kubernetes_manifests_validate():
     assert {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"} <= kinds
 
 
+def test_every_setting_named_in_deploy_files_exists():
+    """An NCCR_GUARD_* variable the settings class does not know is ignored silently (extra="ignore"), so a
+    misspelt one in a manifest would deploy the default without a word."""
+    from nccr_guard.config import Settings
+
+    known = {f"NCCR_GUARD_{name.upper()}" for name in Settings.model_fields}
+    files = [*(DEPLOY / "k8s").rglob("*.yaml"), ROOT / "docker-compose.yml", ROOT / "Dockerfile"]
+    named = {(f.name, v) for f in files for v in re.findall(r"\bNCCR_GUARD_[A-Z0-9_]+", f.read_text())}
+    assert {v for _, v in named} >= {"NCCR_GUARD_DEVICE", "NCCR_GUARD_PROCESSES"}
+    assert not {(f, v) for f, v in named if v not in known}
+
+
 def test_compose_file_validates():
     r = subprocess.run(
         [tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(ROOT / "docker-compose.yml")],
