@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU benchmarks on a machine with an NVIDIA GPU and PyTorch (Python 3.12 there). The service's pure-Python
-# dependencies missing on such a machine travel as wheels in .whl/ (see docs/performance.md for the download
-# command); the project runs from the source tree. Writes reports/bench/gpu-<device>.json (or under --out DIR),
+# dependencies missing on such a machine travel as wheels in .whl/ (bench/gpu_wheels.sh downloads them); the
+# project runs from the source tree. Writes reports/bench/gpu-<device>.json (or under --out DIR),
 # rewritten after every step: on a lent machine, `bash bench/gpu.sh --out $OUT`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
