@@ -53,6 +53,8 @@ eval: install tools
 	$(BIN)/nccr-guard evaluate --model models/mnist --out reports/mnist --seed 0
 	$(BIN)/nccr-guard evaluate --model models/speaker --out reports/speaker --n 100 --seed 0
 	$(BIN)/nccr-guard robustness --model models/speaker > reports/speaker/robustness.json
+	$(BIN)/python -m nccr_guard.eval.clean_fpr --model models/speaker --splits dev test holdout holdout2 holdout3 \
+	  --calibration session12=reports/speaker/clean-fpr/calibration-session12.npz --out reports/speaker/clean-fpr
 	$(BIN)/python -m nccr_guard.eval.adaptive --model models/mnist --out reports/adaptive --seed 0
 	$(BIN)/python -m nccr_guard.eval.robustness_study --model models/mnist --out reports/robustness --seed 0
 

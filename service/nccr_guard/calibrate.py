@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nccr_guard.datasets import load_folder, load_split
+from nccr_guard.datasets import calibration_splits, load_folder, load_split
 from nccr_guard.detector import Detector
 from nccr_guard.engine import Calibration, fit_calibration, get_variant
 from nccr_guard.engine.calibration import model_nccr
@@ -20,14 +20,18 @@ def activations(det: Detector, xs: np.ndarray, chunk: int = 32, desc: str = "for
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def clean_inputs(manifest: Manifest, data: Path | None, split: str) -> np.ndarray:
-    return load_folder(data, manifest)[0] if data else load_split(manifest, split)[0]
+def clean_inputs(manifest: Manifest, data: Path | None, split: str | None) -> np.ndarray:
+    """A folder's inputs, or the named splits' (comma-separated), by default the manifest's calibration splits."""
+    if data:
+        return load_folder(data, manifest)[0]
+    names = split.split(",") if split else calibration_splits(manifest)
+    return np.concatenate([load_split(manifest, name)[0] for name in names])
 
 
 def calibrate(
     folder: Path,
     data: Path | None = None,
-    split: str = "calib",
+    split: str | None = None,
     variant: str | None = None,
     k: int | None = None,
     target_fpr: float = 0.05,
@@ -56,7 +60,7 @@ def calibrate(
         "k": max(p.copies for p in det.variant.perturbations),
         "seed": seed,
         "n_clean": len(xs),
-        "data": str(data) if data else f"split:{split}",
+        "data": str(data) if data else f"split:{split or ','.join(calibration_splits(det.manifest))}",
         "model": det.manifest.name,
     }
     calib = fit_calibration(det.variant, half_a, half_b, len(det.manifest.labels), target_fpr, meta)

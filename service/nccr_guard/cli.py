@@ -222,7 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_flags(p, backend=False)
     p.add_argument("--backend", choices=["torch", "onnx", "auto"], default="auto")
     p.add_argument("--data", type=Path, default=None, help="folder of clean images/clips (default: the manifest split)")
-    p.add_argument("--split", default="calib", help="manifest split to use without --data (default: %(default)s)")
+    p.add_argument(
+        "--split",
+        default=None,
+        help="manifest splits to use without --data, comma-separated (default: model.toml [split] calibrate, "
+        "else calib)",
+    )
     p.add_argument("--variant", default=None, help="NCCR variant (default: the manifest's)")
     p.add_argument("--k", type=int, default=None, help="noise copies per family")
     p.add_argument("--target-fpr", type=float, default=0.05, help="false-positive rate on clean data (default 0.05)")

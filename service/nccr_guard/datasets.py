@@ -30,18 +30,35 @@ def split_indices(manifest: Manifest, name: str) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in ranges])
 
 
-def load_split(manifest: Manifest, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, labels) of a named split recorded in the manifest."""
+def load_split(manifest: Manifest, name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of a named split recorded in the manifest. `limit`: about that many inputs spread over
+    the classes, and a speaker corpus synthesises only those (smoke runs)."""
     source = manifest.split.get("source")
     if source == "speaker-corpus":
         from nccr_guard.speaker_corpus import load_corpus_split
 
-        return load_corpus_split(manifest, name)
+        return load_corpus_split(manifest, name, limit)
     if source not in SOURCES:
         raise ManifestError(f"{manifest.name}: unknown data source {source!r}")
     x, y = SOURCES[source]()
     idx = split_indices(manifest, name)
+    if limit is not None and limit < len(idx):
+        idx = idx[np.linspace(0, len(idx) - 1, limit).round().astype(int)]
     return x[idx], y[idx]
+
+
+def calibration_splits(manifest: Manifest) -> list[str]:
+    """The splits a model is calibrated on: model.toml `[split] calibrate`, else `calib`."""
+    names = manifest.split.get("calibrate", ["calib"])
+    return [names] if isinstance(names, str) else list(names)
+
+
+def load_calibration(manifest: Manifest, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of every calibration split, in order; `limit` as in `load_split`, shared between them."""
+    names = calibration_splits(manifest)
+    per = None if limit is None else -(-limit // len(names))
+    parts = [load_split(manifest, name, per) for name in names]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
 
 def load_folder(folder: Path, manifest: Manifest) -> tuple[np.ndarray, list[Path]]:

@@ -54,3 +54,42 @@ def test_model_level_candidates_are_rates_that_grow_with_the_noise():
     for family, weak, strong in (("gaussian", 0.1, 0.3), ("uniform", 0.1, 0.2)):
         assert vals[f"margin[logits/all]@{family}:{strong}/mean"] > vals[f"margin[logits/all]@{family}:{weak}/mean"]
     assert vals["flip[*/class]@bitdepth:1/mean"] > 0  # 1-bit squeezing moves some class neurons across
+
+
+def test_clean_fpr_checks_thresholds_on_held_out_digits(tmp_path, digit_pngs):
+    """A copy calibrated on two splits at a 20 % target, scored beside the model's own 5 % calibration on the
+    same held-out digits: each flags about its target, and the looser one more. A folder of PNGs counts too."""
+    import shutil
+
+    folder = tmp_path / "mnist"
+    shutil.copytree(MNIST, folder)
+    r = subprocess.run(
+        [str(BIN), "calibrate", "--model", str(folder), "--split", "calib,dev", "--target-fpr", "0.2"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout)["n_clean"] == 1250
+    out = tmp_path / "fpr"
+    r = subprocess.run(
+        [str(BIN.parent / "python"), "-m", "nccr_guard.eval.clean_fpr", "--model", str(MNIST), "--splits", "test"]
+        + ["--data", str(digit_pngs[0][0].parent)]
+        + ["--calibration", f"loose={folder / 'calibration.npz'}", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((out / "clean-fpr.json").read_text())
+    assert rep["calibrations"]["loose"]["data"] == "split:calib,dev"
+    assert rep["calibrations"]["loose"]["n_clean"] == 1250 and rep["calibrations"]["loose"]["target_fpr"] == 0.2
+    test, pngs = rep["splits_detail"]["test"], rep["splits_detail"][str(digit_pngs[0][0].parent)]
+    assert test["n"] == 500 and 480 <= test["correct"] <= 500
+    assert pngs["n"] == pngs["correct"] == len(list(digit_pngs[0][0].parent.glob("*.png")))
+    model, loose = rep["pooled"]["model/fixed"]["correct"], rep["pooled"]["loose/fixed"]["correct"]
+    for r_ in (model, loose):
+        assert r_["n"] == test["correct"] + pngs["n"] and r_["fpr"] == r_["flagged"] / r_["n"]
+        assert r_["ci95"][0] <= r_["fpr"] <= r_["ci95"][1]
+    assert model["fpr"] < 0.12 and 0.1 < loose["fpr"] < 0.32 and loose["flagged"] > model["flagged"]
+    assert "| **pooled** |" in (out / "clean-fpr.md").read_text()

@@ -12,7 +12,7 @@ from nccr_guard.audio import decode_audio
 from nccr_guard.backends.torch_backend import load_module
 from nccr_guard.manifest import load_manifest
 from nccr_guard.speaker import partial_slices
-from nccr_guard.speaker_corpus import corpus_plan, sentences, synthesise
+from nccr_guard.speaker_corpus import SPLITS, UNIQUE_FROM, corpus_plan, sentences, synthesise
 from tests.conftest import ROOT
 
 SPEAKER = load_manifest(ROOT / "models" / "speaker")
@@ -89,3 +89,30 @@ def test_corpus_splits_use_different_sentences() -> None:
         for b in names[i + 1 :]:
             assert not texts[a] & texts[b], (a, b)
     assert sentences(3, 5) == sentences(3, 5)
+
+
+def test_later_splits_never_repeat_a_sentence_of_their_speaker() -> None:
+    """From calib2 on, no speaker reads a sentence twice (the stream repeats one now and then: speaker 6's
+    holdout3 would have re-read a calib and a holdout2 sentence), and the splits before keep their clips."""
+    later = SPLITS[UNIQUE_FROM:]
+    counts = SPEAKER.split["counts"]
+    for spk in range(len(SPEAKER.labels)):
+        texts = {s: [p[2] for p in corpus_plan(SPEAKER.split, s) if p[0] == spk] for s in SPLITS}
+        assert all(len(texts[s]) == counts[s] for s in SPLITS)
+        earlier = [t for s in SPLITS[:UNIQUE_FROM] for t in texts[s]]
+        fresh = [t for s in later for t in texts[s]]
+        assert len(set(fresh)) == len(fresh) and not set(fresh) & set(earlier), spk
+        # an earlier split is the plain slice of the stream, as before later splits existed
+        offset = sum(counts[s] for s in SPLITS[: SPLITS.index("holdout2")])
+        assert texts["holdout2"] == sentences(spk, offset + counts["holdout2"])[offset:]
+
+
+def test_calibration_splits_come_from_the_manifest() -> None:
+    from nccr_guard.datasets import calibration_splits, load_calibration
+
+    assert calibration_splits(SPEAKER) == ["calib", "calib2"]
+    mnist = load_manifest(ROOT / "models" / "mnist")
+    assert calibration_splits(mnist) == ["calib"]
+    x, y = load_calibration(mnist, limit=20)
+    assert x.shape == (20, 1, 28, 28) and set(y.tolist()) == set(range(10))  # spread over the class-ordered split
+    assert len(load_calibration(mnist)[0]) == 750

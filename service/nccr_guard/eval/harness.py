@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nccr_guard.calibrate import activations, calibrate
-from nccr_guard.datasets import load_split
+from nccr_guard.datasets import load_calibration
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant, score_rows
 from nccr_guard.engine.sequential import replay
@@ -86,7 +86,7 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown attacks {unknown}; known: {', '.join(table)}")
     n_classes = len(det.manifest.labels)
-    x_cal, _ = spread(*load_split(det.manifest, "calib"), calib_n or 1 << 30)
+    x_cal, _ = spread(*load_calibration(det.manifest, calib_n), calib_n or 1 << 30)
     thresholds = {k: threshold_at_fpr(v) for k, v in baseline_scores(det, x_cal).items()}
     thresholds["nccr"] = thresholds["nccr_seq"] = det.calib.threshold
     clf, x0, y0, accuracy = correctly_classified(det, split, n)
