@@ -51,6 +51,7 @@ models: install tools
 # Detection reports (about 10 min), the adaptive attacker (a few min), the model-level study (about 15 min).
 eval: install tools
 	$(BIN)/nccr-guard evaluate --model models/mnist --out reports/mnist --seed 0
+	$(BIN)/python -m nccr_guard.eval.clean_fpr --model models/mnist --splits dev test --out reports/mnist/clean-fpr
 	$(BIN)/nccr-guard evaluate --model models/speaker --out reports/speaker --n 100 --seed 0
 	$(BIN)/nccr-guard robustness --model models/speaker > reports/speaker/robustness.json
 	$(BIN)/python -m nccr_guard.eval.clean_fpr --model models/speaker --splits dev test holdout holdout2 holdout3 \
