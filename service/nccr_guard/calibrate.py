@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nccr_guard.datasets import calibration_splits, load_folder, load_split
+from nccr_guard.datasets import calibration_splits, load_calibration, load_folder
 from nccr_guard.detector import Detector
 from nccr_guard.engine import Calibration, fit_calibration, get_variant
 from nccr_guard.engine.calibration import model_nccr
@@ -24,8 +24,7 @@ def clean_inputs(manifest: Manifest, data: Path | None, split: str | None) -> np
     """A folder's inputs, or the named splits' (comma-separated), by default the manifest's calibration splits."""
     if data:
         return load_folder(data, manifest)[0]
-    names = split.split(",") if split else calibration_splits(manifest)
-    return np.concatenate([load_split(manifest, name)[0] for name in names])
+    return load_calibration(manifest, names=split.split(",") if split else None)[0]
 
 
 def calibrate(

@@ -42,9 +42,15 @@ def load_split(manifest: Manifest, name: str, limit: int | None = None) -> tuple
         raise ManifestError(f"{manifest.name}: unknown data source {source!r}")
     x, y = SOURCES[source]()
     idx = split_indices(manifest, name)
-    if limit is not None and limit < len(idx):
-        idx = idx[np.linspace(0, len(idx) - 1, limit).round().astype(int)]
+    if limit is not None:
+        idx = idx[spread_index(len(idx), limit)]
     return x[idx], y[idx]
+
+
+def spread_index(total: int, n: int) -> np.ndarray:
+    """Indices of `n` of `total` inputs spaced evenly through a split (splits are ordered by class: the first n
+    would not be), all of them when n >= total."""
+    return np.arange(total) if n >= total else np.linspace(0, total - 1, n).round().astype(int)
 
 
 def calibration_splits(manifest: Manifest) -> list[str]:
@@ -53,9 +59,12 @@ def calibration_splits(manifest: Manifest) -> list[str]:
     return [names] if isinstance(names, str) else list(names)
 
 
-def load_calibration(manifest: Manifest, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(inputs, labels) of every calibration split, in order; `limit` as in `load_split`, shared between them."""
-    names = calibration_splits(manifest)
+def load_calibration(
+    manifest: Manifest, limit: int | None = None, names: list[str] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs, labels) of the splits `names` (default: the calibration splits), in order; `limit` as in
+    `load_split`, shared between them."""
+    names = names or calibration_splits(manifest)
     per = None if limit is None else -(-limit // len(names))
     parts = [load_split(manifest, name, per) for name in names]
     return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])

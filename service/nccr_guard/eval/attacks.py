@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nccr_guard.datasets import spread_index
+
 
 @dataclass(frozen=True)
 class AttackSpec:
@@ -145,11 +147,6 @@ def spread(xs: np.ndarray, ys: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarr
         return xs, ys
     idx = spread_index(len(xs), n)
     return xs[idx], ys[idx]
-
-
-def spread_index(total: int, n: int) -> np.ndarray:
-    """Indices of `spread`'s picks among `total` inputs."""
-    return np.arange(total) if n >= total else np.linspace(0, total - 1, n).round().astype(int)
 
 
 def impersonation_target(labels: np.ndarray, n_classes: int) -> np.ndarray:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from nccr_guard.datasets import load_folder, load_split
 from nccr_guard.detector import Detector
 from nccr_guard.engine import Calibration, score_rows
 from nccr_guard.engine.sequential import replay
+from nccr_guard.eval.report import machine
 
 
 def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
@@ -77,8 +77,6 @@ def main(argv: list[str] | None = None) -> None:
     if not args.splits and not args.data:
         ap.error("name --splits or --data")
     t0 = time.perf_counter()
-    import torch
-
     det = Detector.load(args.model, device="cpu", seed=args.seed, sequential=False)
     assert det.calib is not None
     calibs = {"model": det.calib}
@@ -110,8 +108,7 @@ def main(argv: list[str] | None = None) -> None:
         "splits": [name for name, _ in sources],
         "seed": args.seed,
         "command": "python -m nccr_guard.eval.clean_fpr " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": " ".join(filter(None, [platform.machine(), platform.processor()]))
-        + f", torch {torch.get_num_threads()} threads",
+        "machine": machine(),
         "calibrations": {
             name: {
                 "threshold": c.threshold,

@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
+
+
+def machine() -> str:
+    """The host as reports record it: architecture, processor (where the platform names one), torch threads."""
+    import torch
+
+    host = " ".join(filter(None, [platform.machine(), platform.processor()]))
+    return f"{host}, torch {torch.get_num_threads()} threads"
 
 
 def detectors(result: dict) -> list[str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ from nccr_guard.engine import score_rows
 from nccr_guard.engine.sequential import Schedule, replay
 from nccr_guard.eval.attacks import attack_succeeded, attack_table, correctly_classified, run_attack
 from nccr_guard.eval.metrics import auroc, rate_above
+from nccr_guard.eval.report import machine
 from nccr_guard.speaker_corpus import cache_dir
 
 GRID = [Schedule(f, s, z) for f in (1, 2, 4) for s in (1, 2, 4) for z in (1.0, 2.0, 3.0)]
@@ -183,8 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         "n_clean": n_clean,
         "seed": args.seed,
         "command": "python -m nccr_guard.eval.sequential " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": " ".join(filter(None, [platform.machine(), platform.processor()]))
-        + f", torch {torch.get_num_threads()} threads",
+        "machine": machine(),
         "seconds": round(time.perf_counter() - t0, 1),
         "runs": runs,
     }
