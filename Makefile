@@ -37,7 +37,7 @@ serve: install
 
 test: install tools
 	$(BIN)/ruff check service tests bench models deploy
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 lint: install
 	$(BIN)/ruff check service tests bench models deploy

@@ -59,7 +59,7 @@ def test_cli_scores_a_clip(tmp_path, held_out_clips):
 def test_audio_harness_smoke(tmp_path):
     out = tmp_path / "speaker-report"
     r = subprocess.run(
-        [str(BIN), "evaluate", "--model", str(SPEAKER_DIR), "--n", "10", "--calib-n", "40"]
+        [str(BIN), "evaluate", "--model", str(SPEAKER_DIR), "--n", "10", "--calib-n", "20"]
         + ["--attacks", "fgsm", "pgd_targeted", "--seed", "0", "--out", str(out)],
         capture_output=True,
         text=True,

@@ -89,6 +89,11 @@ def test_corpus_splits_use_different_sentences() -> None:
         for b in names[i + 1 :]:
             assert not texts[a] & texts[b], (a, b)
     assert sentences(3, 5) == sentences(3, 5)
+    # The stream itself is pinned: every cached clip, calibration and report was made from it.
+    assert sentences(7, 2) == [
+        "Her cousin watched the garden gate at midnight without saying a word.",
+        "The new teacher measured seven yellow apples before the storm and then went home.",
+    ]
 
 
 def test_later_splits_never_repeat_a_sentence_of_their_speaker() -> None:
