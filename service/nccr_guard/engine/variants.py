@@ -253,6 +253,9 @@ NCCR_AUDIO_V2 = replace(
     # 0.0050; between 100-clip samples the loss moves by ~0.01, so one sample chose by the luck of a clip). The
     # first round holds two spread shifts (a mean needs two copies for a standard error) and one noisy copy (its
     # flips settle from one under the clean prior). Session 8's (1, 2, 2): 7.99 rows at 0.0022 on the same pool.
+    # Under session 13's higher threshold (1,000-clip calibration) the same pool gives 5.09 rows at 0.0087 (CW-L2):
+    # inside the issue's 0.01, outside the rule's 0.005, verdicts unchanged; three shifts first would keep 0.0037
+    # at 6.06 rows, just over 1/3 of K (docs/nccr.md, "rerun on the 1,000-clip calibration").
     sequential=Schedule(first=1, step=1, z=1.5, first_by=(("sweep", 2),)),
 )
 
