@@ -83,6 +83,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 k=args.k,
                 seed=args.seed,
                 sequential=args.sequential,
+                schedule=args.sequential_schedule,
                 truncate=args.truncate,
             )
         return loaded[modality]
@@ -206,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop drawing noise copies once the verdict is settled (default: on where the variant has a schedule)",
     )
     p.add_argument(
+        "--sequential-schedule",
+        default=None,
+        metavar="FIRST/STEP/Z",
+        help="sequential schedule instead of the variant's, for a model that draws noise copies: first/step/z with "
+        "optional per-family firsts, e.g. '1 (sweep 3)/1/1.5' (docs/nccr.md)",
+    )
+    p.add_argument(
         "--truncate",
         action=argparse.BooleanOptionalAction,
         default=True,
@@ -268,12 +276,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pydantic import ValidationError
+
     from nccr_guard.backends import BackendError
     from nccr_guard.inputs import InputError
     from nccr_guard.manifest import ManifestError
 
     try:
         return int(args.func(args) or 0)
+    except ValidationError as e:  # settings from flags and NCCR_GUARD_* env vars: one line per bad field
+        for err in e.errors():
+            field = "_".join(map(str, err["loc"]))
+            flag = f"--{field.replace('_', '-')} / NCCR_GUARD_{field.upper()}"
+            print(f"nccr-guard: error: {flag}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
+        return 2
     except (ManifestError, BackendError, InputError, ValueError, FileNotFoundError, OSError) as e:
         print(f"nccr-guard: error: {e}", file=sys.stderr)
         return 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -73,6 +73,12 @@ class Settings(BaseSettings):
         description="sequential testing: forward noise copies in rounds and stop once the verdict is settled "
         "(variants with a schedule only; --no-sequential always uses all K)",
     )
+    sequential_schedule: str | None = Field(
+        None,
+        description="sequential schedule for every served model that draws noise copies, instead of its variant's: "
+        "first/step/z with optional per-family firsts, e.g. '1 (sweep 3)/1/1.5' (three spread shifts first: more "
+        "rows, less AUROC loss against fixed K; docs/nccr.md)",
+    )
     truncate: bool = Field(
         True,
         description="run perturbed copies only up to the deepest layer the verdict reads from them (variants that "
@@ -91,3 +97,13 @@ class Settings(BaseSettings):
     score_decimals: int = Field(4, ge=0, le=12, description="rounding of returned scores (limits probing)")
     log_json: bool = True
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
+
+    @field_validator("sequential_schedule")
+    @classmethod
+    def _schedule_parses(cls, v: str | None) -> str | None:
+        """Fail at start-up, not at the first model load, on a schedule that does not parse."""
+        if v is not None:
+            from nccr_guard.engine.variants import Schedule
+
+            Schedule.parse(v)
+        return v

@@ -107,7 +107,10 @@ class Detector:
         sequential: bool = True,
         truncate: bool = True,
         cuda_graphs: bool = True,
+        schedule: Schedule | str | None = None,
     ) -> Detector:
+        """`schedule`: a sequential schedule (or its label) replacing the variant's, for a variant that draws
+        noise copies; ignored for one that draws none (nothing to stop), so one setting serves a mixed fleet."""
         manifest = load_manifest(folder)
         be = make_backend(backend, manifest, device=device, threads=threads, half=half, cuda_graphs=cuda_graphs)
         calib = None
@@ -121,6 +124,8 @@ class Detector:
         k = k or manifest.k or (calib.meta.get("k") if calib else None)
         if k:
             variant = variant.with_k(int(k))
+        if schedule is not None and max_copies(variant) > 0:
+            variant = variant.with_schedule(Schedule.parse(schedule) if isinstance(schedule, str) else schedule)
         if calib and calib.meta.get("k") and int(calib.meta["k"]) != int(k or 0):
             log.warning("K=%s differs from the calibrated K=%s: the false-positive rate may drift", k, calib.meta["k"])
         return cls(manifest, be, variant, calib, seed, sequential, truncate)

@@ -54,6 +54,12 @@ def test_cli_scores_a_clip(tmp_path, held_out_clips):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["model"] == "speaker" and out["prediction"]["label"] == held_out_clips[3][1]
+    r = subprocess.run(
+        [str(BIN), "score", str(clip), "--sequential-schedule", "4/4/2"], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    # four copies of each noise family, the original and the 12-bit row in the first round
+    assert json.loads(r.stdout.strip().splitlines()[-1])["passes"] >= 10
 
 
 def test_audio_harness_smoke(tmp_path):
@@ -110,6 +116,40 @@ def test_sequential_testing_over_http_and_turned_off(server, held_out_clips, tmp
         if abs(f["score"] - f["threshold"]) > 0.5:
             assert s["verdict"] == f["verdict"]
         assert s["prediction"] == f["prediction"]
+
+
+def test_a_chosen_sequential_schedule_replaces_the_variants(tmp_path, held_out_clips):
+    """NCCR_GUARD_SEQUENTIAL_SCHEDULE (as `--sequential-schedule`) swaps the speaker's schedule: three spread shifts
+    in the first round, so no verdict forwards fewer than 6 rows (the original, the 12-bit row, three shifts, one
+    noisy copy); the image model, which draws no noise copies, is served as before. A family the variant does not
+    draw stops the server at start-up with the reason, and a label that does not parse is one line from the CLI."""
+    from tests.conftest import MNIST, start_server
+
+    s = start_server(
+        tmp_path,
+        "--models",
+        str(MNIST),
+        str(SPEAKER_DIR),
+        env={"NCCR_GUARD_SEQUENTIAL_SCHEDULE": "1 (sweep 3)/1/1.5"},
+    )
+    try:
+        with s.client() as c:
+            card = c.get("/v1/models/speaker").json()
+            assert card["sequential"]["label"] == "1 (sweep 3)/1/1.5" and card["sequential"]["first_by"] == [
+                ["sweep", 3]
+            ]
+            assert c.get("/v1/models/mnist").json()["sequential"] is None
+            passes = [
+                c.post("/v1/detect", files={"file": ("c.wav", d, "audio/wav")}).json()["passes"]
+                for d, _ in held_out_clips[:4]
+            ]
+    finally:
+        s.stop()
+    assert all(6 <= p <= card["passes"] for p in passes), passes
+    with pytest.raises(RuntimeError, match="swep"):
+        start_server(tmp_path, "--models", str(SPEAKER_DIR), "--sequential-schedule", "1 (swep 3)/1/1.5").stop()
+    r = subprocess.run([str(BIN), "serve", "--sequential-schedule", "1/1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "expected first/step/z" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_speaker_rows_built_in_torch_agree_with_the_numpy_rows():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 
@@ -44,6 +45,25 @@ def test_corrupt_and_missing_files_fail_cleanly(tmp_path, digit_pngs):
 def test_wrong_model_folder_is_one_line(tmp_path):
     r = run("score", "--model", str(tmp_path), "x.png")
     assert r.returncode == 2 and "no model.toml" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bad_settings_are_one_line_each_naming_flag_and_env():
+    r = subprocess.run(
+        [str(BIN), "serve", "--port", "abc", "--processes", "0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "NCCR_GUARD_MAX_QUEUE": "x"},
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 3 and "Traceback" not in r.stderr
+    assert {line.split(":")[1].strip() for line in lines} == {"error"}
+    for flag in (
+        "--port / NCCR_GUARD_PORT",
+        "--processes / NCCR_GUARD_PROCESSES",
+        "--max-queue / NCCR_GUARD_MAX_QUEUE",
+    ):
+        assert sum(flag in line for line in lines) == 1, r.stderr
 
 
 def test_help_on_every_command():

@@ -39,6 +39,30 @@ def test_per_family_first_rounds():
         Schedule(1, 1, 2.0, (("sweep", 0),))
 
 
+def test_schedule_labels_parse_back_and_bad_ones_are_refused():
+    """`--sequential-schedule` takes the labels the reports print: every schedule of the grid reads back as itself,
+    and a malformed label, a zero, or a family the variant does not draw is an error, not a silent default."""
+    from nccr_guard.eval.sequential import GRID
+
+    assert all(Schedule.parse(s.label) == s for s in GRID)
+    assert Schedule.parse(" 1(sweep 3) (snr 2) / 2 / .5 ") == Schedule(1, 2, 0.5, (("sweep", 3), ("snr", 2)))
+    for bad in ("1/1", "1/1/1/1", "a/1/1", "1 (sweep)/1/1", "1/1/-1", "0/1/1", "1 (sweep 0)/1/1"):
+        with pytest.raises(ValueError):
+            Schedule.parse(bad)
+    v = get_variant("nccr-audio-v2")
+    assert v.with_schedule(Schedule.parse("1 (sweep 3)/1/1.5")).sequential == Schedule(1, 1, 1.5, (("sweep", 3),))
+    with pytest.raises(ValueError, match="swep"):
+        v.with_schedule(Schedule.parse("1 (swep 3)/1/1.5"))
+    with pytest.raises(ValueError, match="no noise copies"):
+        get_variant("nccr-v3").with_schedule(Schedule())
+    from nccr_guard.eval.sequential import main
+    from tests.conftest import MNIST
+
+    with pytest.raises(SystemExit) as e:  # the replay harness refuses before it attacks anything
+        main(["--model", str(MNIST), "--schedule", "2/2/2", "--out", "/nonexistent"])
+    assert e.value.code == 2
+
+
 def test_per_family_counts_decide_as_one_count_does(mnist_v2):
     """A plan of per-family counts that are all equal replays exactly as the plain count: the two code paths of
     `layout` and `bounded_scores` agree."""

@@ -7,11 +7,12 @@ combined by their maximum, so one unstable view of the input is enough to raise 
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Literal
 
-from nccr_guard.engine.perturb import Perturbation
+from nccr_guard.engine.perturb import RANDOM_FAMILIES, Perturbation
 
 Measure = Literal["flip", "change", "pred_flip", "margin", "margin_change"]
 MARGIN_MEASURES = ("margin", "margin_change", "pred_flip")  # measures that read the logits, whatever the layer
@@ -72,6 +73,24 @@ class Schedule:
         """first/step/z, with per-family firsts: '1 (sweep 2)/2/2'."""
         return f"{self.first_label}/{self.step}/{self.z:g}"
 
+    @classmethod
+    def parse(cls, label: str) -> Schedule:
+        """The schedule a `label` names ('1 (sweep 3)/1/1.5'), as the reports' tables write it: the one syntax
+        users read in docs/nccr.md is the one they give `--sequential-schedule`."""
+        m = _SCHEDULE.fullmatch(label.strip())
+        if not m:
+            raise ValueError(
+                f"sequential schedule {label!r}: expected first/step/z, with optional per-family firsts, "
+                "e.g. '1 (sweep 3)/1/1.5'"
+            )
+        first_by = tuple((f, int(n)) for f, n in re.findall(r"\(\s*([a-z]+)\s+(\d+)\s*\)", m["by"]))
+        return cls(int(m["first"]), int(m["step"]), float(m["z"]), first_by)
+
+
+_SCHEDULE = re.compile(
+    r"(?P<first>\d+)(?P<by>(?:\s*\(\s*[a-z]+\s+\d+\s*\))*)\s*/\s*(?P<step>\d+)\s*/\s*(?P<z>\d+(?:\.\d*)?|\.\d+)"
+)
+
 
 @dataclass(frozen=True)
 class Variant:
@@ -124,6 +143,20 @@ class Variant:
     def with_k(self, k: int) -> Variant:
         """The same variant with `k` copies for every noise family (squeezers stay one row each)."""
         return replace(self, perturbations=tuple(p.with_copies(k) for p in self.perturbations))
+
+    def with_schedule(self, schedule: Schedule) -> Variant:
+        """The same variant tested sequentially by `schedule` (any variant with noise copies can be). Refuses a
+        per-family first for a family the variant does not draw: a typo would silently fall back to `first`."""
+        noisy = {p.family for p in self.perturbations if p.family in RANDOM_FAMILIES}
+        if not noisy:
+            raise ValueError(f"{self.name} draws no noise copies: a sequential schedule has nothing to stop")
+        unknown = sorted({f for f, _ in schedule.first_by} - noisy)
+        if unknown:
+            raise ValueError(
+                f"sequential schedule {schedule.label!r} names {', '.join(unknown)}, which {self.name} does not draw "
+                f"(its noise families: {', '.join(sorted(noisy))})"
+            )
+        return replace(self, sequential=schedule)
 
     def copy_layers(self, model_layers: list[str]) -> list[str] | None:
         """The watched layers the verdict reads from perturbed copies, or None when it reads their logits (then

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -135,6 +136,14 @@ def main(argv: list[str] | None = None) -> None:
         "that one clip moves less",
     )
     ap.add_argument("--grid", action="store_true", help="replay every schedule of the grid, not just the variant's")
+    ap.add_argument(
+        "--schedule",
+        nargs="+",
+        default=[],
+        metavar="FIRST/STEP/Z",
+        help="replay these schedules (labels as in the tables, e.g. '1 (sweep 3)/1/1.5'; after the grid's with "
+        "--grid), instead of the variant's: what a server's --sequential-schedule would do on these clips",
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
@@ -143,6 +152,10 @@ def main(argv: list[str] | None = None) -> None:
 
     torch.manual_seed(args.seed)
     det = Detector.load(args.model, device="cpu", seed=args.seed, sequential=False)
+    try:
+        extra = [det.variant.with_schedule(Schedule.parse(label)).sequential for label in args.schedule]
+    except ValueError as e:
+        ap.error(str(e))
     attacks = args.attacks or list(attack_table(det.manifest.modality))
     if args.pool and not args.exclude:
         ap.error("--pool needs --exclude (the other sample)")
@@ -158,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     clean = pooled(cleans)
     adv = {a: pooled([s[a] for s in advs_acts if a in s]) for a in dict.fromkeys(a for s in advs_acts for a in s)}
     n_clean = len(clean["logits"])
-    schedules = GRID if args.grid else [det.variant.sequential or Schedule()]
+    schedules = (GRID if args.grid else []) + [s for s in extra if not args.grid or s not in GRID]
+    schedules = schedules or [det.variant.sequential or Schedule()]
     runs = [compare(det, clean, adv, s) for s in schedules]
     for r in runs:
         print(
@@ -185,7 +199,7 @@ def main(argv: list[str] | None = None) -> None:
         ),
         "n_clean": n_clean,
         "seed": args.seed,
-        "command": "python -m nccr_guard.eval.sequential " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m nccr_guard.eval.sequential " + shlex.join(argv if argv is not None else sys.argv[1:]),
         "machine": machine(),
         "seconds": round(time.perf_counter() - t0, 1),
         "runs": runs,

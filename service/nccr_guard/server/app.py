@@ -44,6 +44,7 @@ def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
         half=settings.half,
         cuda_graphs=settings.cuda_graphs,
         sequential=settings.sequential,
+        schedule=settings.sequential_schedule,
         truncate=settings.truncate,
         threads=cpu_threads if settings.device != "cuda" else 0,
     )

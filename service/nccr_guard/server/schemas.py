@@ -57,7 +57,11 @@ class ModelCard(BaseModel):
     components: list[str]
     k: int
     passes: int = Field(description="rows of a fixed-K verdict: the most a sequential verdict forwards")
-    sequential: dict | None = Field(None, description="sequential-testing schedule in use, null when off")
+    sequential: dict | None = Field(
+        None,
+        description="sequential-testing schedule in use (first, step, z, first_by, and its label as "
+        "--sequential-schedule takes it), null when off",
+    )
     truncated_to: list[str] | None = Field(None, description="layers perturbed copies run up to; null: full network")
     cuda_graphs: bool = Field(False, description="forwards replay captured CUDA graphs (torch backend on CUDA)")
     calibration: dict

@@ -26,7 +26,7 @@ def card(rt: ModelRuntime) -> ModelCard:
         components=[comp.name for comp in det.variant.components],
         k=max(p.copies for p in det.variant.perturbations),
         passes=det.rows_per_input,
-        sequential=det.schedule.__dict__ if det.schedule else None,
+        sequential={**det.schedule.__dict__, "label": det.schedule.label} if det.schedule else None,
         truncated_to=det.truncation,
         cuda_graphs=det.backend.cuda_graphs,
         calibration={
