@@ -49,21 +49,36 @@ def split_indices(manifest: Manifest, name: str) -> np.ndarray:
     return np.concatenate([np.arange(a, b) for a, b in ranges])
 
 
-def load_split(manifest: Manifest, name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_split(
+    manifest: Manifest, name: str, limit: int | None = None, index: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(inputs, labels) of a named split recorded in the manifest. `limit`: about that many inputs spread over
-    the classes, and a speaker corpus synthesises only those (smoke runs)."""
+    the classes, and a speaker corpus synthesises only those (smoke runs). `index`: only these positions of the
+    split, in that order (`split_size` tells how many there are): a speaker corpus then synthesises and decodes
+    only them, where a whole test split is 300 clips."""
     source = manifest.split.get("source")
     if source == "speaker-corpus":
         from nccr_guard.speaker_corpus import load_corpus_split
 
-        return load_corpus_split(manifest, name, limit)
+        return load_corpus_split(manifest, name, limit, index)
     if source not in SOURCES:
         raise ManifestError(f"{manifest.name}: unknown data source {source!r}")
     x, y = SOURCES[source]()
     idx = split_indices(manifest, name)
     if limit is not None:
         idx = idx[spread_index(len(idx), limit)]
+    if index is not None:
+        idx = idx[index]
     return x[idx], y[idx]
+
+
+def split_size(manifest: Manifest, name: str) -> int:
+    """How many inputs a split has, without loading (or synthesising) any."""
+    if manifest.split.get("source") == "speaker-corpus":
+        from nccr_guard.speaker_corpus import corpus_plan
+
+        return len(corpus_plan(manifest.split, name))
+    return len(split_indices(manifest, name))
 
 
 def spread_index(total: int, n: int) -> np.ndarray:

@@ -191,12 +191,17 @@ def clip_path(voice: str, text: str, jitter: float) -> Path:
     return cache_dir() / voice.replace(":", "_").replace("+", "_") / f"{key}.wav"
 
 
-def corpus_files(split: dict, name: str, limit: int | None = None) -> tuple[list[Path], np.ndarray]:
-    """The raw clips of a split (synthesised once, then cached) and their speaker indices."""
+def corpus_files(
+    split: dict, name: str, limit: int | None = None, index: np.ndarray | None = None
+) -> tuple[list[Path], np.ndarray]:
+    """The raw clips of a split (synthesised once, then cached) and their speaker indices; `index`: only the
+    clips at these positions of the (limited) plan, the only ones synthesised."""
     plan = corpus_plan(split, name)
     if limit is not None:  # a few clips of every speaker, for smoke runs
         per = max(1, limit // len(split["voices"]))
         plan = [p for i, p in enumerate(plan) if i % split["counts"][name] < per]
+    if index is not None:
+        plan = [plan[i] for i in np.asarray(index, int)]
     tools = missing_tools(split["voices"])
     todo = [p for p in plan if not clip_path(*p[1:]).exists()]
     if todo and tools:
@@ -214,11 +219,13 @@ def corpus_files(split: dict, name: str, limit: int | None = None) -> tuple[list
     return [clip_path(*p[1:]) for p in plan], np.array([p[0] for p in plan], np.int64)
 
 
-def load_corpus_split(manifest: Manifest, name: str, limit: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_corpus_split(
+    manifest: Manifest, name: str, limit: int | None = None, index: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """(inputs (n, 1, samples), speaker labels) of a split, decoded like uploads."""
     from nccr_guard.audio import decode_audio
     from nccr_guard.inputs import Limits
 
-    files, ys = corpus_files(manifest.split, name, limit)
+    files, ys = corpus_files(manifest.split, name, limit, index)
     xs = np.stack([decode_audio(f.read_bytes(), manifest, Limits(max_bytes=1 << 30)) for f in files])
     return xs, ys

@@ -126,15 +126,15 @@ def correctly_classified(det, split: str, n: int, exclude: int = 0) -> tuple[obj
     it classifies correctly with their labels, and its accuracy on them: what every attack run starts from.
     `exclude`: leave out the inputs a run with n=`exclude` picks (a second, untouched sample of the split)."""
     from nccr_guard.backends.torch_backend import load_module
-    from nccr_guard.datasets import load_split
+    from nccr_guard.datasets import load_split, split_size
 
     m = det.manifest
-    xs, ys = load_split(m, split)
+    # Positions first, then load only those: a speaker split is synthesised and decoded clip by clip. The picks
+    # are what the cached attacks and reports are keyed on, so they stay those of spreading the loaded split.
+    pos = np.arange(split_size(m, split))
     if exclude:
-        keep = np.ones(len(xs), bool)
-        keep[spread_index(len(xs), exclude)] = False
-        xs, ys = xs[keep], ys[keep]
-    xs, ys = spread(xs, ys, n)
+        pos = np.delete(pos, spread_index(len(pos), exclude))
+    xs, ys = load_split(m, split, index=pos[spread_index(len(pos), n)])
     module = det.backend.module if hasattr(det.backend, "module") else load_module(m)
     clf = art_classifier(module, tuple(m.input.shape), len(m.labels), m.input.range)
     ok = clf.predict(xs).argmax(1) == ys
