@@ -96,4 +96,7 @@ def test_clean_fpr_checks_thresholds_on_held_out_digits(tmp_path, digit_pngs):
         assert r_["n"] == test["correct"] + pngs["n"] and r_["fpr"] == r_["flagged"] / r_["n"]
         assert r_["ci95"][0] <= r_["fpr"] <= r_["ci95"][1]
     assert model["fpr"] < 0.12 and 0.1 < loose["fpr"] < 0.32 and loose["flagged"] > model["flagged"]
-    assert "| **pooled** |" in (out / "clean-fpr.md").read_text()
+    md = (out / "clean-fpr.md").read_text()
+    assert md.count("| **pooled** |") == 2 and "| split: all clean inputs |" in md
+    everything = rep["pooled"]["model/fixed"]["all"]  # misclassified digits count here, as in the calibration
+    assert everything["n"] == test["n"] + pngs["n"] and everything["flagged"] >= model["flagged"]
