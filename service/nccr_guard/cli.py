@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except ValidationError as e:  # settings from flags and NCCR_GUARD_* env vars: one line per bad field
         for err in e.errors():
-            field = "_".join(map(str, err["loc"]))
-            flag = f"--{field.replace('_', '-')} / NCCR_GUARD_{field.upper()}"
+            field, *item = map(str, err["loc"] or ("settings",))  # item: a list entry's position
+            flag = f"--{field.replace('_', '-')} / NCCR_GUARD_{field.upper()}" + "".join(f" [{i}]" for i in item)
             print(f"nccr-guard: error: {flag}: {err['msg']} (got {err.get('input')!r})", file=sys.stderr)
         return 2
     except (ManifestError, BackendError, InputError, ValueError, FileNotFoundError, OSError) as e:

@@ -76,8 +76,8 @@ class Settings(BaseSettings):
     sequential_schedule: str | None = Field(
         None,
         description="sequential schedule for every served model that draws noise copies, instead of its variant's: "
-        "first/step/z with optional per-family firsts, e.g. '1 (sweep 3)/1/1.5' (three spread shifts first: more "
-        "rows, less AUROC loss against fixed K; docs/nccr.md)",
+        "first/step/z with optional per-family firsts, e.g. '1 (sweep 3)/1/1.5' (three spread shifts first; "
+        "docs/nccr.md compares schedules by rows and AUROC loss against fixed K)",
     )
     truncate: bool = Field(
         True,
