@@ -171,8 +171,7 @@ def main(argv: list[str] | None = None) -> None:
     clean = pooled(cleans)
     adv = {a: pooled([s[a] for s in advs_acts if a in s]) for a in dict.fromkeys(a for s in advs_acts for a in s)}
     n_clean = len(clean["logits"])
-    schedules = (GRID if args.grid else []) + [s for s in extra if not args.grid or s not in GRID]
-    schedules = schedules or [det.variant.sequential or Schedule()]
+    schedules = list(dict.fromkeys((GRID if args.grid else []) + extra)) or [det.variant.sequential or Schedule()]
     runs = [compare(det, clean, adv, s) for s in schedules]
     for r in runs:
         print(
