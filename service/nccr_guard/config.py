@@ -75,9 +75,10 @@ class Settings(BaseSettings):
     )
     sequential_schedule: str | None = Field(
         None,
-        description="sequential schedule for every served model that draws noise copies, instead of its variant's: "
-        "first/step/z with optional per-family firsts, e.g. '1 (sweep 3)/1/1.5' (three spread shifts first; "
-        "docs/nccr.md compares schedules by rows and AUROC loss against fixed K)",
+        description="sequential schedule instead of the variant's: a label first/step/z with optional per-family "
+        "firsts, e.g. '1 (sweep 3)/1/1.5' (three spread shifts first), for every served model that draws noise "
+        "copies, or 'NAME=LABEL; ...' for named models (a bare label among them covers the rest; docs/nccr.md "
+        "compares schedules by rows and AUROC loss against fixed K)",
     )
     truncate: bool = Field(
         True,
@@ -94,6 +95,12 @@ class Settings(BaseSettings):
     max_pixels: int = 4096 * 4096
     max_audio_s: float = Field(30.0, description="audio duration cap (for audio models; none is embedded yet)")
     drain_s: float = Field(10.0, ge=0, description="grace period for queued work on SIGTERM")
+    drain_quiet_s: float = Field(
+        0.5,
+        ge=0,
+        description="on SIGTERM, keep listening (new requests get 503) until no connection or request has arrived "
+        "for this long, within drain_s: a client that connects as the listener closes gets a reset, not an answer",
+    )
     score_decimals: int = Field(4, ge=0, le=12, description="rounding of returned scores (limits probing)")
     log_json: bool = True
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
@@ -103,7 +110,7 @@ class Settings(BaseSettings):
     def _schedule_parses(cls, v: str | None) -> str | None:
         """Fail at start-up, not at the first model load, on a schedule that does not parse."""
         if v is not None:
-            from nccr_guard.engine.variants import Schedule
+            from nccr_guard.engine.variants import parse_schedules
 
-            Schedule.parse(v)
+            parse_schedules(v)
         return v

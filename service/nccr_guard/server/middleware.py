@@ -33,6 +33,7 @@ class ServiceMiddleware:
             await self.app(scope, receive, send)
             return
         svc, start = self.service, time.monotonic()
+        svc.last_arrival = start
         headers = dict(scope.get("headers") or [])
         rid = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         state = scope.setdefault("state", {})

@@ -1,5 +1,6 @@
 """Start uvicorn for `nccr-guard serve`. On SIGTERM/SIGINT readiness goes false and new requests get 503 at
-once; queued and in-flight requests finish within `drain_s`, then the process exits 0."""
+once; queued and in-flight requests finish and arrivals pause for `drain_quiet_s` (within `drain_s`), then the
+process exits 0."""
 
 from __future__ import annotations
 
@@ -24,9 +25,9 @@ log = logging.getLogger("nccr_guard")
 
 class DrainingServer(uvicorn.Server):
     """SIGTERM: readiness false and 503 for new requests at once, while the listener stays open (so connections
-    already in the backlog get an answer, not a reset) until queued and in-flight work is done or `drain_s`
-    passes; then uvicorn's own graceful shutdown. A second signal exits at once. A drained exit is 0 (uvicorn
-    would re-raise SIGTERM and exit -15)."""
+    already in the backlog get an answer, not a reset) until queued and in-flight work is done and no new
+    connection or request came for `drain_quiet_s`, or `drain_s` passes; then uvicorn's own graceful shutdown.
+    A second signal exits at once. A drained exit is 0 (uvicorn would re-raise SIGTERM and exit -15)."""
 
     _draining_task: asyncio.Task | None = None
 
@@ -59,11 +60,23 @@ class DrainingServer(uvicorn.Server):
         self._draining_task = loop.create_task(self._drain_then_exit(service, sig, frame))
 
     async def _drain_then_exit(self, service, sig: int, frame) -> None:
-        deadline = time.monotonic() + service.settings.drain_s
-        await asyncio.sleep(min(0.5, service.settings.drain_s))
-        while time.monotonic() < deadline and (
-            service.active or any(rt.batcher.depth or rt.batcher.in_flight for rt in service.runtimes.values())
-        ):
+        """Wait for queued and in-flight work and for a lull of `drain_quiet_s` without a new connection or
+        request (within `drain_s`). Closing the listener resets the connections still in its backlog, and a client
+        whose connect completes just then loses its request (seen in CI: a starved client connected a burst of
+        requests 40 ms after the server went idle); a lull makes that need a pause and then a connect at that
+        instant."""
+        start = time.monotonic()
+        deadline = start + service.settings.drain_s
+        quiet = service.settings.drain_quiet_s
+        seen, last = set(self.server_state.connections), start
+        while (now := time.monotonic()) < deadline:
+            current = set(self.server_state.connections)
+            if current - seen:
+                last = now
+            seen, last = current, max(last, service.last_arrival)
+            busy = service.active or any(rt.batcher.depth or rt.batcher.in_flight for rt in service.runtimes.values())
+            if not busy and now - last >= quiet:
+                break
             await asyncio.sleep(0.05)
         super().handle_exit(sig, frame)
 

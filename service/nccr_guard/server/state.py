@@ -24,6 +24,7 @@ class Service:
     runtimes: dict[str, ModelRuntime] = field(default_factory=dict)
     draining: bool = False
     active: int = 0  # requests being handled, health and metrics excluded
+    last_arrival: float = 0.0  # time.monotonic() of the latest request's start (run.DrainingServer waits for a lull)
     upstream: httpx.AsyncClient | None = None
     gate: StartGate | None = None  # with --processes N: ready once every worker has started (workers.py)
     gc_pauses: GcPauses | None = None  # installed while serving (app.py)
