@@ -47,6 +47,17 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
                 p.add_argument(flag, default=None, help=help_)
 
 
+def _schedule_setting(text: str) -> str:
+    """Parse at argument time (exit 2 with the reason), keep the text: Detector.load picks each model's entry."""
+    from nccr_guard.engine.variants import parse_schedules
+
+    try:
+        parse_schedules(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     given = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
     return Settings(**given)
@@ -69,6 +80,18 @@ def cmd_score(args: argparse.Namespace) -> int:
     folders = {}
     for folder in [args.model] if args.model else default_models():
         folders.setdefault(load_manifest(folder).modality, folder)
+    if args.sequential_schedule:  # a misspelt name would silently leave its model on the variant's schedule
+        from nccr_guard.engine.variants import parse_schedules
+
+        names = {load_manifest(f).name for f in folders.values()}
+        unknown = sorted(set(parse_schedules(args.sequential_schedule)) - {None, *names})
+        if unknown:
+            print(
+                f"nccr-guard: error: --sequential-schedule names {', '.join(unknown)}, "
+                f"not among {', '.join(sorted(names))}",
+                file=sys.stderr,
+            )
+            return 2
     loaded: dict[str, Detector] = {}
 
     def detector_for(data: bytes) -> Detector:
@@ -209,9 +232,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--sequential-schedule",
         default=None,
-        metavar="FIRST/STEP/Z",
+        type=_schedule_setting,
+        metavar="[NAME=]FIRST/STEP/Z",
         help="sequential schedule instead of the variant's, for a model that draws noise copies: first/step/z with "
-        "optional per-family firsts, e.g. '1 (sweep 3)/1/1.5' (docs/nccr.md)",
+        "optional per-family firsts, e.g. '1 (sweep 3)/1/1.5', or 'NAME=LABEL; ...' per model (docs/nccr.md)",
     )
     p.add_argument(
         "--truncate",

@@ -16,6 +16,7 @@ import numpy as np
 from nccr_guard.backends import Backend, make_backend, merge_rows
 from nccr_guard.engine import Calibration, Scores, Variant, build_batch, get_variant, score_rows
 from nccr_guard.engine.sequential import Schedule, bounded_scores, layout, max_copies, rounds, settled
+from nccr_guard.engine.variants import parse_schedules
 from nccr_guard.manifest import Manifest, ManifestError, load_manifest, weight_hashes
 
 log = logging.getLogger(__name__)
@@ -109,8 +110,10 @@ class Detector:
         cuda_graphs: bool = True,
         schedule: Schedule | str | None = None,
     ) -> Detector:
-        """`schedule`: a sequential schedule (or its label) replacing the variant's, for a variant that draws
-        noise copies; ignored for one that draws none (nothing to stop), so one setting serves a mixed fleet."""
+        """`schedule`: a sequential schedule replacing the variant's, for a variant that draws noise copies: a
+        Schedule, or `--sequential-schedule`'s text (a label for every model, or `NAME=LABEL; ...` entries,
+        variants.parse_schedules). A schedule for every model is ignored for a variant that draws no noise copies
+        (nothing to stop), so one setting serves a mixed fleet; one that names this model is refused."""
         manifest = load_manifest(folder)
         be = make_backend(backend, manifest, device=device, threads=threads, half=half, cuda_graphs=cuda_graphs)
         calib = None
@@ -124,8 +127,16 @@ class Detector:
         k = k or manifest.k or (calib.meta.get("k") if calib else None)
         if k:
             variant = variant.with_k(int(k))
+        if isinstance(schedule, str):
+            chosen = parse_schedules(schedule)
+            named = manifest.name in chosen
+            schedule = chosen.get(manifest.name, chosen.get(None))
+            if named and max_copies(variant) == 0:
+                raise ManifestError(
+                    f"--sequential-schedule names {manifest.name}, whose variant {variant.name} draws no noise copies"
+                )
         if schedule is not None and max_copies(variant) > 0:
-            variant = variant.with_schedule(Schedule.parse(schedule) if isinstance(schedule, str) else schedule)
+            variant = variant.with_schedule(schedule)
         if calib and calib.meta.get("k") and int(calib.meta["k"]) != int(k or 0):
             log.warning("K=%s differs from the calibrated K=%s: the false-positive rate may drift", k, calib.meta["k"])
         return cls(manifest, be, variant, calib, seed, sequential, truncate)

@@ -55,11 +55,19 @@ def test_cli_scores_a_clip(tmp_path, held_out_clips):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["model"] == "speaker" and out["prediction"]["label"] == held_out_clips[3][1]
     r = subprocess.run(
-        [str(BIN), "score", str(clip), "--sequential-schedule", "4/4/2"], capture_output=True, text=True, timeout=300
+        [str(BIN), "score", str(clip), "--sequential-schedule", "speaker=4/4/2"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     # four copies of each noise family, the original and the 12-bit row in the first round
     assert json.loads(r.stdout.strip().splitlines()[-1])["passes"] >= 10
+    for bad, why in (("speakr=4/4/2", "names speakr, not among mnist, speaker"), ("4/4", "expected first/step/z")):
+        r = subprocess.run(
+            [str(BIN), "score", str(clip), "--sequential-schedule", bad], capture_output=True, text=True, timeout=300
+        )
+        assert r.returncode == 2 and why in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
 
 
 def test_audio_harness_smoke(tmp_path):
@@ -119,7 +127,8 @@ def test_sequential_testing_over_http_and_turned_off(server, held_out_clips, tmp
 
 
 def test_a_chosen_sequential_schedule_replaces_the_variants(tmp_path, held_out_clips):
-    """NCCR_GUARD_SEQUENTIAL_SCHEDULE (as `--sequential-schedule`) swaps the speaker's schedule: three spread shifts
+    """NCCR_GUARD_SEQUENTIAL_SCHEDULE (as `--sequential-schedule`) swaps the speaker's schedule (named, beside a
+    label for the others): three spread shifts
     in the first round, so no verdict forwards fewer than 6 rows (the original, the 12-bit row, three shifts, one
     noisy copy); the image model, which draws no noise copies, is served as before. A family the variant does not
     draw stops the server at start-up with the reason, and a label that does not parse is one line from the CLI."""
@@ -130,7 +139,7 @@ def test_a_chosen_sequential_schedule_replaces_the_variants(tmp_path, held_out_c
         "--models",
         str(MNIST),
         str(SPEAKER_DIR),
-        env={"NCCR_GUARD_SEQUENTIAL_SCHEDULE": "1 (sweep 3)/1/1.5"},
+        env={"NCCR_GUARD_SEQUENTIAL_SCHEDULE": "speaker=1 (sweep 3)/1/1.5; 4/4/2"},
     )
     try:
         with s.client() as c:
@@ -148,6 +157,10 @@ def test_a_chosen_sequential_schedule_replaces_the_variants(tmp_path, held_out_c
     assert all(6 <= p <= card["passes"] for p in passes), passes
     with pytest.raises(RuntimeError, match="swep"):
         start_server(tmp_path, "--models", str(SPEAKER_DIR), "--sequential-schedule", "1 (swep 3)/1/1.5").stop()
+    with pytest.raises(RuntimeError, match="names nosuch, not served here"):
+        start_server(tmp_path, "--models", str(MNIST), "--sequential-schedule", "nosuch=4/4/2").stop()
+    with pytest.raises(RuntimeError, match="names mnist, whose variant nccr-v3 draws no noise copies"):
+        start_server(tmp_path, "--models", str(MNIST), "--sequential-schedule", "mnist=4/4/2").stop()
     r = subprocess.run([str(BIN), "serve", "--sequential-schedule", "1/1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "expected first/step/z" in r.stderr and "Traceback" not in r.stderr
 

@@ -63,6 +63,32 @@ def test_schedule_labels_parse_back_and_bad_ones_are_refused():
     assert e.value.code == 2
 
 
+def test_schedules_per_model_parse_and_load():
+    """`--sequential-schedule` also takes `NAME=LABEL` entries: each model gets its own, a bare label covers the
+    rest, and a name given twice, an empty name, or a model without noise copies named is an error."""
+    from nccr_guard.detector import Detector
+    from nccr_guard.engine.variants import parse_schedules
+    from nccr_guard.manifest import ManifestError
+    from tests.conftest import MNIST
+
+    assert parse_schedules("4/4/2") == {None: Schedule(4, 4, 2.0)}
+    assert parse_schedules(" speaker = 1 (sweep 3)/1/1.5 ; 4/4/2 ;") == {
+        "speaker": Schedule(1, 1, 1.5, (("sweep", 3),)),
+        None: Schedule(4, 4, 2.0),
+    }
+    for bad, why in (
+        ("a=1/1/1; a=2/2/2", "twice"),
+        ("1/1/1; 2/2/2", "twice"),
+        ("=1/1/1", "no model name"),
+        (";", "empty"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            parse_schedules(bad)
+    assert Detector.load(MNIST, schedule="speaker=4/4/2; 3/3/2").schedule is None  # no noise copies: ignored
+    with pytest.raises(ManifestError, match="mnist.*no noise copies"):
+        Detector.load(MNIST, schedule="mnist=4/4/2")
+
+
 def test_per_family_counts_decide_as_one_count_does(mnist_v2):
     """A plan of per-family counts that are all equal replays exactly as the plain count: the two code paths of
     `layout` and `bounded_scores` agree."""

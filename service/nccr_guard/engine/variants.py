@@ -87,6 +87,28 @@ class Schedule:
         return cls(int(m["first"]), int(m["step"]), float(m["z"]), first_by)
 
 
+def parse_schedules(setting: str) -> dict[str | None, Schedule]:
+    """`--sequential-schedule`'s value: one label for every model that draws noise copies, or `NAME=LABEL` entries
+    separated by ';' for the named models, where a bare label among them covers the others (key None). One
+    server may hold several noisy models whose operators want different row budgets."""
+    out: dict[str | None, Schedule] = {}
+    for entry in (e.strip() for e in setting.split(";")):
+        if not entry:
+            continue
+        name, sep, label = entry.rpartition("=")  # a label never holds '='
+        key = name.strip() if sep else None
+        if sep and not key:
+            raise ValueError(f"sequential schedule entry {entry!r}: no model name before '='")
+        if key in out:
+            raise ValueError(
+                f"sequential schedule: {f'model {key!r}' if key else 'a label for all models'} given twice"
+            )
+        out[key] = Schedule.parse(label)
+    if not out:
+        raise ValueError("sequential schedule: empty (give a label such as '1 (sweep 3)/1/1.5', or NAME=LABEL)")
+    return out
+
+
 _SCHEDULE = re.compile(
     r"(?P<first>\d+)(?P<by>(?:\s*\(\s*[a-z]+\s+\d+\s*\))*)\s*/\s*(?P<step>\d+)\s*/\s*(?P<z>\d+(?:\.\d*)?|\.\d+)"
 )
