@@ -6,6 +6,7 @@ import json
 import multiprocessing as mp
 import os
 import platform
+import socket
 import subprocess
 import sys
 import time
@@ -130,6 +131,13 @@ def bare_detections_per_s(
     with ctx.Pool(procs) as pool:
         counts = pool.map(_bare_worker, [(model, threads, per_forward, seconds, backend, inputs)] * procs)
     return sum(counts) / seconds
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on now (the kernel's pick)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def start_server(

@@ -13,33 +13,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import io
 import multiprocessing as mp
-import socket
 import sys
 from pathlib import Path
 
 import httpx
-import numpy as np
 
-from bench.common import ROOT, compare_suffix, compared_servers, start_server, write_report
+from bench.common import compare_suffix, compared_servers, free_port, start_server, write_report
+from bench.serve import png_bytes
 
 
 def _spin() -> None:
     while True:
         pass
-
-
-def digit_png() -> bytes:
-    from PIL import Image
-
-    from nccr_guard.datasets import load_split
-    from nccr_guard.manifest import load_manifest
-
-    x = load_split(load_manifest(ROOT / "models" / "mnist"), "test", index=[0])[0][0]
-    buf = io.BytesIO()
-    Image.fromarray((x[0] * 255).round().astype(np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 async def one_round(url: str, proc, png: bytes, n: int = 80) -> dict[str, int]:
@@ -70,7 +56,7 @@ def main() -> None:
     ap.add_argument("--busy", type=int, default=2, help="CPU-spinning processes alongside")
     ap.add_argument("--compare", type=Path, help="another checkout whose server runs the same rounds")
     args = ap.parse_args()
-    png = digit_png()
+    png = png_bytes()
     servers = compared_servers(args.compare)
     tally = {str(s or "this checkout"): {"rounds": 0, "rounds_with_loss": 0, "outcomes": {}} for s in servers}
     spinners = [mp.get_context("spawn").Process(target=_spin, daemon=True) for _ in range(args.busy)]
@@ -79,9 +65,7 @@ def main() -> None:
     try:
         for r in range(args.rounds):
             for service_dir in servers:
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    port = s.getsockname()[1]
+                port = free_port()
                 proc = start_server(port, ["--drain-s", "20"], service_dir=service_dir)
                 counts = asyncio.run(one_round(f"http://127.0.0.1:{port}", proc, png))
                 exit_code = proc.wait(30)

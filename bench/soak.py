@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import io
-import socket
 import sys
 import time
 
 import httpx
 import numpy as np
 
-from bench.common import ROOT, rss_mb, start_server, write_report
+from bench.common import ROOT, free_port, rss_mb, start_server, write_report
 
 
 def bodies() -> list[tuple[bytes, str]]:
@@ -76,9 +75,7 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=60.0, help="RSS growth is measured from the end of warm-up")
     ap.add_argument("--clients", type=int, default=8)
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     items = bodies()
     proc = start_server(port, [], ROOT / "reports" / "bench" / "soak-server.log")
     samples: list[tuple[float, float]] = []

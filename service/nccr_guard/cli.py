@@ -80,12 +80,11 @@ def cmd_score(args: argparse.Namespace) -> int:
     folders = {}
     for folder in [args.model] if args.model else default_models():
         folders.setdefault(load_manifest(folder).modality, folder)
-    if args.sequential_schedule:  # a misspelt name would silently leave its model on the variant's schedule
-        from nccr_guard.engine.variants import parse_schedules
+    if args.sequential_schedule:
+        from nccr_guard.engine.variants import unknown_schedule_names
 
         names = {load_manifest(f).name for f in folders.values()}
-        unknown = sorted(set(parse_schedules(args.sequential_schedule)) - {None, *names})
-        if unknown:
+        if unknown := unknown_schedule_names(args.sequential_schedule, names):
             print(
                 f"nccr-guard: error: --sequential-schedule names {', '.join(unknown)}, "
                 f"not among {', '.join(sorted(names))}",

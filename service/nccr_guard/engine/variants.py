@@ -109,6 +109,12 @@ def parse_schedules(setting: str) -> dict[str | None, Schedule]:
     return out
 
 
+def unknown_schedule_names(setting: str, served: list[str] | set[str]) -> list[str]:
+    """Model names `--sequential-schedule` gives that none of `served` has: a misspelt name would silently leave
+    its model on the variant's schedule, so serve and score refuse them."""
+    return sorted(set(parse_schedules(setting)) - {None, *served})
+
+
 _SCHEDULE = re.compile(
     r"(?P<first>\d+)(?P<by>(?:\s*\(\s*[a-z]+\s+\d+\s*\))*)\s*/\s*(?P<step>\d+)\s*/\s*(?P<z>\d+(?:\.\d*)?|\.\d+)"
 )

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from nccr_guard import __version__
 from nccr_guard.config import Settings
 from nccr_guard.detector import Detector
-from nccr_guard.engine.variants import parse_schedules
+from nccr_guard.engine.variants import unknown_schedule_names
 from nccr_guard.inputs import InputError
 from nccr_guard.manifest import load_manifest
 from nccr_guard.server.deps import OpenOrAuthorized
@@ -62,10 +62,9 @@ def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
     async def lifespan(app: FastAPI):
         if not settings.models:
             raise RuntimeError("no models to serve: pass --models DIR (a folder with model.toml)")
-        if settings.sequential_schedule:  # a misspelt name would silently leave its model on the variant's schedule
+        if settings.sequential_schedule:
             served = [load_manifest(f).name for f in settings.models]
-            unknown = sorted(set(parse_schedules(settings.sequential_schedule)) - {None, *served})
-            if unknown:
+            if unknown := unknown_schedule_names(settings.sequential_schedule, served):
                 raise RuntimeError(
                     f"--sequential-schedule names {', '.join(unknown)}, not served here (models: {', '.join(served)})"
                 )
