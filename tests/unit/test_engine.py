@@ -163,3 +163,29 @@ def test_robustness_rows_are_never_verdict_rows():
             robustness=Component("gaussian:0.1", "logits", "change"),
             robustness_rows=Perturbation("gaussian", 0.1, 4),
         )
+
+
+@pytest.mark.parametrize("measure", ["margin_change", "margin"])
+def test_one_row_margin_gather_equals_component_by_component(measure):
+    """nccr-v3's scoring reads its three squeezed rows' margins in one gather (Variant.one_row_margins); every
+    raw value must be bit for bit what the per-component path gives, and variants outside that shape keep it."""
+    from nccr_guard.engine.score import component_raw, raw_components
+
+    ps = (Perturbation("bitdepth", 3), Perturbation("bitdepth", 1), Perturbation("median", 2))
+    v = Variant(
+        "t",
+        ps,
+        tuple(Component(p.key, "logits", measure) for p in ps),
+        robustness=Component("bitdepth:1", "logits", "margin"),
+    )
+    assert v.one_row_margins == (measure, [1, 2, 3])
+    acts = fake_acts(64, v.rows, np.random.default_rng(5), 0.5)
+    calib = fit_calibration(v, acts, acts, 10)
+    raw, pred = raw_components(v, calib, acts)
+    one_by_one = np.stack([component_raw(c, acts, calib, v.groups[c.perturbation], pred) for c in v.components], -1)
+    assert raw.dtype == np.float64 and raw.flags.c_contiguous
+    np.testing.assert_array_equal(raw, one_by_one.astype(np.float64))
+    assert (raw > 0).any()
+    mixed = Variant("m", ps, (*v.components[:2], Component("median:2", "logits", "pred_flip")), robustness=v.robustness)
+    noisy = get_variant("nccr-v2")
+    assert mixed.one_row_margins is None and noisy.one_row_margins is None and get_variant("nccr-v3").one_row_margins

@@ -6,6 +6,7 @@ Every family works in the input's own value range `(lo, hi)`: a scale of 0.05 me
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy.ndimage import median_filter
@@ -42,7 +43,7 @@ class Perturbation:
         if self.copies < 1:
             raise ValueError("copies must be >= 1")
 
-    @property
+    @cached_property  # asked per batch on the serving path; the perturbation is frozen
     def key(self) -> str:
         return f"{self.family}:{self.scale:g}"
 

@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from nccr_guard.engine.perturb import row_groups
 from nccr_guard.engine.variants import MARGIN_MEASURES, Component, Variant
 
 if TYPE_CHECKING:
@@ -125,9 +124,15 @@ def component_raw(
 
 def raw_components(variant: Variant, calib: Calibration, acts: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """(B, n_components) raw values and (B,) predictions of the original rows."""
-    groups = row_groups(variant.perturbations)
     pred = acts["logits"][:, 0].argmax(-1)
     m = shared_margin(variant, acts, pred)
+    if (one := variant.one_row_margins) is not None and m is not None:  # component_copies' arithmetic, at once
+        measure, cols = one
+        delta = m[:, :1] - m[:, cols]
+        delta = np.maximum(delta, 0.0) if measure == "margin" else np.abs(delta)
+        # C order, as np.stack gave: calibration's mean over inputs sums in memory order (last bits differ)
+        return (delta / np.maximum(np.abs(m[:, :1]), EPS)).astype(np.float64, order="C"), pred
+    groups = variant.groups
     raw = np.stack(
         [
             reduce_copies(c, component_copies(c, acts, calib, groups[c.perturbation], pred, m))

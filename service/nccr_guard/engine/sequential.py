@@ -34,7 +34,7 @@ from scipy.special import ndtr
 from scipy.stats import betabinom
 
 from nccr_guard.engine.calibration import Calibration
-from nccr_guard.engine.perturb import RANDOM_FAMILIES, Perturbation, row_groups
+from nccr_guard.engine.perturb import RANDOM_FAMILIES, Perturbation
 from nccr_guard.engine.score import (
     Scores,
     component_copies,
@@ -83,7 +83,7 @@ def rounds(variant: Variant, schedule: Schedule) -> list[Copies]:
 
 def layout(variant: Variant, n: Copies) -> np.ndarray:
     """Indices, into the fixed-K rows, of the rows a round's count `n` includes, in the variant's row order."""
-    groups = row_groups(variant.perturbations)
+    groups = variant.groups
     idx = [np.array([0])]
     for p in variant.perturbations:
         g = groups[p.key]
@@ -144,7 +144,7 @@ def bounded_scores(
 
     acts: layer -> (B, R_n, N) in `layout(variant, n)` row order; `variant` itself is the fixed-K one."""
     part = _partial(variant, n)
-    groups = row_groups(part.perturbations)
+    groups = part.groups
     family = {p.key: p for p in variant.perturbations}
     pred = acts["logits"][:, 0].argmax(-1)
     margin = shared_margin(variant, acts, pred)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 from functools import cached_property
 from typing import Literal
 
-from nccr_guard.engine.perturb import RANDOM_FAMILIES, Perturbation
+from nccr_guard.engine.perturb import RANDOM_FAMILIES, Perturbation, row_groups
 
 Measure = Literal["flip", "change", "pred_flip", "margin", "margin_change"]
 MARGIN_MEASURES = ("margin", "margin_change", "pred_flip")  # measures that read the logits, whatever the layer
@@ -167,6 +167,25 @@ class Variant:
     @cached_property
     def component_names(self) -> tuple[str, ...]:
         return tuple(c.name for c in self.components)
+
+    @cached_property
+    def groups(self) -> dict[str, slice]:
+        """Which rows belong to which perturbation (perturb.row_groups), asked per batch on the serving path."""
+        return row_groups(self.perturbations)
+
+    @cached_property
+    def one_row_margins(self) -> tuple[str, list[int]] | None:
+        """(measure, row per component) when every component measures one squeezed row's logit margin the same
+        way (the image default, nccr-v3): scoring then reads all of them in one gather over the margins instead
+        of a chain of small array operations per component, which at one 28x28 input per call cost more than its
+        forward (score.raw_components)."""
+        measures = {c.measure for c in self.components}
+        if len(measures) != 1 or not measures <= {"margin", "margin_change"}:
+            return None
+        rows = [self.groups[c.perturbation] for c in self.components]
+        if any(r.stop - r.start != 1 for r in rows):
+            return None
+        return measures.pop(), [r.start for r in rows]
 
     def with_k(self, k: int) -> Variant:
         """The same variant with `k` copies for every noise family (squeezers stay one row each)."""

@@ -1,0 +1,97 @@
+"""Every engine output on fixed inputs, to show that a speed change to the engine changes no bit.
+
+Records, on the committed models: verdicts of 300 held-out MNIST digits (ONNX) and 64 (torch), whole and in
+batches of 7; one batch's rows; for every registered variant (K=4 for noise families) on 120 digits its rows,
+a calibration fitted on 80 and the scores of 40; the speaker model's sequential verdicts on 6 clips (whole and
+in chunks of 4) and fixed-K verdicts on 3. Run it on two checkouts and compare:
+
+    PYTHONPATH=<other checkout>/service python -m bench.engine_outputs --write /tmp/before.pkl
+    python -m bench.engine_outputs --against /tmp/before.pkl     # exit 1 and the differing keys if any differ
+"""
+
+from __future__ import annotations
+
+import argparse
+import pickle
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import ROOT, sample_inputs
+from nccr_guard.detector import Detector
+from nccr_guard.engine import build_batch, fit_calibration, score_rows
+from nccr_guard.engine.variants import RANDOM_FAMILIES, VARIANTS
+
+MNIST, SPEAKER = ROOT / "models" / "mnist", ROOT / "models" / "speaker"
+
+
+def outputs() -> dict:
+    out: dict = {}
+    xs = sample_inputs(MNIST, 300)
+    for backend, n in (("onnx", 300), ("torch", 64)):
+        det = Detector.load(MNIST, backend=backend, device="cpu", threads=1)
+        out[f"mnist-{backend}"] = [v.__dict__ for v in det.detect(list(xs[:n]))]
+        out[f"mnist-{backend}-by-7"] = [v.__dict__ for i in range(0, n, 7) for v in det.detect(list(xs[i : i + 7]))]
+        out[f"mnist-{backend}-rows"] = det.batch_rows(list(xs[:16]))
+    bare = Detector.load(MNIST, backend="onnx", device="cpu", threads=1, calibrated=False)
+    part = xs[:120]
+    for name, variant in VARIANTS.items():
+        v = variant.with_k(4) if any(p.family in RANDOM_FAMILIES for p in variant.perturbations) else variant
+        rngs = [np.random.default_rng([0, zlib.crc32(x.tobytes())]) for x in part]
+        rows = build_batch(part, v.perturbations, rngs, (0.0, 1.0))
+        acts = {k: a.reshape(len(part), v.rows, -1) for k, a in bare.forward(rows.reshape(-1, 1, 28, 28)).items()}
+
+        def cut(lo: int, hi: int, acts: dict = acts) -> dict:
+            return {k: a[lo:hi] for k, a in acts.items()}
+
+        calib = fit_calibration(v, cut(0, 40), cut(40, 80), 10)
+        s = score_rows(v, calib, cut(80, 120))
+        out[f"variant-{name}"] = [rows, s.score, s.raw, s.prediction, s.confidence, calib.threshold, calib.comp_mu]
+        out[f"variant-{name}-meta"] = calib.meta
+    clips = list(sample_inputs(SPEAKER, 6))
+    sp = Detector.load(SPEAKER, backend="torch", device="cpu", threads=1)
+    out["speaker"] = [v.__dict__ for v in sp.detect(clips)]
+    out["speaker-chunks-of-4"] = [v.__dict__ for v in sp.detect(clips, chunk=4)]
+    fixed = Detector.load(SPEAKER, backend="torch", device="cpu", threads=1, sequential=False)
+    out["speaker-fixed"] = [v.__dict__ for v in fixed.detect(clips[:3])]
+    return out
+
+
+def same(a, b) -> bool:
+    """Bit for bit: arrays by dtype, shape and value (NaN equal to NaN), floats exactly."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, np.ndarray):
+        return (
+            isinstance(b, np.ndarray)
+            and (a.dtype, a.shape) == (b.dtype, b.shape)
+            and np.array_equal(a, b, equal_nan=a.dtype.kind in "fc")
+        )
+    if isinstance(a, float) and np.isnan(a):
+        return isinstance(b, float) and np.isnan(b)
+    return type(a) is type(b) and a == b
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    what = ap.add_mutually_exclusive_group(required=True)
+    what.add_argument("--write", type=Path, help="record this checkout's outputs here (a pickle)")
+    what.add_argument("--against", type=Path, help="compare this checkout's outputs with a recorded pickle")
+    args = ap.parse_args()
+    now = outputs()
+    if args.write:
+        args.write.write_bytes(pickle.dumps(now))
+        print(f"engine outputs: {len(now)} records written to {args.write}")
+        return
+    before = pickle.loads(args.against.read_bytes())  # a file this script wrote
+    differ = sorted(k for k in before.keys() | now.keys() if not same(before.get(k), now.get(k)))
+    print(f"engine outputs: {len(now)} records, {len(differ)} differ" + (f": {', '.join(differ)}" if differ else ""))
+    sys.exit(1 if differ else 0)
+
+
+if __name__ == "__main__":
+    main()
