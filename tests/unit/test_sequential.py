@@ -226,3 +226,43 @@ def test_calibration_records_the_near_flip_margin_of_clean_copies():
     rows = slice(10, 18)  # snr:20's copies (after the original, 8 sweeps and one 12-bit row)
     m = logits[:, :, 3] - np.delete(logits, 3, axis=2).max(-1)
     assert np.isclose(got[2], np.quantile(m[:, rows] / np.abs(m[:, :1]), NEAR_FLIP_QUANTILE))
+
+
+def test_replay_report_keeps_the_schedule_it_ran():
+    """The replay harness's JSON keeps each schedule's fields and label, and its markdown table is rebuilt from
+    the label, so a per-family first round ('1 (sweep 3)') shows in the table as `--sequential-schedule` takes it."""
+    import json
+
+    from nccr_guard.eval.sequential import markdown, schedule_record
+
+    for label in ("1 (sweep 3)/1/1.5", "2/2/2", "1 (shift 2) (snr 1)/3/0.5"):
+        rec = json.loads(json.dumps(schedule_record(Schedule.parse(label))))
+        assert Schedule.parse(rec["label"]) == Schedule.parse(label) and rec["step"] == Schedule.parse(label).step
+    run = {
+        "schedule": json.loads(json.dumps(schedule_record(Schedule(1, 1, 1.5, (("sweep", 3),))))),
+        "fixed_rows": 18,
+        "clean": {"mean_rows": 5.2, "fpr_fixed": 0.05, "fpr_sequential": 0.05},
+        "attacks": {
+            "pgd": {
+                "mean_rows": 6.0,
+                "auroc_fixed": 0.9,
+                "auroc_sequential": 0.89,
+                "tpr_fixed": 0.8,
+                "tpr_sequential": 0.8,
+            }
+        },
+    }
+    table = markdown(
+        {
+            "model": "speaker",
+            "variant": "v",
+            "split": "dev",
+            "command": "c",
+            "seed": 0,
+            "machine": "m",
+            "seconds": 1,
+            "n_clean": 9,
+            "runs": [run],
+        }
+    )
+    assert "| 1 (sweep 3) | 1 | 1.5 | 5.2 of 18 | 6.0, 0.900→0.890, 0.800→0.800 | 0.050→0.050 |" in table

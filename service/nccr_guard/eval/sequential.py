@@ -11,6 +11,7 @@ on the dev split; the test split only reports. Adversarial examples are cached u
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -37,6 +38,12 @@ GRID += [Schedule(1, s, z, (("sweep", 2),)) for s in (1, 2) for z in (1.0, 1.5, 
 GRID += [Schedule(1, s, 1.5, (("sweep", 3),)) for s in (1, 2)]
 
 
+def schedule_record(schedule: Schedule) -> dict:
+    """A schedule as the JSON report keeps it: its fields, and its label, which `Schedule.parse` turns back into
+    the schedule (the tables and `--sequential-schedule` speak labels)."""
+    return {**dataclasses.asdict(schedule), "label": schedule.label}
+
+
 def compare(
     det: Detector, clean: dict[str, np.ndarray], adv: dict[str, dict[str, np.ndarray]], schedule: Schedule
 ) -> dict:
@@ -45,7 +52,7 @@ def compare(
     fixed_c = score_rows(det.variant, det.calib, clean).score
     seq_c, pass_c = replay(det.variant, det.calib, clean, schedule)
     out = {
-        "schedule": {"first": schedule.first, "step": schedule.step, "z": schedule.z, "first_by": schedule.first_by},
+        "schedule": schedule_record(schedule),
         "fixed_rows": det.variant.rows,
         "clean": {
             "mean_rows": float(pass_c.mean()),
@@ -224,15 +231,14 @@ def markdown(result: dict) -> str:
         "|---" * (4 + len(attacks) + 1) + "|",
     ]
     for r in result["runs"]:
-        s, c = r["schedule"], r["clean"]
+        s, c = Schedule.parse(r["schedule"]["label"]), r["clean"]
         cells = [
             f"{m['mean_rows']:.1f}, {m['auroc_fixed']:.3f}→{m['auroc_sequential']:.3f}, "
             f"{m['tpr_fixed']:.3f}→{m['tpr_sequential']:.3f}"
             for m in r["attacks"].values()
         ]
-        first = Schedule(s["first"], s["step"], s["z"], tuple(map(tuple, s.get("first_by", ())))).first_label
         lines.append(
-            f"| {first} | {s['step']} | {s['z']:g} | {c['mean_rows']:.1f} of {r['fixed_rows']} | "
+            f"| {s.first_label} | {s.step} | {s.z:g} | {c['mean_rows']:.1f} of {r['fixed_rows']} | "
             + " | ".join(cells)
             + f" | {c['fpr_fixed']:.3f}→{c['fpr_sequential']:.3f} |"
         )
