@@ -194,7 +194,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     from nccr_guard.eval.search import search
 
-    search(args.model, n=args.n, seed=args.seed, out=args.out, attacks=tuple(args.attacks))
+    search(args.model, n=args.n, seed=args.seed, out=args.out, attacks=tuple(args.attacks), start_from=args.start_from)
     return 0
 
 
@@ -290,6 +290,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("search", help="the NCCR formulation search on the dev split (one attack)")
     _add_model_flags(p, backend=False)
     p.add_argument("--attacks", nargs="+", default=["fgsm"], help="dev attacks to rank by (worst case over them)")
+    p.add_argument(
+        "--start-from",
+        metavar="VARIANT",
+        help="start the greedy max-combinations from this variant's components (e.g. nccr-v3): what adding one "
+        "more component to it would buy",
+    )
     p.add_argument("--n", type=int, default=500)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("reports/search"))

@@ -189,3 +189,27 @@ def test_one_row_margin_gather_equals_component_by_component(measure):
     mixed = Variant("m", ps, (*v.components[:2], Component("median:2", "logits", "pred_flip")), robustness=v.robustness)
     noisy = get_variant("nccr-v2")
     assert mixed.one_row_margins is None and noisy.one_row_margins is None and get_variant("nccr-v3").one_row_margins
+
+
+def test_search_greedy_can_start_from_a_variant():
+    """`nccr-guard search --start-from VARIANT`: the greedy max-combination starts with the variant's components
+    (its own row first), then adds the candidate that best lifts the worst attack; a variant with a component
+    that is no candidate is refused."""
+    from nccr_guard.eval.search import _start_components, candidate_variant, greedy
+
+    cands = candidate_variant(["fc1"])
+    idx = _start_components(cands, "nccr-v3")
+    assert [cands.components[i].name for i in idx] == [c.name for c in get_variant("nccr-v3").components]
+    assert _start_components(cands, None) == []
+    with pytest.raises(ValueError, match="not among"):
+        _start_components(candidate_variant(["fc1"], "audio"), "nccr-v3")
+    rng = np.random.default_rng(0)
+    clean, calib_b = rng.normal(size=(200, 4)), rng.normal(size=(200, 4))
+    adv = {"a": rng.normal(size=(100, 4)), "b": rng.normal(size=(100, 4))}
+    adv["a"][:, 0] += 3  # component 0 catches attack a, component 3 attack b, 1 and 2 nothing
+    adv["b"][:, 3] += 3
+    rows = [{"index": i, "component": f"c{i}"} for i in range(4)]
+    out = greedy(rows, clean, adv, calib_b, size=1, start=[0])
+    assert [o["components"] for o in out] == [["c0"], ["c0", "c3"]]
+    assert out[0]["per_attack"]["b"]["auroc"] < 0.65 < 0.9 < out[1]["per_attack"]["b"]["auroc"]
+    assert len(greedy(rows, clean, adv, calib_b, size=1)) == 1  # without a start: one row per added component

@@ -16,7 +16,7 @@ import numpy as np
 from nccr_guard.calibrate import activations
 from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
-from nccr_guard.engine import Component, Perturbation, Variant, fit_calibration
+from nccr_guard.engine import Component, Perturbation, Variant, fit_calibration, get_variant
 from nccr_guard.engine.perturb import RANDOM_FAMILIES
 from nccr_guard.engine.score import EPS, raw_components
 from nccr_guard.eval.attacks import attack_succeeded, attack_table, correctly_classified, run_attack
@@ -58,12 +58,20 @@ def family(key: str) -> str:
 
 
 def search(
-    model: Path, n: int = 500, seed: int = 0, out: Path = Path("reports/search"), attacks: tuple[str, ...] = ("fgsm",)
+    model: Path,
+    n: int = 500,
+    seed: int = 0,
+    out: Path = Path("reports/search"),
+    attacks: tuple[str, ...] = ("fgsm",),
+    start_from: str | None = None,
 ) -> dict:
-    """Rank every candidate component (and greedy max-combinations) by its worst dev AUROC over `attacks`."""
+    """Rank every candidate component (and greedy max-combinations) by its worst dev AUROC over `attacks`.
+    `start_from`: a variant whose components (all of them among the candidates) the greedy selection starts
+    with, so that its table shows what each added component buys against that variant."""
     t0 = time.perf_counter()
     det = Detector.load(model, backend="torch", device="cpu", seed=seed, calibrated=False, truncate=False)
     det.variant = variant = candidate_variant(det.manifest.watch, det.manifest.modality)
+    start = _start_components(variant, start_from)
     table = attack_table(det.manifest.modality)
     n_classes = len(det.manifest.labels)
     xc, _ = load_split(det.manifest, "calib")
@@ -95,7 +103,7 @@ def search(
             }
         )
     rows.sort(key=lambda r: (-r["auroc"], -r["tpr_at_fpr05"]))
-    combos = greedy(rows, z_clean, z_adv, zb)
+    combos = greedy(rows, z_clean, z_adv, zb, start=start)
     result = {
         "model": det.manifest.name,
         "attacks": list(attacks),
@@ -103,8 +111,10 @@ def search(
         "n_dev_clean": len(xd),
         "n_dev_adv": n_adv,
         "seconds": round(time.perf_counter() - t0, 1),
-        "command": f"nccr-guard search --model {model} --attacks {' '.join(attacks)} --n {n} --seed {seed}",
+        "command": f"nccr-guard search --model {model} --attacks {' '.join(attacks)} --n {n} --seed {seed}"
+        + (f" --start-from {start_from}" if start_from else ""),
         "components": rows,
+        "start_from": start_from,
         "combinations": combos,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +122,18 @@ def search(
     (out / "search.md").write_text(markdown(result))
     print(markdown(result, top=25))
     return result
+
+
+def _start_components(candidates: Variant, name: str | None) -> list[int]:
+    """Indices, among the candidates, of variant `name`'s components (refused if one is not a candidate)."""
+    if name is None:
+        return []
+    index = {c.name: i for i, c in enumerate(candidates.components)}
+    wanted = [c.name for c in get_variant(name).components]
+    missing = [w for w in wanted if w not in index]
+    if missing:
+        raise ValueError(f"--start-from {name}: {', '.join(missing)} not among the search's candidates")
+    return [index[w] for w in wanted]
 
 
 def zscores(det: Detector, calib, xs: np.ndarray, desc: str) -> np.ndarray:
@@ -125,21 +147,27 @@ def _metrics(idx: list[int], z_clean: np.ndarray, z_adv: np.ndarray, zb: np.ndar
     return auroc(sc, sa), rate_above(sa, threshold_at_fpr(sb))
 
 
-def greedy(rows: list[dict], z_clean: np.ndarray, z_adv: dict, zb: np.ndarray, size: int = 4) -> list:
-    """Forward selection of max-combined components, each step maximising the worst (AUROC, TPR) over attacks."""
+def greedy(
+    rows: list[dict], z_clean: np.ndarray, z_adv: dict, zb: np.ndarray, size: int = 4, start: list[int] = ()
+) -> list:
+    """Forward selection of max-combined components, each step maximising the worst (AUROC, TPR) over attacks;
+    `start`: component indices picked before the first step (their combination is the first row)."""
 
     def worst(idx: list[int]) -> tuple[float, float]:
         per = [_metrics(idx, z_clean, z, zb) for z in z_adv.values()]
         return min(p[0] for p in per), min(p[1] for p in per)
 
     candidates = rows
-    picked: list[dict] = []
+    by_index = {r["index"]: r for r in rows}
+    picked: list[dict] = [by_index[i] for i in start]
     out = []
-    for _ in range(size):
-        best = max(
-            (r for r in candidates if r not in picked), key=lambda r: worst([p["index"] for p in picked] + [r["index"]])
-        )
-        picked.append(best)
+    for step in range(size + (1 if start else 0)):
+        if not (start and step == 0):  # with a start, its own combination comes first
+            best = max(
+                (r for r in candidates if r not in picked),
+                key=lambda r: worst([p["index"] for p in picked] + [r["index"]]),
+            )
+            picked.append(best)
         a, t = worst([p["index"] for p in picked])
         per = {
             name: dict(
@@ -169,7 +197,8 @@ def markdown(result: dict, top: int | None = None) -> str:
         lines.append(f"| `{r['component']}` | {r['family']} | " + " | ".join(cells) + " |")
     lines += [
         "",
-        "## Greedy max-combinations",
+        "## Greedy max-combinations"
+        + (f" (from `{result['start_from']}`'s components: the first row)" if result.get("start_from") else ""),
         "",
         "| components | " + " | ".join(attacks) + " |",
         "|---|" + "---|" * len(attacks),
