@@ -90,3 +90,18 @@ def test_calibrate_and_robustness_on_a_copy(tmp_path):
     r = run("robustness", "--model", str(folder), "--split", "calib")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["nccr"] == pytest.approx(out["robustness_nccr"], rel=1e-9)
+
+
+def test_opt_in_median_variant_calibrates_and_scores(tmp_path, digit_pngs):
+    """`nccr-v3-median` (nccr-v3 plus a 2x2 median filter, docs/nccr.md): a user opts in by calibrating their copy
+    with it; score then forwards five rows per digit (nccr-v3: four) and still passes clean digits."""
+    folder = tmp_path / "mnist"
+    shutil.copytree(MNIST, folder)
+    r = run("calibrate", "--model", str(folder), "--variant", "nccr-v3-median")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["variant"] == "nccr-v3-median"
+    r = run("score", "--model", str(folder), *(str(p) for p, _ in digit_pngs))
+    assert r.returncode == 0, r.stderr
+    lines = [json.loads(line) for line in r.stdout.splitlines()]
+    assert {o["passes"] for o in lines} == {5}
+    assert sum(o["verdict"] == "clean" for o in lines) / len(lines) >= 0.85

@@ -294,6 +294,24 @@ NCCR_V3 = Variant(
     robustness_rows=Perturbation("gaussian", 0.1, 16),
 )
 
+# nccr-v3 plus a 2x2 median squeeze, for high-confidence CW (reports/search/nccr-v3-plus/): `nccr-guard search
+# --start-from nccr-v3` with CW-L2 at confidence 10 among the dev attacks. Bit-depth squeezes barely move those
+# examples (deep in the wrong class, smooth perturbation); a median filter does move their logits. Greedy steps 1-2
+# on dev: how far all logits move relative to their clean spread, and how far the top margin drops. Not the
+# default: it costs a fifth row per verdict and some FGSM/PGD TPR (docs/nccr.md, "High-confidence CW").
+NCCR_V3_MEDIAN = Variant(
+    name="nccr-v3-median",
+    perturbations=(*NCCR_V3.perturbations, Perturbation("median", 2)),
+    components=(
+        *NCCR_V3.components,
+        Component("median:2", "logits", "change", "all", "mean"),
+        Component("median:2", "logits", "margin", "all", "mean"),
+    ),
+    description="nccr-v3, max with the normalised logit change and the margin drop under a 2x2 median filter",
+    robustness=NCCR_V3.robustness,
+    robustness_rows=NCCR_V3.robustness_rows,
+)
+
 # The audio default (reports/search/speaker/): the same greedy protocol on the speaker model's dev split, worst
 # case over FGSM, PGD and CW-L2 on the waveform. Hidden-layer cover flips of the GE2E embedding were weak (AUROC
 # <= 0.76); what separates is again the decision neuron: how far the top speaker's logit margin falls when the
@@ -357,7 +375,8 @@ HIDDEN_CHANGE = Variant(
 )
 
 VARIANTS: dict[str, Variant] = {
-    v.name: v for v in (PLAIN, SQUEEZE_FLIP, NCCR_V2, NCCR_V3, NCCR_AUDIO_V1, NCCR_AUDIO_V2, HIDDEN_CHANGE)
+    v.name: v
+    for v in (PLAIN, SQUEEZE_FLIP, NCCR_V2, NCCR_V3, NCCR_V3_MEDIAN, NCCR_AUDIO_V1, NCCR_AUDIO_V2, HIDDEN_CHANGE)
 }
 DEFAULT_VARIANT = "nccr-v3"
 
