@@ -287,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=Path("reports/mnist"))
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("search", help="the NCCR formulation search on the dev split (one attack)")
+    p = sub.add_parser("search", help="the NCCR formulation search on the dev split (worst case over --attacks)")
     _add_model_flags(p, backend=False)
     p.add_argument("--attacks", nargs="+", default=["fgsm"], help="dev attacks to rank by (worst case over them)")
     p.add_argument(
