@@ -4,17 +4,16 @@
 
 Bare loops run Detector.detect (rows + one forward of K+1 rows + scoring) in-process over several process/
 thread/batch configurations; the best one is the baseline, timed again after the servers (the faster of its two
-measurements counts, so the host's drift over a run never flatters the servers). The ONNX loops also run on PNG files, decoding
-each as the server does: all of the server's work for a PNG but HTTP, multipart parsing and batching. The service
-is a real `nccr-guard serve` on 127.0.0.1 driven by wrk (closed loop) at several concurrencies for the peak,
-with /v1/detect/batch requests of 32 PNGs (images/s, the way to send a small model's inputs) and KServe v2
-requests of 32 raw FP32 tensors (binary tensor data extension: no image decoding); the same peaks for a
-second server configuration (default `--processes 2`), and the best of the two is compared with the best bare
-loop. The main configuration then runs at fractions of its peak for latency (wrk with Poisson think times per
-connection: about open-loop, see `paced`). The same saturation ratio is then
-measured for the speaker model, whose verdict costs ~1,000x more compute than an MNIST one (--no-speaker
-skips it). Writes reports/bench/serve.json and reports/bench/latency.png (latency-<flags>.png with
---serve-args).
+measurements counts, so the host's drift over a run never flatters the servers). The ONNX loops also run on PNG
+files, decoding each as the server does: all of the server's work for a PNG but HTTP, multipart parsing and
+batching. The service is a real `nccr-guard serve` on 127.0.0.1 driven by wrk (closed loop) at several concurrencies
+for the peak, with /v1/detect/batch requests of 32 PNGs (images/s, the way to send a small model's inputs) and
+KServe v2 requests of 32 raw FP32 tensors (binary tensor data extension: no image decoding); the same peaks for a
+second server configuration (default `--processes 2`), and the best of the two is compared with the best bare loop.
+The main configuration then runs at fractions of its peak for latency (wrk with Poisson think times per connection:
+about open-loop, see `paced`). The same saturation ratio is then measured for the speaker model, whose verdict costs
+~1,000x more compute than an MNIST one (--no-speaker skips it). Writes reports/bench/serve.json and
+reports/bench/latency.png (latency-<flags>.png with --serve-args).
 """
 
 from __future__ import annotations
