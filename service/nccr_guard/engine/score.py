@@ -80,6 +80,15 @@ def relative_margin(margin: np.ndarray, rows: slice) -> np.ndarray:
 FLIP_TOLERANCE = 1e-4
 
 
+def margin_moves(m: np.ndarray, rows: slice | list[int], measure: str) -> np.ndarray:
+    """(B, rows) how far each row's logit margin moved from the original's, relative to it: the drop (`margin`)
+    or the change either way (`margin_change`). One place for the arithmetic that per-component scoring and
+    nccr-v3's one-gather path (raw_components) must share bit for bit."""
+    delta = m[:, :1] - m[:, rows]
+    delta = np.maximum(delta, 0.0) if measure == "margin" else np.abs(delta)
+    return delta / np.maximum(np.abs(m[:, :1]), EPS)
+
+
 def component_copies(
     comp: Component,
     acts: dict[str, np.ndarray],
@@ -96,9 +105,7 @@ def component_copies(
         if comp.measure == "pred_flip":
             scale = 1.0 + np.abs(logits[:, rows]).max(-1)
             return (m[:, rows] < -FLIP_TOLERANCE * scale).astype(np.float32)
-        delta = m[:, :1] - m[:, rows]
-        delta = np.maximum(delta, 0.0) if comp.measure == "margin" else np.abs(delta)
-        return delta / np.maximum(np.abs(m[:, :1]), EPS)
+        return margin_moves(m, rows, comp.measure)
     sel = calib.selection[comp.layer][pred] if comp.selection == "class" else None
     a = _pick(view(acts, comp.layer), sel)
     a0, ak = a[:, :1], a[:, rows]
@@ -126,12 +133,10 @@ def raw_components(variant: Variant, calib: Calibration, acts: dict[str, np.ndar
     """(B, n_components) raw values and (B,) predictions of the original rows."""
     pred = acts["logits"][:, 0].argmax(-1)
     m = shared_margin(variant, acts, pred)
-    if (one := variant.one_row_margins) is not None and m is not None:  # component_copies' arithmetic, at once
+    if (one := variant.one_row_margins) is not None and m is not None:  # every component's row at once
         measure, cols = one
-        delta = m[:, :1] - m[:, cols]
-        delta = np.maximum(delta, 0.0) if measure == "margin" else np.abs(delta)
         # C order, as np.stack gave: calibration's mean over inputs sums in memory order (last bits differ)
-        return (delta / np.maximum(np.abs(m[:, :1]), EPS)).astype(np.float64, order="C"), pred
+        return margin_moves(m, cols, measure).astype(np.float64, order="C"), pred
     groups = variant.groups
     raw = np.stack(
         [
