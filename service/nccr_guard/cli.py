@@ -77,13 +77,15 @@ def cmd_score(args: argparse.Namespace) -> int:
     from nccr_guard.manifest import ManifestError, load_manifest
 
     # Without --model, each file goes to the first default model of its modality (image -> mnist, audio -> speaker).
-    folders = {}
+    folders, names = {}, set()
     for folder in [args.model] if args.model else default_models():
-        folders.setdefault(load_manifest(folder).modality, folder)
+        manifest = load_manifest(folder)
+        if manifest.modality not in folders:
+            folders[manifest.modality] = folder
+            names.add(manifest.name)
     if args.sequential_schedule:
         from nccr_guard.engine.variants import unknown_schedule_names
 
-        names = {load_manifest(f).name for f in folders.values()}
         if unknown := unknown_schedule_names(args.sequential_schedule, names):
             print(
                 f"nccr-guard: error: --sequential-schedule names {', '.join(unknown)}, "

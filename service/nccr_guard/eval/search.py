@@ -157,25 +157,24 @@ def greedy(
         per = [_metrics(idx, z_clean, z, zb) for z in z_adv.values()]
         return min(p[0] for p in per), min(p[1] for p in per)
 
-    candidates = rows
-    by_index = {r["index"]: r for r in rows}
-    picked: list[dict] = [by_index[i] for i in start]
-    out = []
-    for step in range(size + (1 if start else 0)):
-        if not (start and step == 0):  # with a start, its own combination comes first
-            best = max(
-                (r for r in candidates if r not in picked),
-                key=lambda r: worst([p["index"] for p in picked] + [r["index"]]),
-            )
-            picked.append(best)
-        a, t = worst([p["index"] for p in picked])
+    def row(picked: list[dict]) -> dict:
+        idx = [p["index"] for p in picked]
+        a, t = worst(idx)
         per = {
-            name: dict(
-                zip(("auroc", "tpr_at_fpr05"), _metrics([p["index"] for p in picked], z_clean, z, zb), strict=True)
-            )
+            name: dict(zip(("auroc", "tpr_at_fpr05"), _metrics(idx, z_clean, z, zb), strict=True))
             for name, z in z_adv.items()
         }
-        out.append({"components": [p["component"] for p in picked], "auroc": a, "tpr_at_fpr05": t, "per_attack": per})
+        return {"components": [p["component"] for p in picked], "auroc": a, "tpr_at_fpr05": t, "per_attack": per}
+
+    by_index = {r["index"]: r for r in rows}
+    picked: list[dict] = [by_index[i] for i in start]
+    out = [row(picked)] if picked else []  # with a start, its own combination comes first
+    for _ in range(size):
+        best = max(
+            (r for r in rows if r not in picked), key=lambda r: worst([p["index"] for p in picked] + [r["index"]])
+        )
+        picked.append(best)
+        out.append(row(picked))
     return out
 
 
