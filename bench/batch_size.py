@@ -7,7 +7,8 @@
 For each round, each `--max-batch`, `--processes` and `--flags` value (and each checkout) a fresh
 `nccr-guard serve --models models/mnist`:
 /v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 8 connections: 8 x 32 fill the default
-queue), single-image throughput (wrk, 16 connections), all counted in verdicts the server gave, and latency
+queue), KServe v2 throughput with 32 raw FP32 tensors per request (2 and 4 connections), single-image
+throughput (wrk, 16 connections), all counted in verdicts the server gave, and latency
 at 150 and 250 requests/s offered (wrk with Poisson think times; with the slowest request, and the server's
 full garbage collections over the whole run where it exports them).
 Alternating the servers lets the shared machine's drift hit every setting alike. Writes
@@ -24,7 +25,18 @@ import tempfile
 from pathlib import Path
 
 from bench.common import compare_suffix, compared_servers, start_server, write_report
-from bench.serve import BATCH_IMAGES, BOUNDARY, MODEL, histogram_totals, multipart, paced, png_bytes, pngs, wrk
+from bench.serve import (
+    BATCH_IMAGES,
+    BOUNDARY,
+    MODEL,
+    binary_tensors,
+    histogram_totals,
+    multipart,
+    paced,
+    png_bytes,
+    pngs,
+    wrk,
+)
 
 
 def full_collections(port: int) -> dict | None:
@@ -39,9 +51,12 @@ def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path,
     proc = start_server(port, flags, service_dir=service_dir)
     try:
         url = f"http://127.0.0.1:{port}/v1/detect"
-        single, batch = tmp / "digit.png", tmp / "digits.multipart"
+        single, batch, tensors = tmp / "digit.png", tmp / "digits.multipart", tmp / "digits.v2"
         single.write_bytes(png_bytes())
         batch.write_bytes(multipart(pngs(BATCH_IMAGES)))
+        raw, hdrs = binary_tensors(BATCH_IMAGES)
+        tensors.write_bytes(raw)
+        v2 = f"http://127.0.0.1:{port}/v2/models/mnist/infer"
         ctype = f"multipart/form-data; boundary={BOUNDARY}"
         paced(url, single, 100, 2)  # warm
         out = {
@@ -50,6 +65,9 @@ def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path,
             "flags": extra,
             "server": str(service_dir.parent) if service_dir else "this checkout",
             "batch_images_per_s": {c: wrk(url + "/batch", batch, c, seconds, ctype)["verdicts_per_s"] for c in (4, 8)},
+            "tensor_inputs_per_s": {
+                c: wrk(v2, tensors, c, seconds, "application/octet-stream", hdrs)["verdicts_per_s"] for c in (2, 4)
+            },
             "single_rps_c16": wrk(url, single, 16, seconds)["verdicts_per_s"],
             "latency": [paced(url, single, r, seconds) for r in (150, 250)],
             "full_collections": full_collections(port),
@@ -66,6 +84,7 @@ def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path,
     print(
         f"{out['server']}, max-batch {rows:>4} rows, {processes} process(es) {extra}: "
         f"batch requests {max(out['batch_images_per_s'].values()):,.0f} images/s, "
+        f"raw tensors {max(out['tensor_inputs_per_s'].values()):,.0f} inputs/s, "
         f"single {out['single_rps_c16']:.0f} req/s, {lat}",
         flush=True,
     )
@@ -90,17 +109,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         runs = [
             one_server(r, p, f, args.seconds, Path(tmp), d)
-            for _ in range(args.rounds)
+            for i in range(args.rounds)
             for r in args.rows
             for p in args.processes
             for f in args.flags
-            for d in dirs
+            for d in (dirs if i % 2 == 0 else dirs[::-1])  # neither checkout always runs first
         ]
     summary = {}
     for key in dict.fromkeys((x["server"], x["rows"], x["processes"], x["flags"]) for x in runs):
         mine = [x for x in runs if (x["server"], x["rows"], x["processes"], x["flags"]) == key]
         summary[f"{key[0]}, {key[1]} rows, {key[2]} process(es) {key[3]}".rstrip()] = {
             "batch_images_per_s": [max(x["batch_images_per_s"].values()) for x in mine],
+            "tensor_inputs_per_s": [max(x["tensor_inputs_per_s"].values()) for x in mine],
             "single_rps_c16": [x["single_rps_c16"] for x in mine],
             "p50_ms_at_250": [x["latency"][1]["p50_ms"] for x in mine],
             "p99_ms_at_250": [x["latency"][1]["p99_ms"] for x in mine],
@@ -114,6 +134,7 @@ def main() -> None:
         "batch-size: "
         + "; ".join(
             f"{r}: batch requests {'/'.join(f'{v:,.0f}' for v in s['batch_images_per_s'])} images/s, "
+            f"raw tensors {'/'.join(f'{v:,.0f}' for v in s['tensor_inputs_per_s'])} inputs/s, "
             f"single {'/'.join(f'{v:.0f}' for v in s['single_rps_c16'])} req/s, "
             f"p50 at 250/s {'/'.join(f'{v:.1f}' for v in s['p50_ms_at_250'])} ms, "
             f"max {'/'.join(f'{v:.0f}' for v in s['max_ms_at_250'])} ms"
