@@ -53,21 +53,21 @@ PANELS = [
         "s",
     ),
     (
-        "Batch size (requests per batch)",
+        "Batch size (inputs per batch)",
         "heatmap",
         [(f"sum by (le) (rate(nccr_guard_batch_requests_bucket{{{M}}}[1m]))", "{{le}}")],
         "short",
     ),
     (
-        "Mean batch: requests and rows",
+        "Mean batch: inputs and rows",
         "timeseries",
         [
             (
                 f"sum(rate(nccr_guard_batch_{k}_sum{{{M}}}[1m])) "
                 f"/ clamp_min(sum(rate(nccr_guard_batch_{k}_count{{{M}}}[1m])), 1e-9)",
-                f"{k} per batch",
+                f"{legend} per batch",
             )
-            for k in ("requests", "rows")
+            for k, legend in (("requests", "inputs"), ("rows", "rows"))
         ],
         "short",
     ),

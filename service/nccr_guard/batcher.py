@@ -6,6 +6,10 @@ and fans the results (or the batch's exception) out to exactly the requests of t
 bounded: `submit` raises QueueFull at once when it is full. Requests whose future was cancelled (client gone,
 timed out) are dropped before the forward and free their slot. Times use `time.monotonic()`.
 
+A request of several inputs (a batch upload, a KServe v2 tensor of N inputs) may submit them as one item of
+`slots` inputs: one future, one queue entry and one result for a forward's worth of them, where one item per
+input cost the event loop more than an MNIST verdict's own scoring. Queue places count inputs either way.
+
 A request that needs several forwards (a sequential test's later rounds) resubmits with `resume=True`: it
 goes to the head of the queue, never bounces off a full queue, and shares the next forward with whatever
 requests, at whatever round, are waiting.
@@ -46,6 +50,7 @@ class Timings:
 class _Item(Generic[T]):
     payload: T
     rows: int
+    slots: int
     future: asyncio.Future
     enqueued: float = field(default_factory=time.monotonic)
 
@@ -54,7 +59,7 @@ class _Item(Generic[T]):
 class BatchStats:
     """What one batch cost; handed to `on_batch` so the HTTP layer can export it."""
 
-    requests: int
+    requests: int  # inputs: an item of several inputs counts each
     rows: int
     compute_s: float
     queue_s: list[float]
@@ -78,6 +83,7 @@ class Batcher(Generic[T, R]):
         self.max_queue, self.workers, self.on_batch, self.name = max_queue, workers, on_batch, name
         self._queue: deque[_Item[T]] = deque()
         self._rows = 0  # rows of everything queued, cancelled items included until purged
+        self._slots = 0  # inputs queued, counted alike
         self._wakeup: asyncio.Condition | None = None
         self._tasks: list[asyncio.Task] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -87,29 +93,32 @@ class Batcher(Generic[T, R]):
 
     @property
     def depth(self) -> int:
-        return len(self._queue)
+        """Inputs waiting (an item of several inputs counts each)."""
+        return self._slots
 
     async def start(self) -> None:
         self._wakeup = asyncio.Condition()
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
         self._tasks = [asyncio.create_task(self._worker(), name=f"{self.name}-{i}") for i in range(self.workers)]
 
-    async def submit(self, payload: T, rows: int = 1, resume: bool = False) -> tuple[R, Timings]:
-        """Queue one request and wait for its result. Raises QueueFull / Draining at once, or the batch's error.
+    async def submit(self, payload: T, rows: int = 1, resume: bool = False, slots: int = 1) -> tuple[R, Timings]:
+        """Queue one request (or `slots` inputs of one request, as one item) and wait for its result. Raises
+        QueueFull / Draining at once, or the batch's error.
 
         resume: a later round of an admitted request; it jumps the queue and is never refused (drain waits
         for it like any queued work)."""
         if self._closing and not resume:
             raise Draining("shutting down")
-        if not resume and self.free() <= 0:  # cancelled requests free their slot now
-            raise QueueFull(f"{self.name}: {len(self._queue)} requests queued")
-        item = _Item(payload, rows, asyncio.get_running_loop().create_future())
+        if not resume and self.free() < slots:  # cancelled requests free their slot now
+            raise QueueFull(f"{self.name}: {self._slots} inputs queued")
+        item = _Item(payload, rows, slots, asyncio.get_running_loop().create_future())
         async with self._wakeup:
             if resume:
                 self._queue.appendleft(item)
             else:
                 self._queue.append(item)
             self._rows += rows
+            self._slots += slots
             self._wakeup.notify()
         return await item.future
 
@@ -125,17 +134,24 @@ class Batcher(Generic[T, R]):
 
     def free(self) -> int:
         """Places left in the queue now (cancelled requests purged first when it looks full)."""
-        if len(self._queue) >= self.max_queue:
+        if self._slots >= self.max_queue:
             self._purge()
-        return self.max_queue - len(self._queue)
+        return self.max_queue - self._slots
 
     def _purge(self) -> None:
         self._queue = deque(i for i in self._queue if not i.future.done())
         self._rows = sum(i.rows for i in self._queue)
+        self._slots = sum(i.slots for i in self._queue)
+
+    def _pop(self) -> _Item[T]:
+        item = self._queue.popleft()
+        self._rows -= item.rows
+        self._slots -= item.slots
+        return item
 
     def _drop_dead_head(self) -> None:
         while self._queue and self._queue[0].future.done():
-            self._rows -= self._queue.popleft().rows
+            self._pop()
 
     def _take(self) -> list[_Item[T]]:
         """Pop live requests from the head until the row budget is used; the first one always fits."""
@@ -143,12 +159,11 @@ class Batcher(Generic[T, R]):
         while self._queue:
             item = self._queue[0]
             if item.future.done():  # cancelled by a timeout or a client that went away: frees its slot
-                self._rows -= self._queue.popleft().rows
+                self._pop()
                 continue
             if batch and rows + item.rows > self.max_rows:
                 break
-            batch.append(self._queue.popleft())
-            self._rows -= item.rows
+            batch.append(self._pop())
             rows += item.rows
         return batch
 
@@ -173,6 +188,7 @@ class Batcher(Generic[T, R]):
             if not batch:
                 continue
             start = time.monotonic()
+            inputs = sum(i.slots for i in batch)
             self.in_flight += len(batch)
             failed = False
             try:
@@ -192,9 +208,9 @@ class Batcher(Generic[T, R]):
                 if failed:
                     item.future.set_exception(res)
                 else:
-                    item.future.set_result((res, Timings(wait, compute, len(batch), rows)))
+                    item.future.set_result((res, Timings(wait, compute, inputs, rows)))
             if self.on_batch:
-                self.on_batch(BatchStats(len(batch), rows, compute, waits, failed))
+                self.on_batch(BatchStats(inputs, rows, compute, waits, failed))
 
     async def drain(self, timeout_s: float) -> bool:
         """Refuse new work, then wait up to `timeout_s` for queued and running requests. True if all finished."""
@@ -216,6 +232,6 @@ class Batcher(Generic[T, R]):
             if not item.future.done():
                 item.future.set_exception(Draining("shutting down"))
         self._queue.clear()
-        self._rows = 0
+        self._rows = self._slots = 0
         if self._executor:
             self._executor.shutdown(wait=True, cancel_futures=True)

@@ -197,6 +197,36 @@ def test_kserve_v2_binary_tensors_score_like_json(server, mnist_test):
         assert r.status_code == 400 and "header" in r.json()["error"], r.text
 
 
+def _sample(text: str, name: str) -> float:
+    """Sum of a metric's samples (every label set) in an exposition."""
+    return sum(map(float, re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.M)))
+
+
+def test_a_many_input_request_goes_to_the_batcher_in_parts(server, mnist_test):
+    """20 inputs of one KServe v2 request reach the batcher as parts of one forward's worth (8 MNIST inputs at
+    the CPU default of 32 rows): three queue entries, not 20, and each input still gets its own verdict, the
+    same as when sent alone."""
+    x = np.ascontiguousarray(mnist_test[0][:20], dtype=np.float32)
+    with server.client() as c:
+        before = c.get("/metrics").text
+        body, headers = _binary_v2(x)
+        r = c.post("/v2/models/mnist/infer", content=body, headers=headers)
+        assert r.status_code == 200, r.text
+        after = c.get("/metrics").text
+        alone = [c.post("/v2/models/mnist/infer", content=b, headers=h).json() for b, h in map(_binary_v2, x[::9])]
+
+    def delta(name: str) -> float:
+        return _sample(after, name) - _sample(before, name)
+
+    assert delta("nccr_guard_queue_wait_seconds_count") == 3
+    assert delta("nccr_guard_batch_requests_sum") == 20  # inputs per forward still count inputs
+    assert delta("nccr_guard_verdicts_total") == 20
+    outputs = r.json()["outputs"]
+    assert outputs[2]["data"] == mnist_test[1][:20].tolist()
+    for i, one in zip((0, 9, 18), alone, strict=True):
+        assert [o["data"][0] for o in one["outputs"]] == [o["data"][i] for o in outputs]
+
+
 @pytest.mark.parametrize(
     ("tensor", "needle"),
     [

@@ -83,6 +83,40 @@ def test_full_queue_raises_at_once_and_cancelled_requests_free_slots():
     assert run(main()) == [0, 2, 4]
 
 
+def test_an_item_of_several_inputs_takes_as_many_queue_places():
+    """One request's inputs submitted as one item (a forward's worth): one future, `slots` places in the
+    queue, counted as that many inputs in the batch's timings; refused whole when they do not all fit."""
+    gate = threading.Event()
+
+    def slow(xs):
+        gate.wait(5)
+        return xs
+
+    async def main():
+        b = Batcher(slow, max_rows=8, max_delay_s=0.0, max_queue=10)
+        await b.start()
+        first = asyncio.ensure_future(b.submit("first", rows=8))
+        await asyncio.sleep(0.05)  # now running, queue empty
+        part = asyncio.ensure_future(b.submit("part", rows=8, slots=6))
+        await asyncio.sleep(0.01)
+        assert (b.free(), b.depth) == (4, 6)
+        with pytest.raises(QueueFull):
+            await b.submit("too many", rows=8, slots=5)
+        last = asyncio.ensure_future(b.submit("last", rows=4, slots=4))
+        await asyncio.sleep(0.01)
+        assert (b.free(), b.depth) == (0, 10)
+        gate.set()
+        out = [await first, await part, await last]
+        assert (b.free(), b.depth) == (10, 0)
+        await b.stop()
+        return out
+
+    (r0, _), (r1, t1), (r2, t2) = run(main())
+    assert (r0, r1, r2) == ("first", "part", "last")
+    assert (t1.batch_requests, t1.batch_rows) == (6, 8)  # its own batch: 8 rows fill max_rows
+    assert (t2.batch_requests, t2.batch_rows) == (4, 4)
+
+
 def test_drain_finishes_queued_work_then_refuses():
     async def main():
         b = Batcher(lambda xs: (time.sleep(0.02), xs)[1], max_rows=1, max_delay_s=0.0, max_queue=10)

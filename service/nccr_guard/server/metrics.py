@@ -39,7 +39,8 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "nccr_guard_queue_wait_seconds",
-            "time a request waited for its batch",
+            "time a request waited for its batch; a request of several inputs counts once per part (a forward's "
+            "worth of its inputs, submitted together)",
             ["model"],
             buckets=LATENCY,
             registry=r,
@@ -52,7 +53,11 @@ class Metrics:
             registry=r,
         )
         self.batch_requests = Histogram(
-            "nccr_guard_batch_requests", "requests per batch", ["model"], buckets=BATCH, registry=r
+            "nccr_guard_batch_requests",
+            "inputs per batch (a single-input request is one; a part of a larger request counts its inputs)",
+            ["model"],
+            buckets=BATCH,
+            registry=r,
         )
         self.batch_rows = Histogram(
             "nccr_guard_batch_rows", "rows (forward passes) per batch", ["model"], buckets=BATCH, registry=r

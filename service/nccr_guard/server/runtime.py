@@ -55,10 +55,10 @@ class ModelRuntime:
         )
         self._verdicts = {v: m.verdicts.labels(self.name, v) for v in VERDICTS}
         # Sequential testing: the batcher runs rounds of jobs (Detector.advance), each request resubmitting its
-        # job until it is settled; otherwise one fixed-K forward per request (Detector.detect).
+        # job until it is settled; otherwise one fixed-K forward per batch of parts (`_detect_parts`).
         self.sequential = detector.schedule is not None
         self.batcher: Batcher = Batcher(
-            detector.advance if self.sequential else detector.detect,
+            detector.advance if self.sequential else self._detect_parts,
             policy.max_rows,
             policy.max_delay_s,
             max_queue,
@@ -66,6 +66,18 @@ class ModelRuntime:
             self._observe,
             f"model-{self.name}",
         )
+        # A request's inputs go to the batcher in parts of at most one forward's worth (one per input when
+        # sequential: each input runs its own rounds).
+        self.part_size = 1 if self.sequential else max(1, policy.max_rows // detector.rows_per_input)
+
+    def _detect_parts(self, parts: list[np.ndarray]) -> list[list[Verdict]]:
+        """One fixed-K forward for every part (n_i, *shape) in a batch; each part's verdicts, in order."""
+        verdicts = self.detector.detect(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        out, at = [], 0
+        for p in parts:
+            out.append(verdicts[at : at + len(p)])
+            at += len(p)
+        return out
 
     def _observe(self, s: BatchStats) -> None:
         self._compute.observe(s.compute_s)
@@ -77,15 +89,17 @@ class ModelRuntime:
     async def start(self) -> None:
         await self.batcher.start()
         t = time.monotonic()
-        x = np.zeros(self.detector.manifest.input.shape, np.float32)
+        x = np.zeros((1, *self.detector.manifest.input.shape), np.float32)
         for _ in range(3):  # warm-up: allocator, kernels, thread pools
             await self._run(x)
         self.ready = True
         log.info("model %s warm in %.2fs", self.name, time.monotonic() - t)
 
-    async def _run(self, x: np.ndarray) -> tuple[Verdict, Timings]:
+    async def _run(self, xs: np.ndarray) -> tuple[list[Verdict], Timings]:
+        """Verdicts of one part (at most `part_size` inputs) and its batch's timings."""
         if not self.sequential:
-            return await self.batcher.submit(x, self.detector.rows_per_input)
+            return await self.batcher.submit(xs, len(xs) * self.detector.rows_per_input, slots=len(xs))
+        [x] = xs
         det, job, total = self.detector, self.detector.start(x), Timings()
         with self.batcher.session():
             while not job.done:
@@ -94,7 +108,7 @@ class ModelRuntime:
                 total.compute_s += t.compute_s
                 total.batch_requests, total.batch_rows = t.batch_requests, t.batch_rows  # the last round's batch
         assert job.verdict is not None
-        return job.verdict, total
+        return [job.verdict], total
 
     def admit(self, n: int) -> None:
         """Refuse a request of `n` inputs that all succeed or fail together (KServe v2 infer) unless all of them
@@ -109,9 +123,15 @@ class ModelRuntime:
     def at_capacity(self) -> InputError:
         return InputError(f"model {self.name} is at capacity; retry shortly", 503, "queue_full")
 
-    async def detect(self, x: np.ndarray) -> tuple[Verdict, Timings]:
+    def parts(self, xs: np.ndarray) -> list[np.ndarray]:
+        """`xs` (n, *shape), the inputs of one request, cut into the parts `detect_part` takes."""
+        return [xs[i : i + self.part_size] for i in range(0, len(xs), self.part_size)]
+
+    async def detect_part(self, xs: np.ndarray) -> list[tuple[Verdict, Timings]]:
+        """Verdicts of a part of one request (see `parts`), submitted as one batcher item: its inputs share one
+        future and one queue-wait observation, and stand or fall together (queue full, backend error)."""
         try:
-            verdict, timings = await self._run(x)
+            verdicts, timings = await self._run(xs)
         except QueueFull:
             raise self.at_capacity() from None
         except Draining:
@@ -121,7 +141,8 @@ class ModelRuntime:
             raise InputError(
                 f"model {self.name} failed on this batch ({type(e).__name__}); retry", 503, "backend_error"
             ) from None
-        self._verdicts[verdict.verdict].inc()
-        self._scores.observe(verdict.score)
-        self._passes.observe(verdict.passes)
-        return verdict, timings
+        for v in verdicts:
+            self._verdicts[v.verdict].inc()
+            self._scores.observe(v.score)
+            self._passes.observe(v.passes)
+        return [(v, timings) for v in verdicts]

@@ -141,24 +141,26 @@ async def detect_uploads(
                 out.append(e)
         return out
 
-    async def one(rt: ModelRuntime, x: np.ndarray) -> Detection:
-        v, t = await rt.detect(x)
+    async def part(rt: ModelRuntime, xs: np.ndarray) -> list[Detection]:
         d = service.settings.score_decimals
-        return Detection(
-            model=rt.name,
-            modality=rt.detector.manifest.modality,
-            verdict=v.verdict,
-            score=round(v.score, d),
-            threshold=round(v.threshold, d),
-            p_value=round(v.p_value, d),
-            prediction=Prediction(index=v.index, label=v.label, confidence=round(v.confidence, d)),
-            passes=v.passes,
-            timings_ms=TimingsMs(
-                queue=round(t.queue_s * 1e3, 3),
-                compute=round(t.compute_s * 1e3, 3),
-                total=round((time.monotonic() - start) * 1e3, 3),
-            ),
-        )
+        return [
+            Detection(
+                model=rt.name,
+                modality=rt.detector.manifest.modality,
+                verdict=v.verdict,
+                score=round(v.score, d),
+                threshold=round(v.threshold, d),
+                p_value=round(v.p_value, d),
+                prediction=Prediction(index=v.index, label=v.label, confidence=round(v.confidence, d)),
+                passes=v.passes,
+                timings_ms=TimingsMs(
+                    queue=round(t.queue_s * 1e3, 3),
+                    compute=round(t.compute_s * 1e3, 3),
+                    total=round((time.monotonic() - start) * 1e3, 3),
+                ),
+            )
+            for v, t in await rt.detect_part(xs)
+        ]
 
     due = deadline(request)
     state = request.scope["state"]
@@ -175,8 +177,23 @@ async def detect_uploads(
     runs = [p for p in prepared if not isinstance(p, InputError)]
     if runs:
         state["model"] = runs[-1][0].name
-    found = iter(await settle(request, [one(rt, x) for rt, x in runs], due))
-    results = [p if isinstance(p, InputError) else next(found) for p in prepared]
+    # Each model's inputs go in parts of one forward's worth (ModelRuntime.parts); a part's error is each of its
+    # inputs' error.
+    by_model: dict[ModelRuntime, list[int]] = {}
+    for i, (rt, _) in enumerate(runs):
+        by_model.setdefault(rt, []).append(i)
+    coros, owners = [], []
+    for rt, idx in by_model.items():
+        xs = runs[idx[0]][1][None] if len(idx) == 1 else np.stack([runs[i][1] for i in idx])  # stack: ~10 µs
+        for k, part_xs in enumerate(rt.parts(xs)):
+            coros.append(part(rt, part_xs))
+            owners.append(idx[k * rt.part_size : (k + 1) * rt.part_size])
+    found: dict[int, Detection | InputError] = {}
+    for idx, got in zip(owners, await settle(request, coros, due), strict=True):
+        for j, i in enumerate(idx):
+            found[i] = got if isinstance(got, InputError) else got[j]
+    it = (found[i] for i in range(len(runs)))
+    results = [p if isinstance(p, InputError) else next(it) for p in prepared]
     if verdicts := [r.verdict for r in results if isinstance(r, Detection)]:
         state["verdict"] = verdicts[-1]
     return results

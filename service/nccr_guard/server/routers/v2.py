@@ -161,10 +161,10 @@ async def infer(name: str, req: V2InferRequest, request: Request, service: Servi
     x = np.clip(_tensor(req, m.input.shape, request.scope["state"].get("v2_binary")), *m.input.range)
     due = deadline(request)
     rt.admit(len(x))
-    settled = await settle(request, [rt.detect(xi) for xi in x], due)
+    settled = await settle(request, [rt.detect_part(part) for part in rt.parts(x)], due)
     if errors := [r for r in settled if isinstance(r, InputError)]:
         raise errors[0]
-    results = [v for v, _ in settled]
+    results = [v for part in settled for v, _ in part]
     n, d = len(results), service.settings.score_decimals
     return V2InferResponse(
         model_name=name,
