@@ -4,7 +4,9 @@
 
 Cost = wall time of `Detector.activations` for one input (row building + the forward of every row), which is
 all a verdict costs besides scoring (microseconds). One thread, CPU, median of `--reps` calls.
-- K: the MNIST CNN under `nccr-v2` (two squeezers + K Gaussian copies: K + 3 rows), K = 1 ... 64.
+- K: the MNIST CNN under `nccr-v2` (two squeezers + K Gaussian copies: K + 3 rows), K = 1 ... 64; `--reps` rounds
+  of every K in turn (median of 4 calls each), reporting the median over rounds of the time and of the ratio to
+  K=1 within the round (one K after another gave K=32 / K=1 8.83 and 4.26 in two runs an hour apart).
 - input size, each model's default variant: MNIST 28x28; a ResNet-50-shaped net (random weights) at 224x224;
   the speaker model on 1, 3, 5 and 10 s clips (the encoder runs one 1.6 s LSTM partial per ~0.77 s of audio).
 """
@@ -24,6 +26,7 @@ from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant
 
 MNIST, SPEAKER = ROOT / "models" / "mnist", ROOT / "models" / "speaker"
+KS = (1, 2, 4, 8, 16, 32, 64)
 
 
 def cost_ms(det: Detector, x: np.ndarray, reps: int) -> float:
@@ -57,12 +60,18 @@ def main() -> None:
 
     det = load(MNIST, "nccr-v2")
     x = rng.random((1, 28, 28), dtype=np.float32)
-    base = None
-    for k in (1, 2, 4, 8, 16, 32, 64):
-        det.variant = get_variant("nccr-v2").with_k(k)
-        ms = cost_ms(det, x, args.reps * 4)
-        base = base or ms
-        result["by_k"].append({"k": k, "rows": det.variant.rows, "ms": round(ms, 3), "vs_k1": round(ms / base, 2)})
+    variants = {k: get_variant("nccr-v2").with_k(k) for k in KS}
+    rounds: list[dict[int, float]] = []
+    for _ in range(args.reps):  # every K in each round: the host's drift hits all of them alike
+        times = {}
+        for k, v in variants.items():
+            det.variant = v
+            times[k] = cost_ms(det, x, 4)
+        rounds.append(times)
+    for k, v in variants.items():
+        ms = float(np.median([r[k] for r in rounds]))
+        vs_k1 = float(np.median([r[k] / r[1] for r in rounds]))  # the median of each round's ratio
+        result["by_k"].append({"k": k, "rows": v.rows, "ms": round(ms, 3), "vs_k1": round(vs_k1, 2)})
 
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [("mnist 28x28", MNIST, rng.random((1, 28, 28), dtype=np.float32))]
