@@ -16,6 +16,17 @@ def run(coro):
     return asyncio.run(coro)
 
 
+def gated():
+    """An event and a batch function that holds every batch until the event is set (5 s at most)."""
+    gate = threading.Event()
+
+    def slow(xs):
+        gate.wait(5)
+        return xs
+
+    return gate, slow
+
+
 def test_requests_share_batches_and_get_their_own_results():
     sizes: list[int] = []
 
@@ -57,11 +68,7 @@ def test_a_failing_batch_fails_only_its_own_requests():
 
 
 def test_full_queue_raises_at_once_and_cancelled_requests_free_slots():
-    gate = threading.Event()
-
-    def slow(xs):
-        gate.wait(5)
-        return xs
+    gate, slow = gated()
 
     async def main():
         b = Batcher(slow, max_rows=1, max_delay_s=0.0, max_queue=2)
@@ -86,11 +93,7 @@ def test_full_queue_raises_at_once_and_cancelled_requests_free_slots():
 def test_an_item_of_several_inputs_takes_as_many_queue_places():
     """One request's inputs submitted as one item (a forward's worth): one future, `slots` places in the
     queue, counted as that many inputs in the batch's timings; refused whole when they do not all fit."""
-    gate = threading.Event()
-
-    def slow(xs):
-        gate.wait(5)
-        return xs
+    gate, slow = gated()
 
     async def main():
         b = Batcher(slow, max_rows=8, max_delay_s=0.0, max_queue=10)
