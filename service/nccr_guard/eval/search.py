@@ -159,11 +159,11 @@ def greedy(
 
     def row(picked: list[dict]) -> dict:
         idx = [p["index"] for p in picked]
-        a, t = worst(idx)
         per = {
             name: dict(zip(("auroc", "tpr_at_fpr05"), _metrics(idx, z_clean, z, zb), strict=True))
             for name, z in z_adv.items()
         }
+        a, t = (min(m[k] for m in per.values()) for k in ("auroc", "tpr_at_fpr05"))  # worst(idx), not recomputed
         return {"components": [p["component"] for p in picked], "auroc": a, "tpr_at_fpr05": t, "per_attack": per}
 
     by_index = {r["index"]: r for r in rows}
