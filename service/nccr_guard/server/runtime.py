@@ -6,6 +6,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 
@@ -16,6 +17,7 @@ from nccr_guard.inputs import InputError
 from nccr_guard.server.metrics import Metrics
 
 log = logging.getLogger("nccr_guard")
+S = TypeVar("S", np.ndarray, list[int])
 
 
 CPU_MIN_ROWS = 32  # MNIST (4 rows a verdict): 8 inputs per forward, +38-66 % images/s on batch requests
@@ -123,8 +125,9 @@ class ModelRuntime:
     def at_capacity(self) -> InputError:
         return InputError(f"model {self.name} is at capacity; retry shortly", 503, "queue_full")
 
-    def parts(self, xs: np.ndarray) -> list[np.ndarray]:
-        """`xs` (n, *shape), the inputs of one request, cut into the parts `detect_part` takes."""
+    def parts(self, xs: S) -> list[S]:
+        """`xs` (n, *shape), the inputs of one request, cut into the parts `detect_part` takes; a list indexed
+        like them (their positions in the request) is cut alike."""
         return [xs[i : i + self.part_size] for i in range(0, len(xs), self.part_size)]
 
     async def detect_part(self, xs: np.ndarray) -> list[tuple[Verdict, Timings]]:

@@ -185,9 +185,8 @@ async def detect_uploads(
     coros, owners = [], []
     for rt, idx in by_model.items():
         xs = runs[idx[0]][1][None] if len(idx) == 1 else np.stack([runs[i][1] for i in idx])  # stack: ~10 µs
-        for k, part_xs in enumerate(rt.parts(xs)):
-            coros.append(part(rt, part_xs))
-            owners.append(idx[k * rt.part_size : (k + 1) * rt.part_size])
+        coros += [part(rt, part_xs) for part_xs in rt.parts(xs)]
+        owners += rt.parts(idx)
     found: dict[int, Detection | InputError] = {}
     for idx, got in zip(owners, await settle(request, coros, due), strict=True):
         for j, i in enumerate(idx):
