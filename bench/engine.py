@@ -2,7 +2,8 @@
 
 - overhead: detections/s of Detector.detect (row building + one forward + scoring) against a bare forward of the
   same, prebuilt rows (default MNIST model, both backends), timed in alternating slices (ratio = median of the
-  slices' ratios);
+  slices' ratios); on ONNX the default verdict runs as one graph (backends/onnx_verdict.py), and the numpy
+  engine around the forward (`--no-fuse`) is timed against the same bare forward too (`unfused_ratio`);
 - truncated vs full forward: cost of one verdict's rows under `hidden-change` (copies read at a hidden layer),
   MNIST watching conv2 and a ResNet-50-shaped net (random weights) at 224 px watching layer2, torch and ONNX;
 - sequential vs fixed K: rows and milliseconds per verdict of the speaker model (its default variant) on held-out
@@ -188,18 +189,17 @@ def main() -> None:
     results = []
     for backend in ("torch", "onnx"):
         det = Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads)
+        # the numpy engine around a bare forward, timed apart where the default runs as one ONNX graph
+        plain = Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads, fuse=False)
         for per in (1, 8, 32):
             batch = list(xs[:per])
             rows = det.batch_rows(batch).reshape(-1, *det.manifest.input.shape)
-            bare, full, ratio = paired_rates(
-                lambda rows=rows, det=det: det.forward(rows),
-                lambda batch=batch, det=det: det.detect(batch),
-                per,
-                2 * args.seconds,
-            )
+            bare_fn = lambda rows=rows, det=det: det.forward(rows)  # noqa: E731
+            bare, full, ratio = paired_rates(bare_fn, lambda b=batch, d=det: d.detect(b), per, 2 * args.seconds)
             results.append(
                 {
                     "backend": backend,
+                    "fused": det.fused,
                     "inputs_per_forward": per,
                     "rows_per_forward": len(rows),
                     "bare_forward_det_per_s": round(bare, 1),
@@ -208,6 +208,9 @@ def main() -> None:
                     "engine_parts_us": parts_us(det, batch),
                 }
             )
+            if det.fused:
+                _, unfused, u_ratio = paired_rates(bare_fn, lambda b=batch, p=plain: p.detect(b), per, 2 * args.seconds)
+                results[-1].update(unfused_engine_det_per_s=round(unfused, 1), unfused_ratio=round(u_ratio, 3))
             print(results[-1], flush=True)
     trunc = truncation(args.reps)
     seq = sequential(args.clips)
@@ -220,7 +223,8 @@ def main() -> None:
     res = [t["ratio"] for t in trunc if "resnet" in t["input"]]
     print(
         f"engine: best {best['engine_det_per_s']:.0f} det/s ({best['backend']}, {best['inputs_per_forward']}/fwd), "
-        f"engine/bare ratio {min(r['ratio'] for r in results):.2f}-{max(r['ratio'] for r in results):.2f} (goal 0.95); "
+        f"engine/bare ratio {min(r['ratio'] for r in results):.2f}-{max(r['ratio'] for r in results):.2f} (goal 0.95; "
+        f"ONNX unfused {'/'.join(str(r.get('unfused_ratio')) for r in results if r['backend'] == 'onnx')}); "
         f"truncated/full ResNet-50 {min(res):.2f}-{max(res):.2f}; sequential speaker rows "
         f"{seq['sequential']['mean_rows']:.1f}/{seq['fixed']['mean_rows']:.0f} = {seq['rows_ratio']:.2f}, "
         f"time {seq['time_ratio']:.2f} (previous schedule: rows {seq['previous']['mean_rows']:.1f}, "

@@ -109,6 +109,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                 sequential=args.sequential,
                 schedule=args.sequential_schedule,
                 truncate=args.truncate,
+                fuse=args.fuse,
             )
         return loaded[modality]
 
@@ -243,6 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="run perturbed copies only as deep as the verdict reads them (default: on; exact)",
+    )
+    p.add_argument(
+        "--fuse",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ONNX backend: rows, forward and scoring as one graph for nccr-v3-kind variants (default: on)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_score)

@@ -85,6 +85,12 @@ class Settings(BaseSettings):
         description="run perturbed copies only up to the deepest layer the verdict reads from them (variants that "
         "read no logits of copies; exact, --no-truncate runs the whole network)",
     )
+    fuse: bool = Field(
+        True,
+        description="ONNX backend: run a verdict's rows, forward and scoring as one ONNX Runtime graph (variants of "
+        "the nccr-v3 kind: bit-depth squeezes scored by logit margins; checked against the numpy engine at load; "
+        "--no-fuse scores in numpy around the forward)",
+    )
     gc_freeze: bool = Field(
         True,
         description="after start-up, exempt the objects alive then (models, libraries) from garbage collection: "

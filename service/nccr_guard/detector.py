@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import logging
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from nccr_guard.backends import Backend, make_backend, merge_rows
+from nccr_guard.backends.onnx_verdict import verdict_graph
 from nccr_guard.engine import Calibration, Scores, Variant, build_batch, get_variant, score_rows
 from nccr_guard.engine.sequential import Schedule, bounded_scores, layout, max_copies, rounds, settled
 from nccr_guard.engine.variants import parse_schedules
@@ -84,9 +86,11 @@ class Detector:
         seed: int = 0,
         sequential: bool = True,
         truncate: bool = True,
+        fuse: bool = True,
     ) -> None:
         self.manifest, self.backend, self.variant, self.calib, self.seed = manifest, backend, variant, calib, seed
-        self.use_sequential, self.use_truncation = sequential, truncate
+        self.use_sequential, self.use_truncation, self.use_fused = sequential, truncate, fuse
+        self._fused_for: tuple = (None, None, None)  # (variant, calibration, fused run or None) last built
         spec = manifest.input.image
         self._mean = np.array(spec.mean if spec else [0.0], np.float32).reshape(
             -1, *[1] * (len(manifest.input.shape) - 1)
@@ -109,6 +113,7 @@ class Detector:
         truncate: bool = True,
         cuda_graphs: bool = True,
         schedule: Schedule | str | None = None,
+        fuse: bool = True,
     ) -> Detector:
         """`schedule`: a sequential schedule replacing the variant's, for a variant that draws noise copies: a
         Schedule, or `--sequential-schedule`'s text (a label for every model, or `NAME=LABEL; ...` entries,
@@ -139,7 +144,7 @@ class Detector:
             variant = variant.with_schedule(schedule)
         if calib and calib.meta.get("k") and int(calib.meta["k"]) != int(k or 0):
             log.warning("K=%s differs from the calibrated K=%s: the false-positive rate may drift", k, calib.meta["k"])
-        return cls(manifest, be, variant, calib, seed, sequential, truncate)
+        return cls(manifest, be, variant, calib, seed, sequential, truncate, fuse)
 
     @property
     def rows_per_input(self) -> int:
@@ -161,18 +166,72 @@ class Detector:
         s = self.variant.sequential
         return s if self.use_sequential and s and max_copies(self.variant) > 0 and self.calib else None
 
+    @property
+    def fused(self) -> bool:
+        """Fixed-K verdicts run as one ONNX Runtime graph, rows and scoring included (backends/onnx_verdict.py):
+        the ONNX backend with a calibrated variant of the nccr-v3 kind, unless turned off (`--no-fuse`)."""
+        return self._fused_run() is not None
+
+    def _fused_run(self) -> Callable[[np.ndarray], list[np.ndarray]] | None:
+        """The fused verdict for the current variant and calibration, built on first use and rebuilt if either
+        is replaced (the benches and the search swap variants on a loaded detector)."""
+        if not self.use_fused or self.calib is None or self.schedule is not None:
+            return None
+        variant, calib, run = self._fused_for
+        if variant is not self.variant or calib is not self.calib:
+            run = self._build_fused()
+            self._fused_for = (self.variant, self.calib, run)
+        return run
+
+    def _build_fused(self) -> Callable[[np.ndarray], list[np.ndarray]] | None:
+        """Build the graph and check it against the numpy engine on a probe batch (seeded inputs across the value
+        range): a model whose graph the fusion misreads (logits not its first output, other shapes) gets the
+        numpy engine and a warning, never different verdicts."""
+        make = getattr(self.backend, "fused_verdicts", None)
+        if make is None or self.calib is None:
+            return None
+        lo, hi = self.manifest.input.range
+        shape = list(self.manifest.input.shape)
+        probe = np.random.default_rng(0).uniform(lo, hi, (4, *shape)).astype(np.float32)
+        acts = self.activations(probe)
+        norm = (None, None) if self._identity else (self._mean, self._std)
+        spec = verdict_graph(self.variant, self.calib, (lo, hi), *norm, classes=acts["logits"].shape[-1])
+        if spec is None:
+            return None
+        want = score_rows(self.variant, self.calib, acts)
+        try:
+            run = make(spec, shape)
+            got = Scores(*run(probe))
+        except Exception as e:  # noqa: BLE001 - any failure to build or run means: not fused
+            log.warning("%s: verdict graph not used (%s); scoring in numpy", self.manifest.name, e)
+            return None
+        same = np.array_equal(got.prediction, want.prediction) and all(
+            np.allclose(getattr(got, k), getattr(want, k), rtol=1e-5, atol=1e-7) for k in ("score", "raw", "confidence")
+        )
+        if not same:
+            log.warning(
+                "%s: verdict graph disagrees with the numpy engine on a probe; scoring in numpy", self.manifest.name
+            )
+            return None
+        return run
+
     def rows(self, x: np.ndarray) -> np.ndarray:
         """(R, *shape) original + perturbed copies, seeded by (seed, input content): reproducible per input."""
         return self.batch_rows([x])[0]
 
     def batch_rows(self, xs: list[np.ndarray] | np.ndarray) -> np.ndarray:
         """(B, R, *shape): `rows` of each input, built for the whole batch at once (one call per squeezer)."""
-        xs = np.asarray(xs, np.float32)
-        if list(xs.shape[1:]) != self.manifest.input.shape:
-            raise ValueError(f"input shape {list(xs.shape[1:])} != model input {self.manifest.input.shape}")
+        xs = self._checked(xs)
         noisy = max_copies(self.variant) > 0
         rngs = [np.random.default_rng([self.seed, zlib.crc32(x.tobytes())]) for x in xs] if noisy else None
         return build_batch(xs, self.variant.perturbations, rngs, tuple(self.manifest.input.range))
+
+    def _checked(self, xs: list[np.ndarray] | np.ndarray) -> np.ndarray:
+        """(B, *shape) float32 of `xs`, refused if an input's shape is not the model's."""
+        xs = np.asarray(xs, np.float32)
+        if list(xs.shape[1:]) != self.manifest.input.shape:
+            raise ValueError(f"input shape {list(xs.shape[1:])} != model input {self.manifest.input.shape}")
+        return xs
 
     def forward(self, rows: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
         """Backend forward of stacked rows (n, *shape) -> layer -> (n, N); `upto`: truncated (no logits)."""
@@ -297,6 +356,8 @@ class Detector:
     def detect(self, xs: list[np.ndarray] | np.ndarray, chunk: int = 0) -> list[Verdict]:
         """Verdicts for a list of inputs: sequential where the detector tests sequentially, else all K rows."""
         if self.schedule is None:
+            if (run := self._fused_run()) is not None:
+                return self._fused_verdicts(run, xs, chunk)
             return self.verdicts(self.activations(xs, chunk))
         xs = list(xs)
         chunk = chunk or len(xs)
@@ -307,6 +368,15 @@ class Detector:
                 self.advance(live)
             out += [j.verdict for j in jobs if j.verdict]
         return out
+
+    def _fused_verdicts(self, run: Callable[[np.ndarray], list[np.ndarray]], xs, chunk: int) -> list[Verdict]:
+        assert self.calib is not None
+        xs = self._checked(xs)
+        chunk = chunk or len(xs)
+        outs = [run(xs[i : i + chunk]) for i in range(0, len(xs), chunk)]
+        s = Scores(*outs[0]) if len(outs) == 1 else Scores(*(np.concatenate(a) for a in zip(*outs, strict=True)))
+        n = len(s.score)
+        return self._verdicts(s, self.calib.p_value(s.score), list(range(n)), [self.rows_per_input] * n)
 
     def _label(self, idx: int) -> str:
         labels = self.manifest.labels

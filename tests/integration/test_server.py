@@ -98,6 +98,7 @@ def test_models_endpoints(server):
         s = c.get("/v1/models/speaker").json()
         assert s["backend"] == "torch" and s["variant"] == "nccr-audio-v2" and s["passes"] == 18
         assert m["cuda_graphs"] is False and s["cuda_graphs"] is False  # the CPU never captures
+        assert m["fused"] is (m["backend"] == "onnx") and s["fused"] is False  # one-graph verdicts: nccr-v3 on ONNX
         assert c.get("/v1/models/nope").status_code == 404
 
 

@@ -3,9 +3,12 @@ added to `graph.output` before the session is built, so any exported classifier 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from nccr_guard.backends import BackendError, reduce_tap
+from nccr_guard.backends.onnx_verdict import INPUT, OUTPUTS, VerdictGraph, fuse
 from nccr_guard.manifest import Manifest
 
 
@@ -81,3 +84,11 @@ class OnnxBackend:
             return {n: reduce_tap(a) for n, a in zip(upto, outs, strict=True)}
         outs = self.session.run(self.output_names, feed)
         return {"logits": outs[0], **{n: reduce_tap(a) for n, a in zip(self.layers, outs[1:], strict=True)}}
+
+    def fused_verdicts(self, spec: VerdictGraph, shape: list[int]) -> Callable[[np.ndarray], list[np.ndarray]]:
+        """A session of the whole verdict (backends/onnx_verdict.py) on this backend's providers: inputs
+        (B, *shape) in, engine.Scores' four arrays out. Raises ValueError where the model's graph cannot take it."""
+        import onnx
+
+        session = self._make(fuse(onnx.load(self._path), spec, shape).SerializeToString())
+        return lambda xs: session.run(list(OUTPUTS), {INPUT: np.ascontiguousarray(xs, dtype=np.float32)})

@@ -48,6 +48,7 @@ def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
         sequential=settings.sequential,
         schedule=settings.sequential_schedule,
         truncate=settings.truncate,
+        fuse=settings.fuse,
         threads=cpu_threads if settings.device != "cuda" else 0,
     )
     policy = batch_policy(settings, det.backend.device, det.rows_per_input)

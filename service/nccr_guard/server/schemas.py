@@ -64,6 +64,9 @@ class ModelCard(BaseModel):
     )
     truncated_to: list[str] | None = Field(None, description="layers perturbed copies run up to; null: full network")
     cuda_graphs: bool = Field(False, description="forwards replay captured CUDA graphs (torch backend on CUDA)")
+    fused: bool = Field(
+        False, description="verdicts run as one ONNX Runtime graph: rows, forward and scoring (--no-fuse: off)"
+    )
     calibration: dict
     robustness_nccr: float = Field(
         description="model-level NCCR over the clean calibration data (lower = more stable; docs/nccr.md says how "

@@ -29,6 +29,7 @@ def card(rt: ModelRuntime) -> ModelCard:
         sequential={**det.schedule.__dict__, "label": det.schedule.label} if det.schedule else None,
         truncated_to=det.truncation,
         cuda_graphs=det.backend.cuda_graphs,
+        fused=det.fused,
         calibration={
             "target_fpr": c.target_fpr,
             "threshold": c.threshold,

@@ -1,0 +1,188 @@
+"""A whole verdict of the nccr-v3 kind as one ONNX Runtime graph: inputs in; rows, forward and scores out.
+
+Why: at one MNIST input per call, the engine's numpy work around the forward (stacking the original and its
+bit-depth squeezes, the logit margins, the standardised score) cost about as much as the 4-row forward itself
+(bench.engine: 0.53x a bare forward). The same arithmetic as ~30 graph nodes around the model costs a few
+microseconds each inside ONNX Runtime, and one `run` replaces a dozen numpy calls.
+
+It covers the variants whose rows are bit-depth squeezes and whose components each read one squeezed row's
+logit margin the same way (`Variant.one_row_margins`: nccr-v3, the image default); anything else stays on the
+numpy engine. The graph repeats the engine's float32 operations in the same order, so the components come out
+bit for bit; the score's float64 log may differ in the last bit (Detector checks both paths agree on a probe
+batch before it uses the graph, docs/performance.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from nccr_guard.engine.calibration import Calibration
+from nccr_guard.engine.score import EPS
+from nccr_guard.engine.variants import Variant
+
+MIN_OPSET = 11  # Round, GatherElements, Clip with min/max inputs
+PREFIX = "nccr_guard_"  # every tensor the graph adds; a model using such names is not fused
+INPUT = f"{PREFIX}inputs"
+OUTPUTS = ("score", "raw", "prediction", "confidence")  # engine.Scores' fields, in order
+
+
+@dataclass(frozen=True)
+class VerdictGraph:
+    """What the graph computes, in the engine's terms (built from a variant and its calibration)."""
+
+    levels: tuple[int, ...]  # bit-depth squeezes' levels (2^bits - 1), in row order after the original
+    value_range: tuple[float, float]
+    mean: np.ndarray | None  # per-channel normalisation before the model; None: identity
+    std: np.ndarray | None
+    measure: str  # "margin" or "margin_change"
+    cols: tuple[int, ...]  # each component's row
+    mu: np.ndarray  # (n_components,) float64 standardisation
+    sigma: np.ndarray
+    classes: int
+
+    @property
+    def rows(self) -> int:
+        return 1 + len(self.levels)
+
+
+def verdict_graph(
+    variant: Variant,
+    calib: Calibration,
+    value_range: tuple[float, float],
+    mean: np.ndarray | None,
+    std: np.ndarray | None,
+    classes: int,
+) -> VerdictGraph | None:
+    """The graph spec for `variant`, or None where the graph cannot express it (noise copies, other squeezers,
+    components that read more than one row's margin)."""
+    one = variant.one_row_margins
+    if one is None or any(p.family != "bitdepth" for p in variant.perturbations):
+        return None
+    measure, cols = one
+    return VerdictGraph(
+        levels=tuple(2 ** int(p.scale) - 1 for p in variant.perturbations),
+        value_range=(float(value_range[0]), float(value_range[1])),
+        mean=mean,
+        std=std,
+        measure=measure,
+        cols=tuple(cols),
+        mu=np.asarray(calib.comp_mu, np.float64),
+        sigma=np.asarray(calib.comp_sigma, np.float64),
+        classes=classes,
+    )
+
+
+class _Builder:
+    """Appends nodes and constants with prefixed names."""
+
+    def __init__(self, graph) -> None:
+        self.graph, self.nodes, self.n = graph, [], 0
+
+    def const(self, value) -> str:
+        from onnx import numpy_helper
+
+        name = f"{PREFIX}c{len(self.graph.initializer)}"
+        self.graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    def op(self, op_type: str, *inputs: str, out: str | None = None, outputs: int = 1, **attrs) -> str:
+        """One node; returns its (first) output's name."""
+        from onnx import helper
+
+        names = [out] if out else []
+        while len(names) < outputs:
+            self.n += 1
+            names.append(f"{PREFIX}t{self.n}")
+        self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
+        return names[0]
+
+
+def _rows(b: _Builder, spec: VerdictGraph, x: str, shape: list[int], out: str) -> None:
+    """x (B, *shape) -> `out` (B * rows, *shape): each input then its squeezes, as perturb.build_batch makes
+    them, normalised as Detector.forward does. The squeezes broadcast over one (1, n, 1, ...) tensor of levels:
+    one node per step instead of one per squeeze."""
+    lo, hi = spec.value_range
+    ones = [1] * len(shape)
+    x1 = b.op("Reshape", x, b.const(np.array([-1, 1, *shape], np.int64)))
+    levels = b.const(np.array(spec.levels, np.float32).reshape(1, -1, *ones))
+    if (lo, hi) == (0.0, 1.0):  # perturb._squeeze's image path: no maps to and from [0, 1]
+        q = b.op("Div", b.op("Round", b.op("Mul", x1, levels)), levels)
+    else:
+        span, low = b.const(np.float32(hi - lo)), b.const(np.float32(lo))
+        unit = b.op("Div", b.op("Sub", x1, low), span)
+        q = b.op("Add", b.op("Mul", b.op("Div", b.op("Round", b.op("Mul", unit, levels)), levels), span), low)
+    q = b.op("Clip", q, b.const(np.float32(lo)), b.const(np.float32(hi)))
+    rows_shape = b.const(np.array([-1, *shape], np.int64))
+    if spec.mean is None:
+        b.op("Reshape", b.op("Concat", x1, q, axis=1), rows_shape, out=out)
+    else:
+        rows = b.op("Reshape", b.op("Concat", x1, q, axis=1), rows_shape)
+        b.op("Div", b.op("Sub", rows, b.const(spec.mean)), b.const(spec.std), out=out)
+
+
+def _scores(b: _Builder, spec: VerdictGraph, logits: str) -> None:
+    """logits (B * rows, C) -> the four OUTPUTS, as score.raw_components / standardise / confidence compute
+    them: the margin of the original's top class per row, its relative move per component row, the z-scored
+    log, the max; the original's softmax probability of its class."""
+    r, c = spec.rows, spec.classes
+    flat = b.const(np.array([-1], np.int64))
+    top1 = b.const(np.array([1], np.int64))
+    lg = b.op("Reshape", logits, b.const(np.array([-1, r, c], np.int64)))
+    l0 = b.op("Gather", lg, b.const(np.array(0, np.int64)), axis=1)  # (B, C) originals
+    pred = b.op("ArgMax", l0, axis=1, keepdims=1)  # (B, 1), first maximum as numpy's argmax
+    pred3 = b.op("Reshape", pred, b.const(np.array([-1, 1, 1], np.int64)))
+    top = b.op("GatherElements", lg, b.op("Expand", pred3, b.const(np.array([1, r, 1], np.int64))), axis=2)
+    mask = b.op("Equal", b.const(np.arange(c, dtype=np.int64)), pred3)
+    others = b.op("Where", mask, b.const(np.float32(-np.inf)), lg)
+    best_other = b.op("TopK", others, top1, axis=-1, outputs=2)
+    m = b.op("Reshape", b.op("Sub", top, best_other), b.const(np.array([-1, r], np.int64)))  # (B, R)
+    m0 = b.op("Gather", m, b.const(np.array([0], np.int64)), axis=1)
+    delta = b.op("Sub", m0, b.op("Gather", m, b.const(np.array(spec.cols, np.int64)), axis=1))
+    moved = b.op("Max", delta, b.const(np.float32(0))) if spec.measure == "margin" else b.op("Abs", delta)
+    raw32 = b.op("Div", moved, b.op("Max", b.op("Abs", m0), b.const(np.float32(EPS))))
+    raw = b.op("Cast", raw32, out="raw", to=_DOUBLE)
+    log = b.op("Log", b.op("Add", raw, b.const(np.float64(EPS))))
+    z = b.op("Div", b.op("Sub", log, b.const(spec.mu)), b.const(spec.sigma))
+    b.op("Reshape", b.op("TopK", z, top1, axis=-1, outputs=2), flat, out="score")
+    b.op("Reshape", pred, flat, out="prediction")
+    probs = b.op("Softmax", b.op("Cast", l0, to=_DOUBLE), axis=-1)
+    b.op("Reshape", b.op("GatherElements", probs, pred, axis=1), flat, out="confidence")
+
+
+_DOUBLE = 11  # onnx.TensorProto.DOUBLE, without importing onnx at module import
+
+
+def fuse(model, spec: VerdictGraph, shape: list[int]):
+    """`model` (an onnx.ModelProto of the classifier, first output its logits) turned in place into the verdict
+    graph: input `inputs` (B, *shape) float32, outputs OUTPUTS. Raises ValueError where it cannot be done."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    opset = max((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), default=0)
+    if opset < MIN_OPSET:
+        raise ValueError(f"opset {opset} < {MIN_OPSET}")
+    names = {n for node in g.node for n in (*node.input, *node.output)} | {i.name for i in g.initializer}
+    if any(n.startswith(PREFIX) for n in names):
+        raise ValueError(f"the model already uses tensor names starting {PREFIX!r}")
+    inits = {i.name for i in g.initializer}
+    feeds = [i for i in g.input if i.name not in inits]
+    if len(feeds) != 1 or not g.output:
+        raise ValueError("needs one input and the logits as first output")
+    model_input, logits = feeds[0].name, g.output[0].name
+    b = _Builder(g)
+    _rows(b, spec, INPUT, shape, out=model_input)
+    prefix, b.nodes = b.nodes, []
+    _scores(b, spec, logits)
+    nodes = [*prefix, *g.node, *b.nodes]
+    del g.node[:]
+    g.node.extend(nodes)
+    g.input.remove(feeds[0])
+    g.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", *shape]))
+    del g.output[:]
+    for name in OUTPUTS:
+        dims = ["batch", len(spec.cols)] if name == "raw" else ["batch"]
+        kind = TensorProto.INT64 if name == "prediction" else TensorProto.DOUBLE
+        g.output.append(helper.make_tensor_value_info(name, kind, dims))
+    return model

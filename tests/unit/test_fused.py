@@ -1,0 +1,108 @@
+"""The one-graph verdict (backends/onnx_verdict.py) gives the numpy engine's verdicts, and steps aside where it
+cannot: other variants, other backends, `fuse=False`, a model graph it cannot extend."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from nccr_guard.backends import make_backend
+from nccr_guard.backends.onnx_verdict import PREFIX
+from nccr_guard.detector import Detector
+from nccr_guard.engine import Calibration, get_variant
+from nccr_guard.manifest import load_manifest
+from tests.conftest import MNIST
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """The default model on ONNX, fused and not."""
+    return (
+        Detector.load(MNIST, backend="onnx", device="cpu"),
+        Detector.load(MNIST, backend="onnx", device="cpu", fuse=False),
+    )
+
+
+def inputs(mnist_test, n: int = 24) -> np.ndarray:
+    """Held-out digits, the same with sign noise of eps 0.2 (FGSM-like, many flagged), and uniform noise."""
+    x = mnist_test[0][:n]
+    rng = np.random.default_rng(1)
+    noisy = np.clip(x + 0.2 * np.sign(rng.standard_normal(x.shape)), 0, 1).astype(np.float32)
+    return np.concatenate([x, noisy, rng.random((4, *x.shape[1:]), np.float32)])
+
+
+def assert_same(fused, plain) -> None:
+    assert [v.verdict for v in fused] == [v.verdict for v in plain]
+    assert [v.index for v in fused] == [v.index for v in plain]
+    assert [v.components for v in fused] == [v.components for v in plain]  # float32 arithmetic: bit for bit
+    assert [v.passes for v in fused] == [v.passes for v in plain]
+    np.testing.assert_allclose([v.score for v in fused], [v.score for v in plain], rtol=0, atol=1e-12)
+    np.testing.assert_allclose([v.confidence for v in fused], [v.confidence for v in plain], rtol=1e-12)
+    np.testing.assert_allclose([v.p_value for v in fused], [v.p_value for v in plain], rtol=0, atol=0.01)
+
+
+def test_fused_verdicts_are_the_numpy_engines(pair, mnist_test):
+    fused, plain = pair
+    assert fused.fused and not plain.fused
+    xs = inputs(mnist_test)
+    want = plain.detect(xs)
+    assert 5 < sum(v.adversarial for v in want) < len(xs) - 5  # both verdicts occur
+    assert_same(fused.detect(xs), want)
+    assert_same(fused.detect(xs, chunk=7), want)  # in forwards of 7 (the last one 3)
+    assert_same([fused.detect(x[None])[0] for x in xs[:5]], want[:5])  # one input per call, as the server sends
+
+
+def test_margin_measure_and_a_normalised_input_range(tmp_path, mnist_test):
+    """The graph's other branches: bit-depth squeezes of a [-1, 1] input, normalisation before the model, and
+    the one-sided margin drop; the detector rebuilds the graph when its variant is replaced."""
+    folder = tmp_path / "mnist-pm1"
+    shutil.copytree(MNIST, folder)
+    toml = (folder / "model.toml").read_text()
+    toml = toml.replace("range = [0.0, 1.0]", "range = [-1.0, 1.0]").replace("mean = [0.0]", "mean = [-0.5]")
+    (folder / "model.toml").write_text(toml.replace("std = [1.0]", "std = [2.0]"))
+    fused, plain = (Detector.load(folder, backend="onnx", device="cpu", fuse=f) for f in (True, False))
+    xs = inputs(mnist_test, 8) * 2 - 1
+    assert fused.fused and not fused._identity
+    assert_same(fused.detect(xs), plain.detect(xs))
+    v3 = fused.variant
+    drop = dataclasses.replace(v3, components=tuple(dataclasses.replace(c, measure="margin") for c in v3.components))
+    fused.variant = plain.variant = drop
+    assert fused.fused
+    assert_same(fused.detect(xs), plain.detect(xs))
+    assert fused._fused_for[0] is drop
+
+
+def test_where_the_graph_does_not_apply(pair):
+    fused, _ = pair
+    median = Detector.load(MNIST, backend="onnx", device="cpu")
+    median.variant = get_variant("nccr-v3-median")  # a median filter: no ONNX op
+    assert not median.fused
+    assert not Detector.load(MNIST, backend="torch", device="cpu").fused
+    assert not Detector.load(MNIST, backend="onnx", device="cpu", calibrated=False).fused
+
+
+def test_a_graph_it_cannot_extend_scores_in_numpy(tmp_path, mnist_test, caplog):
+    """A model already using the graph's tensor prefix: a warning, the numpy engine, the same verdicts."""
+    model = onnx.load(MNIST / "model.onnx")
+    old = model.graph.node[0].output[0]
+    for node in model.graph.node:
+        node.input[:] = [f"{PREFIX}x" if n == old else n for n in node.input]
+        node.output[:] = [f"{PREFIX}x" if n == old else n for n in node.output]
+    folder = tmp_path / "prefixed"
+    shutil.copytree(MNIST, folder)
+    onnx.save(model, folder / "model.onnx")
+    ref = Detector.load(MNIST, backend="onnx", device="cpu", fuse=False)
+    manifest = load_manifest(folder)  # the renamed graph, same weights: the calibration still fits
+    det = Detector(
+        manifest, make_backend("onnx", manifest), ref.variant, Calibration.load(ref.manifest.calibration_path)
+    )
+    with caplog.at_level(logging.WARNING):
+        assert not det.fused
+    assert "verdict graph not used" in caplog.text and PREFIX in caplog.text
+    xs = inputs(mnist_test, 4)
+    assert_same(det.detect(xs), ref.detect(xs))
