@@ -13,13 +13,14 @@ at 150 and 250 requests/s offered (wrk with Poisson think times; with the slowes
 full garbage collections over the whole run where it exports them).
 Alternating the servers lets the shared machine's drift hit every setting alike. Writes
 reports/bench/batch-size.json (batch-size-processes.json when more than one process is asked for,
-batch-size-flags.json with --flags; -compare-<commit> added with --compare).
+batch-size-flags-<the flags>.json with --flags, e.g. -flags-no-fuse; -compare-<commit> added with --compare).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -127,7 +128,9 @@ def main() -> None:
             "max_ms_at_250": [x["latency"][1]["max_ms"] for x in mine],
             "full_collections": [x["full_collections"] for x in mine],
         }
-    name = "batch-size" + ("-processes" if args.processes != [1] else "") + ("-flags" if args.flags != [""] else "")
+    # the flags compared in the name, so that comparing other flags does not overwrite a kept report
+    named = "-".join(re.sub(r"[^a-z0-9]+", "-", f.lower()).strip("-") for f in args.flags if f.strip())
+    name = "batch-size" + ("-processes" if args.processes != [1] else "") + (f"-flags-{named}" if named else "")
     name += compare_suffix(args.compare)
     write_report(name, {"runs": runs, "summary": summary}, "python -m bench.batch_size " + " ".join(sys.argv[1:]))
     print(

@@ -1,17 +1,22 @@
 """Every engine output on fixed inputs, to show that a speed change to the engine changes no bit.
 
-Records, on the committed models: verdicts of 300 held-out MNIST digits (ONNX) and 64 (torch), whole and in
-batches of 7; one batch's rows; for every registered variant (K=4 for noise families) on 120 digits its rows,
-a calibration fitted on 80 and the scores of 40; the speaker model's sequential verdicts on 6 clips (whole and
-in chunks of 4) and fixed-K verdicts on 3. Run it on two checkouts and compare:
+Records, on the committed models: verdicts of 300 held-out MNIST digits (ONNX, the one-graph verdict and the
+numpy engine) and 64 (torch), whole and in batches of 7; one batch's rows; for every registered variant (K=4
+for noise families) on 120 digits its rows, a calibration fitted on 80 and the scores of 40; the speaker model's
+sequential verdicts on 6 clips (whole and in chunks of 4) and fixed-K verdicts on 3.
+Run it on two checkouts and compare:
 
     PYTHONPATH=<other checkout>/service python -m bench.engine_outputs --write /tmp/before.pkl
     python -m bench.engine_outputs --against /tmp/before.pkl     # exit 1 and the differing keys if any differ
+
+A differing record shows its largest float difference where only float values differ (a last-bit change reads as
+~1e-16), records on one side only are listed apart (a checkout older than a record's path).
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import pickle
 import sys
 import zlib
@@ -30,8 +35,14 @@ MNIST, SPEAKER = ROOT / "models" / "mnist", ROOT / "models" / "speaker"
 def outputs() -> dict:
     out: dict = {}
     xs = sample_inputs(MNIST, 300)
-    for backend, n in (("onnx", 300), ("torch", 64)):
-        det = Detector.load(MNIST, backend=backend, device="cpu", threads=1)
+    for backend, n, fuse in (("onnx", 300, True), ("onnx", 300, False), ("torch", 64, True)):
+        if not fuse:  # the numpy engine, which the default ONNX verdict replaced (a checkout before it: none)
+            if "fuse" not in inspect.signature(Detector.load).parameters:
+                continue
+            backend += "-unfused"
+        det = Detector.load(
+            MNIST, backend=backend.split("-")[0], device="cpu", threads=1, **({} if fuse else {"fuse": False})
+        )
         out[f"mnist-{backend}"] = [v.__dict__ for v in det.detect(list(xs[:n]))]
         out[f"mnist-{backend}-by-7"] = [v.__dict__ for i in range(0, n, 7) for v in det.detect(list(xs[i : i + 7]))]
         out[f"mnist-{backend}-rows"] = det.batch_rows(list(xs[:16]))
@@ -76,6 +87,27 @@ def same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def largest_gap(a, b) -> float | None:
+    """The largest |a - b| over the float values of two records of the same structure; None if anything but
+    float values differs (keys, lengths, labels, verdicts)."""
+    if isinstance(a, dict):
+        ok = isinstance(b, dict) and a.keys() == b.keys()
+        return _worst([largest_gap(a[k], b[k]) for k in a]) if ok else None
+    if isinstance(a, list | tuple):
+        ok = isinstance(b, list | tuple) and len(a) == len(b)
+        return _worst([largest_gap(x, y) for x, y in zip(a, b, strict=True)]) if ok else None
+    if isinstance(a, np.ndarray) and a.dtype.kind == "f":
+        ok = isinstance(b, np.ndarray) and (a.dtype, a.shape) == (b.dtype, b.shape)
+        return float(np.nanmax(np.abs(a - b), initial=0.0)) if ok else None
+    if isinstance(a, float) and isinstance(b, float):
+        return 0.0 if same(a, b) else abs(a - b)
+    return 0.0 if same(a, b) else None
+
+
+def _worst(gaps: list[float | None]) -> float | None:
+    return None if any(g is None for g in gaps) else max(gaps, default=0.0)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     what = ap.add_mutually_exclusive_group(required=True)
@@ -88,8 +120,13 @@ def main() -> None:
         print(f"engine outputs: {len(now)} records written to {args.write}")
         return
     before = pickle.loads(args.against.read_bytes())  # a file this script wrote
-    differ = sorted(k for k in before.keys() | now.keys() if not same(before.get(k), now.get(k)))
-    print(f"engine outputs: {len(now)} records, {len(differ)} differ" + (f": {', '.join(differ)}" if differ else ""))
+    one_side = sorted(before.keys() ^ now.keys())
+    differ = sorted(k for k in before.keys() & now.keys() if not same(before[k], now[k]))
+    gaps = [(k, largest_gap(before[k], now[k])) for k in differ]
+    shown = [k if g is None else f"{k} (floats only, largest |difference| {g:.3g})" for k, g in gaps]
+    print(f"engine outputs: {len(now)} records, {len(differ)} differ" + (f": {', '.join(shown)}" if differ else ""))
+    if one_side:
+        print(f"in one checkout only: {', '.join(one_side)}")
     sys.exit(1 if differ else 0)
 
 
