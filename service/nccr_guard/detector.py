@@ -370,6 +370,8 @@ class Detector:
         return out
 
     def _fused_verdicts(self, run: Callable[[np.ndarray], list[np.ndarray]], xs, chunk: int) -> list[Verdict]:
+        """Verdicts of the one-graph path, in runs of at most `chunk` inputs (0: one run), as `verdicts` builds
+        them from the numpy engine's scores."""
         assert self.calib is not None
         xs = self._checked(xs)
         chunk = chunk or len(xs)
