@@ -25,7 +25,10 @@ from nccr_guard.engine.variants import Variant
 MIN_OPSET = 11  # Round, GatherElements, Clip with min/max inputs
 PREFIX = "nccr_guard_"  # every tensor the graph adds; a model using such names is not fused
 INPUT = f"{PREFIX}inputs"
-OUTPUTS = ("score", "raw", "prediction", "confidence")  # engine.Scores' fields, in order
+# engine.Scores' fields, in order, prefixed like every added tensor (a classifier may name a tensor "score")
+SCORE, RAW, PREDICTION, CONFIDENCE = OUTPUTS = tuple(
+    f"{PREFIX}{n}" for n in ("score", "raw", "prediction", "confidence")
+)
 
 
 @dataclass(frozen=True)
@@ -142,13 +145,13 @@ def _scores(b: _Builder, spec: VerdictGraph, logits: str) -> None:
     delta = b.op("Sub", m0, b.op("Gather", m, b.const(np.array(spec.cols, np.int64)), axis=1))
     moved = b.op("Max", delta, b.const(np.float32(0))) if spec.measure == "margin" else b.op("Abs", delta)
     raw32 = b.op("Div", moved, b.op("Max", b.op("Abs", m0), b.const(np.float32(EPS))))
-    raw = b.op("Cast", raw32, out="raw", to=_DOUBLE)
+    raw = b.op("Cast", raw32, out=RAW, to=_DOUBLE)
     log = b.op("Log", b.op("Add", raw, b.const(np.float64(EPS))))
     z = b.op("Div", b.op("Sub", log, b.const(spec.mu)), b.const(spec.sigma))
-    b.op("Reshape", b.op("TopK", z, top1, axis=-1, outputs=2), flat, out="score")
-    b.op("Reshape", pred, flat, out="prediction")
+    b.op("Reshape", b.op("TopK", z, top1, axis=-1, outputs=2), flat, out=SCORE)
+    b.op("Reshape", pred, flat, out=PREDICTION)
     probs = b.op("Softmax", b.op("Cast", l0, to=_DOUBLE), axis=-1)
-    b.op("Reshape", b.op("GatherElements", probs, pred, axis=1), flat, out="confidence")
+    b.op("Reshape", b.op("GatherElements", probs, pred, axis=1), flat, out=CONFIDENCE)
 
 
 _DOUBLE = 11  # onnx.TensorProto.DOUBLE, without importing onnx at module import
@@ -182,7 +185,7 @@ def fuse(model, spec: VerdictGraph, shape: list[int]):
     g.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", *shape]))
     del g.output[:]
     for name in OUTPUTS:
-        dims = ["batch", len(spec.cols)] if name == "raw" else ["batch"]
-        kind = TensorProto.INT64 if name == "prediction" else TensorProto.DOUBLE
+        dims = ["batch", len(spec.cols)] if name == RAW else ["batch"]
+        kind = TensorProto.INT64 if name == PREDICTION else TensorProto.DOUBLE
         g.output.append(helper.make_tensor_value_info(name, kind, dims))
     return model
