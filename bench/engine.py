@@ -190,7 +190,9 @@ def main() -> None:
     for backend in ("torch", "onnx"):
         det = Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads)
         # the numpy engine around a bare forward, timed apart where the default runs as one ONNX graph
-        plain = Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads, fuse=False)
+        plain = (
+            Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads, fuse=False) if det.fused else None
+        )
         for per in (1, 8, 32):
             batch = list(xs[:per])
             rows = det.batch_rows(batch).reshape(-1, *det.manifest.input.shape)

@@ -279,10 +279,14 @@ class Detector:
         """Verdicts from layer -> (B, R, N) activations of fixed-K rows."""
         if self.calib is None:
             raise ManifestError(f"{self.manifest.name}: not calibrated")
-        s = score_rows(self.variant, self.calib, acts)
-        pv = self.calib.p_value(s.score)
+        return self._fixed_k_verdicts(score_rows(self.variant, self.calib, acts))
+
+    def _fixed_k_verdicts(self, s: Scores) -> list[Verdict]:
+        """Every input's verdict from a batch's scores, each having used all of its fixed-K rows (the numpy
+        engine's scores and the one-graph path's alike)."""
+        assert self.calib is not None
         n = len(s.score)
-        return self._verdicts(s, pv, list(range(n)), [self.rows_per_input] * n)
+        return self._verdicts(s, self.calib.p_value(s.score), list(range(n)), [self.rows_per_input] * n)
 
     def _verdicts(self, s: Scores, p_value: np.ndarray, which: list[int], passes: list[int]) -> list[Verdict]:
         """Verdicts of the inputs `which` of a scored batch. The columns become Python lists once per batch:
@@ -372,13 +376,11 @@ class Detector:
     def _fused_verdicts(self, run: Callable[[np.ndarray], list[np.ndarray]], xs, chunk: int) -> list[Verdict]:
         """Verdicts of the one-graph path, in runs of at most `chunk` inputs (0: one run), as `verdicts` builds
         them from the numpy engine's scores."""
-        assert self.calib is not None
         xs = self._checked(xs)
         chunk = chunk or len(xs)
         outs = [run(xs[i : i + chunk]) for i in range(0, len(xs), chunk)]
         s = Scores(*outs[0]) if len(outs) == 1 else Scores(*(np.concatenate(a) for a in zip(*outs, strict=True)))
-        n = len(s.score)
-        return self._verdicts(s, self.calib.p_value(s.score), list(range(n)), [self.rows_per_input] * n)
+        return self._fixed_k_verdicts(s)
 
     def _label(self, idx: int) -> str:
         labels = self.manifest.labels

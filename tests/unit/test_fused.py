@@ -77,8 +77,7 @@ def test_margin_measure_and_a_normalised_input_range(tmp_path, mnist_test):
     assert fused._fused_for[0] is drop
 
 
-def test_where_the_graph_does_not_apply(pair):
-    fused, _ = pair
+def test_where_the_graph_does_not_apply():
     median = Detector.load(MNIST, backend="onnx", device="cpu")
     median.variant = get_variant("nccr-v3-median")  # a median filter: no ONNX op
     assert not median.fused
