@@ -249,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fuse",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="ONNX backend: rows, forward and scoring as one graph for nccr-v3-kind variants (default: on)",
+        help="rows, forward and scoring as one graph for nccr-v3-kind variants, on ONNX and on torch with CUDA "
+        "(default: on)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_score)

@@ -87,9 +87,9 @@ class Settings(BaseSettings):
     )
     fuse: bool = Field(
         True,
-        description="ONNX backend: run a verdict's rows, forward and scoring as one ONNX Runtime graph (variants of "
-        "the nccr-v3 kind: bit-depth squeezes scored by logit margins; checked against the numpy engine at load; "
-        "--no-fuse scores in numpy around the forward)",
+        description="run a verdict's rows, forward and scoring as one graph (variants of the nccr-v3 kind: bit-depth "
+        "squeezes scored by logit margins): one ONNX Runtime graph, or with torch on CUDA one function replayed "
+        "from a CUDA graph; checked against the numpy engine at load; --no-fuse scores in numpy around the forward)",
     )
     gc_freeze: bool = Field(
         True,

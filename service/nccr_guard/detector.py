@@ -168,8 +168,9 @@ class Detector:
 
     @property
     def fused(self) -> bool:
-        """Fixed-K verdicts run as one ONNX Runtime graph, rows and scoring included (backends/onnx_verdict.py):
-        the ONNX backend with a calibrated variant of the nccr-v3 kind, unless turned off (`--no-fuse`)."""
+        """Fixed-K verdicts run as one graph, rows and scoring included: one ONNX Runtime graph
+        (backends/onnx_verdict.py), or on CUDA one torch function in a CUDA graph (backends/torch_verdict.py);
+        with a calibrated variant of the nccr-v3 kind, unless turned off (`--no-fuse`)."""
         return self._fused_run() is not None
 
     def _fused_run(self) -> Callable[[np.ndarray], list[np.ndarray]] | None:
@@ -187,9 +188,9 @@ class Detector:
         """Build the graph and check it against the numpy engine on a probe batch (seeded inputs across the value
         range): a model whose graph the fusion misreads (logits not its first output, other shapes) gets the
         numpy engine and a warning, never different verdicts."""
-        make = getattr(self.backend, "fused_verdicts", None)
-        if make is None or self.calib is None:
+        if not getattr(self.backend, "fuses_verdicts", False) or self.calib is None:
             return None
+        make = self.backend.fused_verdicts
         lo, hi = self.manifest.input.range
         shape = list(self.manifest.input.shape)
         probe = np.random.default_rng(0).uniform(lo, hi, (4, *shape)).astype(np.float32)

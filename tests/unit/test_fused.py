@@ -1,5 +1,6 @@
-"""The one-graph verdict (backends/onnx_verdict.py) gives the numpy engine's verdicts, and steps aside where it
-cannot: other variants, other backends, `fuse=False`, a model graph it cannot extend."""
+"""The one-graph verdict (backends/onnx_verdict.py, and its torch twin backends/torch_verdict.py) gives the numpy
+engine's verdicts, and steps aside where it cannot: other variants, torch on the CPU, `fuse=False`, a model graph
+it cannot extend."""
 
 from __future__ import annotations
 
@@ -12,11 +13,20 @@ import onnx
 import pytest
 
 from nccr_guard.backends import make_backend
+from nccr_guard.backends.graphs import GraphedForward
 from nccr_guard.backends.onnx_verdict import PREFIX
 from nccr_guard.detector import Detector
 from nccr_guard.engine import Calibration, get_variant
 from nccr_guard.manifest import load_manifest
 from tests.conftest import MNIST
+from tests.unit.test_graphs import replaying_capture
+
+
+def load(folder, backend: str, fuse: bool = True) -> Detector:
+    """A detector on `backend`; torch fuses as it does on CUDA (on the CPU it is off for speed, not correctness)."""
+    det = Detector.load(folder, backend=backend, device="cpu", fuse=fuse)
+    det.backend.fuses_verdicts = True
+    return det
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +63,30 @@ def test_fused_verdicts_are_the_numpy_engines(pair, mnist_test):
     want = plain.detect(xs)
     assert 5 < sum(v.adversarial for v in want) < len(xs) - 5  # both verdicts occur
     assert_same(fused.detect(xs), want)
-    assert_same(fused.detect(xs, chunk=7), want)  # in forwards of 7 (the last one 3)
+    assert_same(fused.detect(xs, chunk=9), want)  # in forwards of 7 (the last one 3)
     assert_same([fused.detect(x[None])[0] for x in xs[:5]], want[:5])  # one input per call, as the server sends
 
 
-def test_margin_measure_and_a_normalised_input_range(tmp_path, mnist_test):
+def test_torch_one_function_verdicts_are_the_numpy_engines(mnist_test):
+    """The torch twin, eagerly and replayed from (stand-in) CUDA graphs: the same verdicts, components bit for
+    bit; a batch whose rows exceed the graphs' largest bucket runs eagerly."""
+    fused, plain = load(MNIST, "torch"), load(MNIST, "torch", fuse=False)
+    assert fused.fused and not plain.fused
+    xs = inputs(mnist_test)
+    want = plain.detect(xs)
+    assert_same(fused.detect(xs), want)
+    fused.backend.graphs = GraphedForward(replaying_capture, 64)  # 16 inputs of 4 rows
+    assert_same(fused.detect(xs, chunk=9), want)
+    assert_same([fused.detect(x[None])[0] for x in xs[:3]], want[:3])
+    keys = {(k[0], k[1]) for k in fused.backend.graphs.graphs}
+    assert keys == {(("verdict",), 10), (("verdict",), 7), (("verdict",), 1)}  # 9 inputs padded to 10; 52 = 5 * 9 + 7
+    assert_same(fused.detect(xs[:20]), want[:20])  # 80 rows: eager
+    assert len(fused.backend.graphs.graphs) == 3
+    assert not Detector.load(MNIST, backend="torch", device="cpu").fused  # off on the CPU by default
+
+
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_margin_measure_and_a_normalised_input_range(tmp_path, mnist_test, backend):
     """The graph's other branches: bit-depth squeezes of a [-1, 1] input, normalisation before the model, and
     the one-sided margin drop; the detector rebuilds the graph when its variant is replaced."""
     folder = tmp_path / "mnist-pm1"
@@ -65,7 +94,7 @@ def test_margin_measure_and_a_normalised_input_range(tmp_path, mnist_test):
     toml = (folder / "model.toml").read_text()
     toml = toml.replace("range = [0.0, 1.0]", "range = [-1.0, 1.0]").replace("mean = [0.0]", "mean = [-0.5]")
     (folder / "model.toml").write_text(toml.replace("std = [1.0]", "std = [2.0]"))
-    fused, plain = (Detector.load(folder, backend="onnx", device="cpu", fuse=f) for f in (True, False))
+    fused, plain = (load(folder, backend, fuse=f) for f in (True, False))
     xs = inputs(mnist_test, 8) * 2 - 1
     assert fused.fused and not fused._identity
     assert_same(fused.detect(xs), plain.detect(xs))

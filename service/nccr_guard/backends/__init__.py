@@ -5,11 +5,15 @@ Chosen by name from a registry (`torch | onnx | auto`); each imports its framewo
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from nccr_guard.manifest import Manifest
+
+if TYPE_CHECKING:
+    from nccr_guard.backends.onnx_verdict import VerdictGraph
 
 
 class BackendError(RuntimeError):
@@ -22,12 +26,18 @@ class Backend(Protocol):
     layers: list[str]  # watched layers, in output order after "logits"
     supports_gradients: bool
     cuda_graphs: bool  # forwards replay captured CUDA graphs (torch on CUDA)
+    fuses_verdicts: bool  # Detector runs nccr-v3-like verdicts through fused_verdicts (ONNX; torch on CUDA)
 
     def forward(self, x: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
         """x: (B, *input_shape) float32 -> {"logits": (B, C), layer: (B, N), ...} float32 numpy arrays.
 
         upto: only these watched layers, no logits, computing as little of the network as it takes (the
         truncated forward of perturbed copies whose logits no component reads)."""
+        ...
+
+    def fused_verdicts(self, spec: VerdictGraph, shape: list[int]) -> Callable[[np.ndarray], list[np.ndarray]]:
+        """The whole fixed-K verdict of `spec` in one call: inputs (B, *shape) in, engine.Scores' four arrays
+        (score, raw, prediction, confidence) out. Raises where the model cannot take it."""
         ...
 
 

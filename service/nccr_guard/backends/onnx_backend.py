@@ -47,6 +47,7 @@ class OnnxBackend:
     name = "onnx"
     supports_gradients = False
     cuda_graphs = False  # ONNX Runtime's CUDA graphs need fixed shapes and IO binding: not used
+    fuses_verdicts = True  # fixed-K verdicts as one graph (backends/onnx_verdict.py) wherever the model allows
 
     def __init__(self, manifest: Manifest, device: str = "auto", threads: int = 0) -> None:
         try:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from nccr_guard.engine.calibration import Calibration
+from nccr_guard.engine.perturb import Perturbation
 from nccr_guard.engine.score import EPS
 from nccr_guard.engine.variants import Variant
 
@@ -33,9 +34,10 @@ SCORE, RAW, PREDICTION, CONFIDENCE = OUTPUTS = tuple(
 
 @dataclass(frozen=True)
 class VerdictGraph:
-    """What the graph computes, in the engine's terms (built from a variant and its calibration)."""
+    """What the graph computes, in the engine's terms (built from a variant and its calibration); the torch
+    backend's one-function verdict (backends/torch_verdict.py) reads the same spec."""
 
-    levels: tuple[int, ...]  # bit-depth squeezes' levels (2^bits - 1), in row order after the original
+    perturbations: tuple[Perturbation, ...]  # bit-depth squeezes, in row order after the original
     value_range: tuple[float, float]
     mean: np.ndarray | None  # per-channel normalisation before the model; None: identity
     std: np.ndarray | None
@@ -47,7 +49,12 @@ class VerdictGraph:
 
     @property
     def rows(self) -> int:
-        return 1 + len(self.levels)
+        return 1 + len(self.perturbations)
+
+    @property
+    def levels(self) -> tuple[int, ...]:
+        """Each squeeze's levels (2^bits - 1)."""
+        return tuple(2 ** int(p.scale) - 1 for p in self.perturbations)
 
 
 def verdict_graph(
@@ -65,7 +72,7 @@ def verdict_graph(
         return None
     measure, cols = one
     return VerdictGraph(
-        levels=tuple(2 ** int(p.scale) - 1 for p in variant.perturbations),
+        perturbations=tuple(variant.perturbations),
         value_range=(float(value_range[0]), float(value_range[1])),
         mean=mean,
         std=std,

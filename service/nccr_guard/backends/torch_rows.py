@@ -23,8 +23,8 @@ def median(x: torch.Tensor, size: int) -> torch.Tensor:
     return patches.kthvalue(size * size // 2 + 1, dim=-1).values.reshape(*lead, *x.shape[-2:])
 
 
-def perturb(x: torch.Tensor, p: Perturbation, gen: torch.Generator, lo: float, hi: float) -> torch.Tensor:
-    """x: (B, *shape) -> (B, copies, *shape)."""
+def perturb(x: torch.Tensor, p: Perturbation, gen: torch.Generator | None, lo: float, hi: float) -> torch.Tensor:
+    """x: (B, *shape) -> (B, copies, *shape). `gen`: None where only squeezers run (backends/torch_verdict.py)."""
     b, shape, span = x.shape[0], x.shape[1:], hi - lo
     if p.family == "bitdepth":
         levels = 2 ** int(p.scale) - 1
@@ -54,7 +54,10 @@ def perturb(x: torch.Tensor, p: Perturbation, gen: torch.Generator, lo: float, h
 
 
 def build_rows(
-    x: torch.Tensor, perturbations: tuple[Perturbation, ...], gen: torch.Generator, value_range: tuple[float, float]
+    x: torch.Tensor,
+    perturbations: tuple[Perturbation, ...],
+    gen: torch.Generator | None,
+    value_range: tuple[float, float],
 ) -> torch.Tensor:
     """(B, *shape) -> (B, R, *shape): each input's original first, then its copies, clipped to the range."""
     lo, hi = value_range

@@ -65,7 +65,9 @@ class ModelCard(BaseModel):
     truncated_to: list[str] | None = Field(None, description="layers perturbed copies run up to; null: full network")
     cuda_graphs: bool = Field(False, description="forwards replay captured CUDA graphs (torch backend on CUDA)")
     fused: bool = Field(
-        False, description="verdicts run as one ONNX Runtime graph: rows, forward and scoring (--no-fuse: off)"
+        False,
+        description="verdicts run as one graph, rows, forward and scoring: ONNX Runtime's, or a torch function "
+        "replayed from a CUDA graph (--no-fuse: off)",
     )
     calibration: dict
     robustness_nccr: float = Field(
