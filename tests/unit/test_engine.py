@@ -111,6 +111,10 @@ def test_p_value_is_monotone():
     calib = fit_calibration(v, fake_acts(80, v.rows, rng, 0.1), fake_acts(80, v.rows, rng, 0.1), 10)
     p = calib.p_value(np.array([-10.0, 0.0, 10.0, 1e9]))
     assert np.all(np.diff(p) <= 0) and p[0] == 1.0 and p[-1] == pytest.approx(1 / (len(calib.clean_scores) + 1))
+    # the verdicts' plain-Python twin: the same values, at the clean scores themselves (ties), between, outside, NaN
+    clean = calib.clean_scores
+    scores = np.concatenate([clean, (clean[1:] + clean[:-1]) / 2, [-np.inf, -10.0, 10.0, np.inf, np.nan]])
+    assert calib.p_values(scores.tolist()) == calib.p_value(scores).tolist()
 
 
 def test_unknown_variant_and_family_fail_clearly():

@@ -7,8 +7,10 @@ standardisation, verdict threshold, p-value table). Keeping them apart keeps the
 
 from __future__ import annotations
 
+import bisect
 import json
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,18 @@ class Calibration:
         n = len(self.clean_scores)
         above = n - np.searchsorted(self.clean_scores, np.asarray(score), side="left")
         return (above + 1) / (n + 1)
+
+    def p_values(self, scores: list[float]) -> list[float]:
+        """p_value of each score of a list, in plain Python. Why: a verdict's scores are Python floats by then,
+        and numpy's four array operations cost ~25 us per call amid the forward and the verdicts at one MNIST
+        input (their code evicts each other's from the caches; bisect was not measurable there). A NaN score gets
+        the smallest p-value, as np.searchsorted sorts NaN last."""
+        clean, n = self._clean_list, len(self._clean_list)
+        return [(n - (bisect.bisect_left(clean, s) if s == s else n) + 1) / (n + 1) for s in scores]
+
+    @cached_property
+    def _clean_list(self) -> list[float]:
+        return self.clean_scores.tolist()
 
     def save(self, path: Path) -> None:
         arrays: dict[str, np.ndarray] = {}
