@@ -127,8 +127,8 @@ class TorchBackend:
             torch.backends.cudnn.benchmark = True
         self.graphs: GraphedForward | None = None
         # Whether Detector runs fixed-K verdicts through `fused_verdicts`: on CUDA, where a graph captures rows,
-        # forward and scoring as one replay. On the CPU torch's per-operator cost made it slower than the numpy
-        # engine at one MNIST input (1.74-1.82 against 1.47-1.55 ms), so it stays off there.
+        # forward and scoring as one replay. On the CPU torch's per-operator cost made it no faster than the numpy
+        # engine (bench.engine's fused_ratio: behind at one MNIST input in two runs of three), so it stays off there.
         self.fuses_verdicts = self.torch_device.type == "cuda"
         if cuda_graphs and self.torch_device.type == "cuda":
             tol = (1e-2, 1e-2) if self.half else (1e-3, 1e-4)
