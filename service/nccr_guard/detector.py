@@ -214,6 +214,8 @@ class Detector:
                 "%s: verdict graph disagrees with the numpy engine on a probe; scoring in numpy", self.manifest.name
             )
             return None
+        if (release := getattr(self.backend, "release", None)) is not None:
+            release()  # the watched-layer session is idle from now on (built again if anything forwards rows)
         return run
 
     def rows(self, x: np.ndarray) -> np.ndarray:

@@ -67,6 +67,21 @@ def test_fused_verdicts_are_the_numpy_engines(pair, mnist_test):
     assert_same([fused.detect(x[None])[0] for x in xs[:5]], want[:5])  # one input per call, as the server sends
 
 
+def test_the_watched_layer_session_is_released_and_rebuilt_on_demand(mnist_test):
+    """Once the graph is checked the detector drops the session it no longer reads (its memory:
+    bench/fused_memory.py); anything that forwards rows afterwards gets it back, with the same outputs."""
+    fused, plain = Detector.load(MNIST, backend="onnx", device="cpu"), Detector.load(MNIST, backend="onnx", fuse=False)
+    xs = inputs(mnist_test, 4)
+    assert fused.backend._session is not None
+    assert fused.fused and fused.backend._session is None
+    assert plain.backend._session is not None  # never released where the graph is not used
+    got, want = fused.activations(xs), plain.activations(xs)
+    assert fused.backend._session is not None and got.keys() == want.keys()
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k])
+    assert_same(fused.detect(xs), plain.detect(xs))
+
+
 def test_torch_one_function_verdicts_are_the_numpy_engines(mnist_test):
     """The torch twin, eagerly and replayed from (stand-in) CUDA graphs: the same verdicts, components bit for
     bit; a batch whose rows exceed the graphs' largest bucket runs eagerly."""

@@ -3,6 +3,9 @@ added to `graph.output` before the session is built, so any exported classifier 
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -43,6 +46,14 @@ def _truncated(path: str, input_name: str, names: list[str]) -> bytes:
     return onnx.utils.Extractor(model).extract_model([input_name], names).SerializeToString()
 
 
+def trim_heap() -> None:
+    """Hand freed heap back to the OS (glibc's malloc_trim; nothing elsewhere): after a session is dropped glibc
+    keeps its pages, and the process's RSS would not fall (measured: a released ResNet-50 session, 0 MB back
+    without the trim)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 class OnnxBackend:
     name = "onnx"
     supports_gradients = False
@@ -69,11 +80,31 @@ class OnnxBackend:
         self._path = str(manifest.path(manifest.weights.onnx))
         self._make = lambda data: ort.InferenceSession(data, sess_options=opts, providers=providers)
         self._truncated: dict[tuple[str, ...], object] = {}
-        self.session = self._make(_with_outputs(self._path, self.layers))
+        self._lock = threading.Lock()
+        self._session = self._make(_with_outputs(self._path, self.layers))
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input_name = self.session.get_inputs()[0].name
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_names = [outputs[0], *self.layers]
+
+    @property
+    def session(self):
+        """The session with the watched layers as outputs; built again on first use after `release`."""
+        if (session := self._session) is None:
+            with self._lock:
+                if self._session is None:
+                    self._session = self._make(_with_outputs(self._path, self.layers))
+                session = self._session
+        return session
+
+    def release(self) -> None:
+        """Drop the watched-layer and truncated sessions (rebuilt on first use) and give their memory back. Why:
+        a detector that scores through the one-graph verdict reads none of them, and each holds the weights
+        again (a ResNet-50: ~120-140 MB of RSS, `python -m bench.fused_memory`)."""
+        with self._lock:
+            self._session = None
+            self._truncated.clear()
+        trim_heap()
 
     def forward(self, x: np.ndarray, upto: list[str] | None = None) -> dict[str, np.ndarray]:
         feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}

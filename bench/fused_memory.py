@@ -1,0 +1,116 @@
+"""Memory of the one-graph verdict on ONNX: resident memory of a process holding a ResNet-50-shaped detector
+(random weights, 224 px, nccr-v3 calibrated on 40 smooth random images), after loading and after its warm-up
+verdict (which builds the verdict graph), with the one-graph verdict (default) and with `--no-fuse`; each in a
+fresh process, `--rounds` times, alternated.
+
+    python -m bench.fused_memory [--rounds 2] [--compare CHECKOUT]  ->  reports/bench/fused-memory.json
+
+Why: the verdict graph is a second ONNX Runtime session holding the weights again; since session 20 the
+detector drops the watched-layer session once the graph is checked (OnnxBackend.release). `--compare` runs the
+default configuration of another checkout's code too (its `service/` first on PYTHONPATH).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import ROOT, resnet_folder, write_report
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+
+
+def child(folder: Path, fuse: bool) -> None:
+    """One process: load, warm up, verdicts; RSS at each step as one JSON line."""
+    from nccr_guard.detector import Detector
+
+    det = Detector.load(folder, backend="onnx", device="cpu", threads=1, fuse=fuse)
+    loaded = rss_mb()
+    x = np.random.default_rng(1).random((3, 224, 224)).astype(np.float32)
+    det.detect([x])
+    warm = rss_mb()
+    for _ in range(3):
+        det.detect([x])
+    print(json.dumps({"fused": det.fused, "loaded_mb": loaded, "warm_mb": warm, "after_4_verdicts_mb": rss_mb()}))
+
+
+def model(tmp: Path) -> Path:
+    """The ResNet-50 folder with ONNX weights and an nccr-v3 calibration (accuracy irrelevant: memory only)."""
+    from PIL import Image
+
+    from nccr_guard.calibrate import calibrate
+    from nccr_guard.detector import Detector
+    from nccr_guard.export import export_onnx
+
+    folder = resnet_folder(tmp)
+    det = Detector.load(folder, backend="torch", device="cpu", calibrated=False)
+    export_onnx(det.backend.module, folder / "model.onnx", (3, 224, 224), list(det.manifest.watch))
+    toml = (folder / "model.toml").read_text()
+    (folder / "model.toml").write_text(toml.replace("[weights]\n", '[weights]\nonnx = "model.onnx"\n', 1))
+    data = tmp / "clean"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(40):
+        small = (rng.random((8, 8, 3)) * 255).astype(np.uint8)
+        Image.fromarray(small).resize((224, 224), Image.BILINEAR).save(data / f"{i}.png")
+    calibrate(folder, data=data, variant="nccr-v3", backend="onnx")
+    return folder
+
+
+def run(folder: Path, fuse: bool, service_dir: Path | None = None) -> dict:
+    env = dict(os.environ)
+    paths = [str(service_dir or ROOT / "service"), str(ROOT)]
+    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    flag = "--fuse" if fuse else "--no-fuse"
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.fused_memory", "--child", str(folder), flag],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--compare", type=Path, default=None, help="another checkout: its default configuration too")
+    ap.add_argument("--child", type=Path, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.fuse)
+        return
+    configs = [("this, default", True, None), ("this, --no-fuse", False, None)]
+    if args.compare:
+        configs.append((f"{args.compare.name}, default", True, args.compare / "service"))
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = model(Path(tmp))
+        for _ in range(args.rounds):
+            for name, fuse, service in configs:
+                results[name].append(run(folder, fuse, service))
+                print(name, results[name][-1], flush=True)
+    cmd = "python -m bench.fused_memory " + " ".join(sys.argv[1:])
+    suffix = f"-compare-{args.compare.name}" if args.compare else ""
+    write_report(f"fused-memory{suffix}", {"model": "resnet50 224x224, nccr-v3, ONNX", "results": results}, cmd)
+    med = {k: float(np.median([r["after_4_verdicts_mb"] for r in v])) for k, v in results.items()}
+    print(
+        "fused memory: RSS after warm-up + 4 verdicts, median MB: " + ", ".join(f"{k} {v:.0f}" for k, v in med.items())
+    )
+
+
+if __name__ == "__main__":
+    main()
