@@ -1,12 +1,12 @@
 """Memory of the one-graph verdict on ONNX: resident memory of a process holding a ResNet-50-shaped detector
-(random weights, 224 px, nccr-v3 calibrated on 40 smooth random images), after loading and after its warm-up
-verdict (which builds the verdict graph), with the one-graph verdict (default) and with `--no-fuse`; each in a
-fresh process, `--rounds` times, alternated.
+(random weights, 224 px, nccr-v3 calibrated on 40 smooth random images), after loading, after its warm-up
+verdict (which builds the verdict graph) and four more, and its peak (VmHWM), with the one-graph verdict (default)
+and with `--no-fuse`; each in a fresh process, `--rounds` times, alternated.
 
     python -m bench.fused_memory [--rounds 2] [--compare CHECKOUT]  ->  reports/bench/fused-memory.json
 
 Why: the verdict graph is a second ONNX Runtime session holding the weights again; since session 20 the
-detector drops the watched-layer session once the graph is checked (OnnxBackend.release). `--compare` runs the
+detector drops the watched-layer session before it builds the graph's (OnnxBackend.release). `--compare` runs the
 default configuration of another checkout's code too (its `service/` first on PYTHONPATH).
 """
 
@@ -25,9 +25,10 @@ import numpy as np
 from bench.common import ROOT, resnet_folder, write_report
 
 
-def rss_mb() -> float:
+def rss_mb(field: str = "VmRSS") -> float:
+    """Resident memory now (VmRSS) or its peak so far (VmHWM), MB."""
     with open("/proc/self/status") as f:
-        return int(f.read().split("VmRSS:")[1].split()[0]) / 1024
+        return int(f.read().split(f"{field}:")[1].split()[0]) / 1024
 
 
 def child(folder: Path, fuse: bool) -> None:
@@ -41,7 +42,18 @@ def child(folder: Path, fuse: bool) -> None:
     warm = rss_mb()
     for _ in range(3):
         det.detect([x])
-    print(json.dumps({"fused": det.fused, "loaded_mb": loaded, "warm_mb": warm, "after_4_verdicts_mb": rss_mb()}))
+    after = rss_mb()
+    print(
+        json.dumps(
+            {
+                "fused": det.fused,
+                "loaded_mb": loaded,
+                "warm_mb": warm,
+                "after_4_verdicts_mb": after,
+                "peak_mb": rss_mb("VmHWM"),
+            }
+        )
+    )
 
 
 def model(tmp: Path) -> Path:
@@ -106,9 +118,13 @@ def main() -> None:
     cmd = "python -m bench.fused_memory " + " ".join(sys.argv[1:])
     suffix = f"-compare-{args.compare.name}" if args.compare else ""
     write_report(f"fused-memory{suffix}", {"model": "resnet50 224x224, nccr-v3, ONNX", "results": results}, cmd)
-    med = {k: float(np.median([r["after_4_verdicts_mb"] for r in v])) for k, v in results.items()}
+
+    def med(rows: list[dict], key: str) -> float:
+        return float(np.median([r[key] for r in rows]))
+
     print(
-        "fused memory: RSS after warm-up + 4 verdicts, median MB: " + ", ".join(f"{k} {v:.0f}" for k, v in med.items())
+        "fused memory, median MB (RSS after warm-up + 4 verdicts / peak): "
+        + ", ".join(f"{k} {med(v, 'after_4_verdicts_mb'):.0f} / {med(v, 'peak_mb'):.0f}" for k, v in results.items())
     )
 
 

@@ -200,6 +200,11 @@ class Detector:
         if spec is None:
             return None
         want = score_rows(self.variant, self.calib, acts)
+        # The watched-layer session is idle from here on where the graph is used, so it goes before the graph's
+        # session is built: the two never hold memory at once (bench/fused_memory.py's peak). Anything that
+        # forwards rows later, the numpy engine after a fallback included, builds it again.
+        if (release := getattr(self.backend, "release", None)) is not None:
+            release()
         try:
             run = make(spec, shape)
             got = Scores(*run(probe))
@@ -214,8 +219,6 @@ class Detector:
                 "%s: verdict graph disagrees with the numpy engine on a probe; scoring in numpy", self.manifest.name
             )
             return None
-        if (release := getattr(self.backend, "release", None)) is not None:
-            release()  # the watched-layer session is idle from now on (built again if anything forwards rows)
         return run
 
     def rows(self, x: np.ndarray) -> np.ndarray:

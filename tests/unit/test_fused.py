@@ -68,8 +68,9 @@ def test_fused_verdicts_are_the_numpy_engines(pair, mnist_test):
 
 
 def test_the_watched_layer_session_is_released_and_rebuilt_on_demand(mnist_test):
-    """Once the graph is checked the detector drops the session it no longer reads (its memory:
-    bench/fused_memory.py); anything that forwards rows afterwards gets it back, with the same outputs."""
+    """Before it builds the graph the detector drops the session it will no longer read (its memory:
+    bench/fused_memory.py); anything that forwards rows afterwards gets it back, with the same outputs (the
+    numpy engine after a fallback too: test_a_graph_it_cannot_extend_scores_in_numpy)."""
     fused, plain = Detector.load(MNIST, backend="onnx", device="cpu"), Detector.load(MNIST, backend="onnx", fuse=False)
     xs = inputs(mnist_test, 4)
     assert fused.backend._session is not None

@@ -180,7 +180,7 @@ class TorchBackend:
         def run(xs: np.ndarray) -> list[np.ndarray]:
             with torch.inference_mode():
                 x = self._to_device(xs)
-                graphed = self.graphs and len(x) * spec.rows <= self.graphs.sizes[-1]
+                graphed = self.graphs is not None and len(x) * spec.rows <= self.graphs.sizes[-1]
                 outs = self.graphs(fn, x, ("verdict",)) if graphed else None
                 out = (outs or fn(x))[0].cpu().numpy()
             return split(out)
