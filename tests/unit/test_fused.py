@@ -63,7 +63,7 @@ def test_fused_verdicts_are_the_numpy_engines(pair, mnist_test):
     want = plain.detect(xs)
     assert 5 < sum(v.adversarial for v in want) < len(xs) - 5  # both verdicts occur
     assert_same(fused.detect(xs), want)
-    assert_same(fused.detect(xs, chunk=9), want)  # in forwards of 7 (the last one 3)
+    assert_same(fused.detect(xs, chunk=7), want)  # in forwards of 7 (the last one 3)
     assert_same([fused.detect(x[None])[0] for x in xs[:5]], want[:5])  # one input per call, as the server sends
 
 
@@ -71,7 +71,8 @@ def test_the_watched_layer_session_is_released_and_rebuilt_on_demand(mnist_test)
     """Before it builds the graph the detector drops the session it will no longer read (its memory:
     bench/fused_memory.py); anything that forwards rows afterwards gets it back, with the same outputs (the
     numpy engine after a fallback too: test_a_graph_it_cannot_extend_scores_in_numpy)."""
-    fused, plain = Detector.load(MNIST, backend="onnx", device="cpu"), Detector.load(MNIST, backend="onnx", fuse=False)
+    fused = Detector.load(MNIST, backend="onnx", device="cpu")
+    plain = Detector.load(MNIST, backend="onnx", device="cpu", fuse=False)
     xs = inputs(mnist_test, 4)
     assert fused.backend._session is not None
     assert fused.fused and fused.backend._session is None
