@@ -60,6 +60,8 @@ class Calibration:
 
     @cached_property
     def _clean_list(self) -> list[float]:
+        """clean_scores as a list, made on first use: a calibration's arrays are not changed once fitted or
+        loaded (a new calibration replaces the object)."""
         return self.clean_scores.tolist()
 
     def save(self, path: Path) -> None:
