@@ -109,9 +109,9 @@ class OnnxBackend:
         feed = {self.input_name: np.ascontiguousarray(x, dtype=np.float32)}
         if upto is not None:
             key = tuple(upto)
-            if key not in self._truncated:  # built once per layer set, on first use
-                self._truncated[key] = self._make(_truncated(self._path, self.input_name, list(upto)))
-            outs = self._truncated[key].run(list(upto), feed)
+            if (session := self._truncated.get(key)) is None:  # built once per layer set, on first use
+                session = self._truncated[key] = self._make(_truncated(self._path, self.input_name, list(upto)))
+            outs = session.run(list(upto), feed)  # a local reference: `release` may clear the dict meanwhile
             return {n: reduce_tap(a) for n, a in zip(upto, outs, strict=True)}
         outs = self.session.run(self.output_names, feed)
         return {"logits": outs[0], **{n: reduce_tap(a) for n, a in zip(self.layers, outs[1:], strict=True)}}
