@@ -35,12 +35,12 @@ def machine() -> dict:
     }
 
 
-def rss_mb(pid: int) -> float:
-    """Resident memory of a process, from /proc (Linux)."""
+def rss_mb(pid: int, field: str = "VmRSS") -> float:
+    """Resident memory of a process (`VmHWM`: its peak so far), from /proc (Linux)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def resnet_folder(tmp: Path, top: str = "", image: str = "") -> Path:
@@ -140,6 +140,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def checkout_env(service_dir: Path | None) -> dict[str, str] | None:
+    """The environment that runs another checkout's code (its `service/` folder first on PYTHONPATH); None, this
+    one's (the installed package)."""
+    if service_dir is None:
+        return None
+    paths = [str(service_dir), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
+
+
 def start_server(
     port: int, extra: list[str] | tuple[str, ...], log: Path | None = None, service_dir: Path | None = None
 ) -> subprocess.Popen:
@@ -147,15 +156,11 @@ def start_server(
     `service_dir`: run the server code of another checkout (its `service/` folder first on PYTHONPATH)."""
     import httpx
 
-    env = None
-    if service_dir is not None:
-        paths = [str(service_dir), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
     proc = subprocess.Popen(
         [sys.executable, "-m", "nccr_guard.cli", "serve", "--port", str(port), "--no-log-json", *extra],
         stdout=subprocess.DEVNULL,
         stderr=log.open("w") if log else subprocess.DEVNULL,
-        env=env,
+        env=checkout_env(service_dir),
     )
     for _ in range(300):
         if proc.poll() is not None:

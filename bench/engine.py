@@ -194,7 +194,8 @@ def main() -> None:
         # the other engine, timed against the same bare forward: the numpy engine where the default runs as one
         # graph (ONNX), the one-function verdict where the default does not (torch on the CPU)
         other = Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads, fuse=not det.fused)
-        other.backend.fuses_verdicts = other.use_fused
+        if other.use_fused:  # torch: switched on as on CUDA
+            other.backend.fuses_verdicts = True
         tag = "unfused" if det.fused else "fused"
         for per in (1, 8, 32):
             batch = list(xs[:per])

@@ -22,13 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import ROOT, resnet_folder, write_report
-
-
-def rss_mb(field: str = "VmRSS") -> float:
-    """Resident memory now (VmRSS) or its peak so far (VmHWM), MB."""
-    with open("/proc/self/status") as f:
-        return int(f.read().split(f"{field}:")[1].split()[0]) / 1024
+from bench.common import ROOT, checkout_env, resnet_folder, rss_mb, write_report
 
 
 def child(folder: Path, fuse: bool) -> None:
@@ -36,13 +30,14 @@ def child(folder: Path, fuse: bool) -> None:
     from nccr_guard.detector import Detector
 
     det = Detector.load(folder, backend="onnx", device="cpu", threads=1, fuse=fuse)
-    loaded = rss_mb()
+    pid = os.getpid()
+    loaded = rss_mb(pid)
     x = np.random.default_rng(1).random((3, 224, 224)).astype(np.float32)
     det.detect([x])
-    warm = rss_mb()
+    warm = rss_mb(pid)
     for _ in range(3):
         det.detect([x])
-    after = rss_mb()
+    after = rss_mb(pid)
     print(
         json.dumps(
             {
@@ -50,7 +45,7 @@ def child(folder: Path, fuse: bool) -> None:
                 "loaded_mb": loaded,
                 "warm_mb": warm,
                 "after_4_verdicts_mb": after,
-                "peak_mb": rss_mb("VmHWM"),
+                "peak_mb": rss_mb(pid, "VmHWM"),
             }
         )
     )
@@ -80,13 +75,11 @@ def model(tmp: Path) -> Path:
 
 
 def run(folder: Path, fuse: bool, service_dir: Path | None = None) -> dict:
-    env = dict(os.environ)
-    paths = [str(service_dir or ROOT / "service"), str(ROOT)]
-    env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     flag = "--fuse" if fuse else "--no-fuse"
     out = subprocess.run(
         [sys.executable, "-m", "bench.fused_memory", "--child", str(folder), flag],
-        env=env,
+        env=checkout_env(service_dir),
+        cwd=ROOT,
         capture_output=True,
         text=True,
         check=True,

@@ -59,7 +59,7 @@ def scores(spec: VerdictGraph, c: _Constants, logits: torch.Tensor) -> torch.Ten
 def verdict_fn(
     spec: VerdictGraph, forward: Callable[[torch.Tensor], torch.Tensor], device: torch.device
 ) -> Callable[[torch.Tensor], tuple[torch.Tensor]]:
-    """inputs (B, *shape) float32 on `device` -> (scores,): rows as Detector.forward_rows normalises them,
+    """inputs (B, *shape) float32 on `device` -> (scores,): rows normalised as Detector.forward does it,
     `forward` (rows -> logits), then `scores`. Deterministic squeezes only, so a CUDA graph can capture it."""
     c = _Constants(spec, device)
 
