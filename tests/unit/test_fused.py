@@ -86,7 +86,8 @@ def test_the_watched_layer_session_is_released_and_rebuilt_on_demand(mnist_test)
 
 def test_torch_one_function_verdicts_are_the_numpy_engines(mnist_test):
     """The torch twin, eagerly and replayed from (stand-in) CUDA graphs: the same verdicts, components bit for
-    bit; a batch whose rows exceed the graphs' largest bucket runs eagerly."""
+    bit; a batch whose rows exceed the graphs' largest bucket replays in chunks that fit it, and an input whose
+    rows alone exceed it runs eagerly."""
     fused, plain = load(MNIST, "torch"), load(MNIST, "torch", fuse=False)
     assert fused.fused and not plain.fused
     xs = inputs(mnist_test)
@@ -97,8 +98,12 @@ def test_torch_one_function_verdicts_are_the_numpy_engines(mnist_test):
     assert_same([fused.detect(x[None])[0] for x in xs[:3]], want[:3])
     keys = {(k[0], k[1]) for k in fused.backend.graphs.graphs}
     assert keys == {(("verdict",), 10), (("verdict",), 7), (("verdict",), 1)}  # 9 inputs padded to 10; 52 = 5 * 9 + 7
-    assert_same(fused.detect(xs[:20]), want[:20])  # 80 rows: eager
-    assert len(fused.backend.graphs.graphs) == 3
+    assert_same(fused.detect(xs[:20]), want[:20])  # 80 rows: replays of 16 inputs, then of 4
+    keys = {(k[0], k[1]) for k in fused.backend.graphs.graphs}
+    assert keys == {(("verdict",), n) for n in (16, 10, 7, 4, 1)}
+    fused.backend.graphs = GraphedForward(replaying_capture, 3)  # fewer rows than one input has: eager
+    assert_same(fused.detect(xs[:6]), want[:6])
+    assert not fused.backend.graphs.graphs
     assert not Detector.load(MNIST, backend="torch", device="cpu").fused  # off on the CPU by default
 
 
