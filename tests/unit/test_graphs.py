@@ -167,7 +167,10 @@ def test_uploads_reuse_one_buffer_per_thread_and_wait_for_its_last_copy():
     assert up._local.buf is first and log == ["record", "wait", "record"]  # smaller: same buffer, after a wait
     tc = up(c)
     assert up._local.buf is not first and up._local.buf.numel() == c.size  # grown to max(needed, twice the old)
-    for t, x in ((ta, a), (tb, b), (tc, c)):
+    up.max_bytes = c.nbytes - 1
+    td = up(c)  # over the cap: copied on its own, the thread's buffer kept as it was
+    assert up._local.buf.numel() == c.size and log.count("record") == 3
+    for t, x in ((ta, a), (tb, b), (tc, c), (td, c)):
         assert t.shape == x.shape and np.array_equal(t.numpy(), x)
     seen = []
     worker = threading.Thread(target=lambda: (up(b), seen.append(up._local.buf)))

@@ -104,7 +104,9 @@ class PinnedUploads:
     (`Tensor.pin_memory`) allocates page-locked memory each time, which on the H200 cost ~25-50 us of a 250 us
     one-input verdict (bench/gpu.py's engine_profile, session 21). The buffer is overwritten only after the
     copy that last read it has finished (an event), and each thread has its own, so the server's workers never
-    share one. `to_device` and `event` are torch's on a GPU; the tests pass stand-ins to run this on the CPU."""
+    share one. A batch over `max_bytes` (an evaluation's thousands of images) is pinned for its copy alone
+    rather than held page-locked for the thread's lifetime. `to_device` and `event` are torch's on a GPU; the
+    tests pass stand-ins to run this on the CPU."""
 
     def __init__(
         self,
@@ -112,13 +114,17 @@ class PinnedUploads:
         to_device: Callable[[torch.Tensor], torch.Tensor] | None = None,
         event: Callable[[], object] | None = None,
         pin: bool = True,
+        max_bytes: int = 64 << 20,
     ) -> None:
         self.to_device = to_device or (lambda h: h.to(device, non_blocking=True))
         self.event = event or torch.cuda.Event
-        self.pin = pin
+        self.pin, self.max_bytes = pin, max_bytes
         self._local = threading.local()
 
     def __call__(self, x: np.ndarray) -> torch.Tensor:
+        if x.nbytes > self.max_bytes:
+            t = torch.from_numpy(x)
+            return self.to_device(t.pin_memory() if self.pin else t)
         local = self._local
         buf: torch.Tensor | None = getattr(local, "buf", None)
         if buf is None or buf.numel() < x.size:
