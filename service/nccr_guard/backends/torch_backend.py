@@ -101,8 +101,9 @@ class PinnedUploads:
     """Host-to-device copies through a page-locked buffer that each thread reuses.
 
     Why: a copy from page-locked memory runs asynchronously, but pinning a fresh tensor per call
-    (`Tensor.pin_memory`) allocates page-locked memory each time, which on the H200 cost ~25-50 us of a 250 us
-    one-input verdict (bench/gpu.py's engine_profile, session 21). The buffer is overwritten only after the
+    (`Tensor.pin_memory`) allocates page-locked memory each time: ~25-50 us of host time in a 250 us one-input
+    verdict on the H200 under torch.profiler (bench/gpu.py's engine_profile, session 21; unprofiled, the gain
+    was within that run's noise). The buffer is overwritten only after the
     copy that last read it has finished (an event), and each thread has its own, so the server's workers never
     share one. A batch over `max_bytes` (an evaluation's thousands of images) is pinned for its copy alone
     rather than held page-locked for the thread's lifetime. `to_device` and `event` are torch's on a GPU; the
