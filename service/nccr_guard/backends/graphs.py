@@ -3,7 +3,8 @@
 Why: on a GPU a small model's forward is mostly launch overhead (Python and one CUDA launch per layer and per
 hook), not arithmetic; a captured graph replays every kernel of the forward with one launch. Batches are padded
 up to the next bucket (at most 1.25x the rows) so that a handful of graphs serves every batch size up to
-`max_rows`; bigger batches run eagerly, where launches are amortised anyway.
+`max_rows`; bigger forwards run eagerly, where launches are amortised anyway (the torch one-function verdict,
+whose many small operators are not, replays in graph-sized chunks instead: TorchBackend.fused_verdicts).
 
 Every graph is checked once against the eager forward, on the batch that triggered its capture and on a scaled
 copy of it; a capture that fails or disagrees turns graphs off for the backend (a warning, then eager
