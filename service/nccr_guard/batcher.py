@@ -10,6 +10,10 @@ A request of several inputs (a batch upload, a KServe v2 tensor of N inputs) may
 `slots` inputs: one future, one queue entry and one result for a forward's worth of them, where one item per
 input cost the event loop more than an MNIST verdict's own scoring. Queue places count inputs either way.
 
+A request whose inputs succeed or fail together is admitted with `reserve`: it holds their queue places from
+admission until its parts are submitted, so requests arriving in between (the event loop runs them while the
+parts' tasks start, or while uploads decode in a thread) are refused instead of the admitted request's later parts.
+
 A request that needs several forwards (a sequential test's later rounds) resubmits with `resume=True`: it
 goes to the head of the queue, never bounces off a full queue, and shares the next forward with whatever
 requests, at whatever round, are waiting.
@@ -66,6 +70,33 @@ class BatchStats:
     failed: bool
 
 
+class Reservation:
+    """Queue places held for one request between its admission and its parts' submits (`Batcher.reserve`): a
+    submit given the reservation takes its places from it instead of checking the queue; places never taken
+    (an input that failed to decode, a client gone) go back on `release`. A context manager releases on exit."""
+
+    def __init__(self, batcher: Batcher, n: int) -> None:
+        self._batcher, self.left = batcher, n
+
+    def take(self, slots: int) -> bool:
+        """Hand `slots` held places to an item being queued (the batcher moves them from held to queued); False,
+        nothing handed, if fewer are left."""
+        if slots > self.left:
+            return False
+        self.left -= slots
+        return True
+
+    def release(self) -> None:
+        self._batcher._reserved -= self.left
+        self.left = 0
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class Batcher(Generic[T, R]):
     def __init__(
         self,
@@ -84,6 +115,7 @@ class Batcher(Generic[T, R]):
         self._queue: deque[_Item[T]] = deque()
         self._rows = 0  # rows of everything queued, cancelled items included until purged
         self._slots = 0  # inputs queued, counted alike
+        self._reserved = 0  # places held by admitted requests not yet submitted (Reservation)
         self._wakeup: asyncio.Condition | None = None
         self._tasks: list[asyncio.Task] = []
         self._executor: ThreadPoolExecutor | None = None
@@ -101,15 +133,18 @@ class Batcher(Generic[T, R]):
         self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix=self.name)
         self._tasks = [asyncio.create_task(self._worker(), name=f"{self.name}-{i}") for i in range(self.workers)]
 
-    async def submit(self, payload: T, rows: int = 1, resume: bool = False, slots: int = 1) -> tuple[R, Timings]:
+    async def submit(
+        self, payload: T, rows: int = 1, resume: bool = False, slots: int = 1, held: Reservation | None = None
+    ) -> tuple[R, Timings]:
         """Queue one request (or `slots` inputs of one request, as one item) and wait for its result. Raises
         QueueFull / Draining at once, or the batch's error.
 
         resume: a later round of an admitted request; it jumps the queue and is never refused (drain waits
-        for it like any queued work)."""
+        for it like any queued work). held: the request's reservation, which its places come from."""
         if self._closing and not resume:
             raise Draining("shutting down")
-        if not resume and self.free() < slots:  # cancelled requests free their slot now
+        moved = not resume and held is not None and held.take(slots)  # counted held until queued below
+        if not (resume or moved) and self.free() < slots:  # cancelled requests free their slot now
             raise QueueFull(f"{self.name}: {self._slots} inputs queued")
         item = _Item(payload, rows, slots, asyncio.get_running_loop().create_future())
         async with self._wakeup:
@@ -119,8 +154,16 @@ class Batcher(Generic[T, R]):
                 self._queue.append(item)
             self._rows += rows
             self._slots += slots
+            self._reserved -= slots if moved else 0
             self._wakeup.notify()
         return await item.future
+
+    def reserve(self, n: int) -> Reservation:
+        """Hold `n` queue places for one request's inputs (see Reservation); QueueFull if fewer are free."""
+        if self.free() < n:
+            raise QueueFull(f"{self.name}: {self._slots} inputs queued")
+        self._reserved += n
+        return Reservation(self, n)
 
     @contextlib.contextmanager
     def session(self):
@@ -133,10 +176,11 @@ class Batcher(Generic[T, R]):
             self.sessions -= 1
 
     def free(self) -> int:
-        """Places left in the queue now (cancelled requests purged first when it looks full)."""
-        if self._slots >= self.max_queue:
+        """Places left in the queue now, less those held by reservations (cancelled requests purged first when
+        it looks full)."""
+        if self._slots + self._reserved >= self.max_queue:
             self._purge()
-        return self.max_queue - self._slots
+        return self.max_queue - self._slots - self._reserved
 
     def _purge(self) -> None:
         self._queue = deque(i for i in self._queue if not i.future.done())

@@ -166,6 +166,19 @@ def test_a_full_queue_refuses_the_inputs_beyond_it_and_counts_them(tmp_path, dig
             assert too_many.status_code == 413 and "queue of 4" in too_many.json()["error"]
             body, headers = _binary_v2(mnist_test[0][:4])
             assert c.post("/v2/models/mnist/infer", content=body, headers=headers).status_code == 200
+            # Queue places are held from admission until the parts are submitted; those of inputs that never
+            # get there (PNGs cut short: routed as images, then fail to decode) come back. Were they kept, the
+            # queue of four would be full after the second of these requests.
+            cut = [
+                ("file", (f"cut{i}.png", p.read_bytes()[:80], "image/png")) for i, (p, _) in enumerate(digit_pngs[:2])
+            ]
+            for _ in range(3):
+                r = c.post("/v1/detect/batch", files=files[:2] + cut)
+                statuses = [item.get("status", 200) if item.get("error") else 200 for item in r.json()["results"]]
+                assert statuses[:2] == [200, 200] and 400 <= min(statuses[2:]) < 500, r.json()
+            r = c.post("/v1/detect/batch", files=files[:4])
+            assert all(item.get("result") for item in r.json()["results"]), r.json()
+            assert c.post("/v2/models/mnist/infer", content=body, headers=headers).status_code == 200
     finally:
         s.stop()
 

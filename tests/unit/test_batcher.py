@@ -120,6 +120,43 @@ def test_an_item_of_several_inputs_takes_as_many_queue_places():
     assert (t2.batch_requests, t2.batch_rows) == (4, 4)
 
 
+def test_reserved_places_stay_with_their_request_until_its_parts_are_submitted():
+    """A request admitted with `reserve` (KServe v2 infer, upload batches) holds its places: requests that come
+    after it are refused while they are held, its own parts never; places it never used come back on release."""
+    gate, slow = gated()
+
+    async def main():
+        b = Batcher(slow, max_rows=8, max_delay_s=0.0, max_queue=10)
+        await b.start()
+        first = asyncio.ensure_future(b.submit("first", rows=8))
+        await asyncio.sleep(0.05)  # now running, queue empty
+        held = b.reserve(6)
+        assert (b.free(), b.depth) == (4, 0)
+        with pytest.raises(QueueFull):
+            b.reserve(5)
+        other = asyncio.ensure_future(b.submit("other", rows=4, slots=4))  # takes the places not held
+        await asyncio.sleep(0.01)
+        assert (b.free(), b.depth) == (0, 4)
+        with pytest.raises(QueueFull):
+            await b.submit("later")
+        parts = [asyncio.ensure_future(b.submit(p, rows=4, slots=2, held=held)) for p in ("p1", "p2")]
+        await asyncio.sleep(0.01)
+        assert (held.left, b.depth, b.free()) == (2, 8, 0)
+        with pytest.raises(QueueFull):  # more than it holds: checked against the queue like any submit
+            await b.submit("p3", slots=3, held=held)
+        assert held.left == 2
+        with held:  # released on exit
+            pass
+        assert (held.left, b.free()) == (0, 2)
+        gate.set()
+        out = [await f for f in (first, other, *parts)]
+        assert (b.free(), b.depth) == (10, 0)
+        await b.stop()
+        return [r for r, _ in out]
+
+    assert run(main()) == ["first", "other", "p1", "p2"]
+
+
 def test_drain_finishes_queued_work_then_refuses():
     async def main():
         b = Batcher(lambda xs: (time.sleep(0.02), xs)[1], max_rows=1, max_delay_s=0.0, max_queue=10)

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from nccr_guard.batcher import Batcher, BatchStats, Draining, QueueFull, Timings
+from nccr_guard.batcher import Batcher, BatchStats, Draining, QueueFull, Reservation, Timings
 from nccr_guard.config import Settings
 from nccr_guard.detector import VERDICTS, Detector, Verdict
 from nccr_guard.inputs import InputError
@@ -97,30 +97,36 @@ class ModelRuntime:
         self.ready = True
         log.info("model %s warm in %.2fs", self.name, time.monotonic() - t)
 
-    async def _run(self, xs: np.ndarray) -> tuple[list[Verdict], Timings]:
-        """Verdicts of one part (at most `part_size` inputs) and its batch's timings."""
+    async def _run(self, xs: np.ndarray, held: Reservation | None = None) -> tuple[list[Verdict], Timings]:
+        """Verdicts of one part (at most `part_size` inputs) and its batch's timings; `held`: its request's
+        queue places (see `admit`)."""
         if not self.sequential:
-            return await self.batcher.submit(xs, len(xs) * self.detector.rows_per_input, slots=len(xs))
+            return await self.batcher.submit(xs, len(xs) * self.detector.rows_per_input, slots=len(xs), held=held)
         [x] = xs
         det, job, total = self.detector, self.detector.start(x), Timings()
         with self.batcher.session():
             while not job.done:
-                _, t = await self.batcher.submit(job, len(det.pending(job)), resume=job.forwarded > 0)
+                resume = job.forwarded > 0
+                _, t = await self.batcher.submit(job, len(det.pending(job)), resume=resume, held=held)
                 total.queue_s += t.queue_s
                 total.compute_s += t.compute_s
                 total.batch_requests, total.batch_rows = t.batch_requests, t.batch_rows  # the last round's batch
         assert job.verdict is not None
         return [job.verdict], total
 
-    def admit(self, n: int) -> None:
-        """Refuse a request of `n` inputs that all succeed or fail together (KServe v2 infer) unless all of them
-        fit the queue now: admitted input by input, the verdicts of those that fit were computed and thrown away
-        with the request's 503."""
+    def admit(self, n: int) -> Reservation:
+        """Hold the queue places of a request of `n` inputs that all succeed or fail together (KServe v2 infer),
+        or refuse it: admitted input by input, the verdicts of those that fit were computed and thrown away with
+        the request's 503; admitted on a look at the free places, its later parts could still meet a queue
+        filled meanwhile by requests that came after it. Pass the reservation to `detect_part`; release it
+        (`with`) once the parts are submitted."""
         if n > self.batcher.max_queue:
             cap = self.batcher.max_queue
             raise InputError(f"{n} inputs exceed model {self.name}'s queue of {cap} (--max-queue)", 413, "too_large")
-        if self.batcher.free() < n:
-            raise self.at_capacity()
+        try:
+            return self.batcher.reserve(n)
+        except QueueFull:
+            raise self.at_capacity() from None
 
     def at_capacity(self) -> InputError:
         return InputError(f"model {self.name} is at capacity; retry shortly", 503, "queue_full")
@@ -130,11 +136,12 @@ class ModelRuntime:
         like them (their positions in the request) is cut alike."""
         return [xs[i : i + self.part_size] for i in range(0, len(xs), self.part_size)]
 
-    async def detect_part(self, xs: np.ndarray) -> list[tuple[Verdict, Timings]]:
+    async def detect_part(self, xs: np.ndarray, held: Reservation | None = None) -> list[tuple[Verdict, Timings]]:
         """Verdicts of a part of one request (see `parts`), submitted as one batcher item: its inputs share one
-        future and one queue-wait observation, and stand or fall together (queue full, backend error)."""
+        future and one queue-wait observation, and stand or fall together (queue full, backend error). `held`:
+        the request's reserved queue places (`admit`), which the part's places come from."""
         try:
-            verdicts, timings = await self._run(xs)
+            verdicts, timings = await self._run(xs, held)
         except QueueFull:
             raise self.at_capacity() from None
         except Draining:

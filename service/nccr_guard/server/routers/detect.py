@@ -12,6 +12,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
+from nccr_guard.batcher import Reservation
 from nccr_guard.inputs import InputError, declared_pixels, decode
 from nccr_guard.server.deps import Authorized, ServiceDep, deadline
 from nccr_guard.server.runtime import ModelRuntime
@@ -117,17 +118,40 @@ async def detect_uploads(
     the overloaded event loop a PNG decode each."""
     start = time.monotonic()
     routed: list[ModelRuntime | InputError] = []
-    free: dict[ModelRuntime, int] = {}
     for up in uploads:
         try:
-            rt = service.runtime(model, up.data)
+            routed.append(service.runtime(model, up.data))
         except InputError as e:
             routed.append(e)
-            continue
-        if rt not in free:  # asked once per model and request: free() may purge the queue
-            free[rt] = rt.batcher.free()
-        free[rt] -= 1
-        routed.append(rt if free[rt] >= 0 else rt.at_capacity())
+    # Each model's free places are held for this request's inputs until their parts are submitted (see
+    # ModelRuntime.admit); the inputs beyond them are refused here.
+    held: dict[ModelRuntime, Reservation] = {}
+    try:
+        for rt in routed:
+            if isinstance(rt, ModelRuntime) and rt not in held:  # asked once per model: free() may purge the queue
+                want = sum(x is rt for x in routed)
+                held[rt] = rt.batcher.reserve(min(want, max(rt.batcher.free(), 0)))
+        taken: dict[ModelRuntime, int] = dict.fromkeys(held, 0)
+        for i, rt in enumerate(routed):
+            if isinstance(rt, ModelRuntime):
+                taken[rt] += 1
+                if taken[rt] > held[rt].left:
+                    routed[i] = rt.at_capacity()
+        return await _detect_routed(request, service, uploads, routed, held, start)
+    finally:
+        for r in held.values():
+            r.release()
+
+
+async def _detect_routed(
+    request: Request,
+    service: Service,
+    uploads: list[Upload],
+    routed: list[ModelRuntime | InputError],
+    held: dict[ModelRuntime, Reservation],
+    start: float,
+) -> list[Detection | InputError]:
+    """detect_uploads once its uploads are routed and their queue places held."""
 
     def prepare() -> list[tuple[ModelRuntime, np.ndarray] | InputError]:
         out: list[tuple[ModelRuntime, np.ndarray] | InputError] = []
@@ -159,7 +183,7 @@ async def detect_uploads(
                     total=round((time.monotonic() - start) * 1e3, 3),
                 ),
             )
-            for v, t in await rt.detect_part(xs)
+            for v, t in await rt.detect_part(xs, held[rt])
         ]
 
     due = deadline(request)

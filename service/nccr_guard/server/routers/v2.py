@@ -160,8 +160,8 @@ async def infer(name: str, req: V2InferRequest, request: Request, service: Servi
     m = rt.detector.manifest
     x = np.clip(_tensor(req, m.input.shape, request.scope["state"].get("v2_binary")), *m.input.range)
     due = deadline(request)
-    rt.admit(len(x))
-    settled = await settle(request, [rt.detect_part(part) for part in rt.parts(x)], due)
+    with rt.admit(len(x)) as held:
+        settled = await settle(request, [rt.detect_part(part, held) for part in rt.parts(x)], due)
     if errors := [r for r in settled if isinstance(r, InputError)]:
         raise errors[0]
     results = [v for part in settled for v, _ in part]
