@@ -8,7 +8,8 @@ For each round, each `--max-batch`, `--processes` and `--flags` value (and each 
 `nccr-guard serve --models models/mnist`:
 /v1/detect/batch throughput with 32 PNGs per request (wrk, 4 and 8 connections: 8 x 32 fill the default
 queue), KServe v2 throughput with 32 raw FP32 tensors per request (2 and 4 connections), single-image
-throughput (wrk, 16 connections), all counted in verdicts the server gave, and latency
+throughput (wrk, 16 connections) with the server's CPU per request (all processes and threads, and event loops
+alone: steadier than requests/s on a shared machine), all counted in verdicts the server gave, and latency
 at 150 and 250 requests/s offered (wrk with Poisson think times; with the slowest request, and the server's
 full garbage collections over the whole run where it exports them).
 Alternating the servers lets the shared machine's drift hit every setting alike. Writes
@@ -25,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import compare_suffix, compared_servers, start_server, write_report
+from bench.common import compare_suffix, compared_servers, start_server, tree_cpu_s, write_report
 from bench.serve import (
     BATCH_IMAGES,
     BOUNDARY,
@@ -60,6 +61,10 @@ def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path,
         v2 = f"http://127.0.0.1:{port}/v2/models/mnist/infer"
         ctype = f"multipart/form-data; boundary={BOUNDARY}"
         paced(url, single, 100, 2)  # warm
+        cpu_before = tree_cpu_s(proc.pid)
+        single_rps = wrk(url, single, 16, seconds)["verdicts_per_s"]
+        served = single_rps * int(seconds)
+        used = [round(1e3 * (b - a) / served, 4) for a, b in zip(cpu_before, tree_cpu_s(proc.pid), strict=True)]
         out = {
             "rows": rows,
             "processes": processes,
@@ -69,7 +74,9 @@ def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path,
             "tensor_inputs_per_s": {
                 c: wrk(v2, tensors, c, seconds, "application/octet-stream", hdrs)["verdicts_per_s"] for c in (2, 4)
             },
-            "single_rps_c16": wrk(url, single, 16, seconds)["verdicts_per_s"],
+            "single_rps_c16": single_rps,
+            # the server's CPU per single-image request at saturation: all threads and processes, event loops only
+            "single_cpu_ms": {"all": used[0], "event_loops": used[1]},
             "latency": [paced(url, single, r, seconds) for r in (150, 250)],
             "full_collections": full_collections(port),
         }
@@ -86,7 +93,8 @@ def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path,
         f"{out['server']}, max-batch {rows:>4} rows, {processes} process(es) {extra}: "
         f"batch requests {max(out['batch_images_per_s'].values()):,.0f} images/s, "
         f"raw tensors {max(out['tensor_inputs_per_s'].values()):,.0f} inputs/s, "
-        f"single {out['single_rps_c16']:.0f} req/s, {lat}",
+        f"single {out['single_rps_c16']:.0f} req/s ({out['single_cpu_ms']['all']:.3f} CPU ms each, event loops "
+        f"{out['single_cpu_ms']['event_loops']:.3f}), {lat}",
         flush=True,
     )
     return out
@@ -123,6 +131,7 @@ def main() -> None:
             "batch_images_per_s": [max(x["batch_images_per_s"].values()) for x in mine],
             "tensor_inputs_per_s": [max(x["tensor_inputs_per_s"].values()) for x in mine],
             "single_rps_c16": [x["single_rps_c16"] for x in mine],
+            "single_cpu_ms": [x["single_cpu_ms"] for x in mine],
             "p50_ms_at_250": [x["latency"][1]["p50_ms"] for x in mine],
             "p99_ms_at_250": [x["latency"][1]["p99_ms"] for x in mine],
             "max_ms_at_250": [x["latency"][1]["max_ms"] for x in mine],
@@ -133,12 +142,17 @@ def main() -> None:
     name = "batch-size" + ("-processes" if args.processes != [1] else "") + (f"-flags-{named}" if named else "")
     name += compare_suffix(args.compare)
     write_report(name, {"runs": runs, "summary": summary}, "python -m bench.batch_size " + " ".join(sys.argv[1:]))
+
+    def loops(s: dict) -> list[float]:
+        return [v["event_loops"] for v in s["single_cpu_ms"]]
+
     print(
         "batch-size: "
         + "; ".join(
             f"{r}: batch requests {'/'.join(f'{v:,.0f}' for v in s['batch_images_per_s'])} images/s, "
             f"raw tensors {'/'.join(f'{v:,.0f}' for v in s['tensor_inputs_per_s'])} inputs/s, "
-            f"single {'/'.join(f'{v:.0f}' for v in s['single_rps_c16'])} req/s, "
+            f"single {'/'.join(f'{v:.0f}' for v in s['single_rps_c16'])} req/s "
+            f"(event loops {'/'.join(f'{v:.3f}' for v in loops(s))} CPU ms each), "
             f"p50 at 250/s {'/'.join(f'{v:.1f}' for v in s['p50_ms_at_250'])} ms, "
             f"max {'/'.join(f'{v:.0f}' for v in s['max_ms_at_250'])} ms"
             for r, s in summary.items()
