@@ -34,6 +34,49 @@ def test_detect_png_multipart_and_raw(server, digit_pngs):
         assert body["timings_ms"]["total"] <= app_ms < 10_000
 
 
+def test_direct_detect_answers_as_the_fastapi_route(server, tmp_path, digit_pngs):
+    """POST /v1/detect is served beside FastAPI's routing (DirectDetect, the default); with --no-direct-detect the
+    FastAPI route serves it. Both answer alike: status, body (but for timings), the headers errors carry, and
+    what the metrics count."""
+    png = digit_pngs[3][0].read_bytes()
+    cases = [
+        {"content": png, "headers": {"content-type": "image/png"}},
+        {"files": {"file": ("d.png", png, "image/png")}},
+        {"files": [("file", ("a.png", png, "image/png")), ("file", ("b.png", png, "image/png"))]},
+        {"content": png[:70], "headers": {"content-type": "image/png"}},
+        {"content": b"", "headers": {"content-type": "image/png"}},
+        {"content": b"hello\n" * 20, "headers": {"content-type": "text/plain"}},
+        {"content": b"{}", "headers": {"content-type": "application/json"}},
+        {"content": png, "headers": {"content-type": "image/png"}, "params": {"model": "nope"}},
+    ]
+    routed = start_server(tmp_path, "--no-direct-detect")
+    try:
+        answers = []
+        for s in (server, routed):
+            with s.client() as c:
+                before = c.get("/metrics").text
+                got = []
+                for case in cases:
+                    r = c.post("/v1/detect", **case)
+                    body = r.json()
+                    body.pop("timings_ms", None)
+                    kept = {h: r.headers.get(h) for h in ("content-type", "retry-after", "www-authenticate")}
+                    got.append((r.status_code, body, kept))
+                after = c.get("/metrics").text
+            counted = {}
+            for text, sign in ((before, -1), (after, 1)):
+                for m in re.finditer(r"^(nccr_guard_(?:requests|rejections)_total\{[^}]*\}) (\S+)$", text, re.M):
+                    if "/metrics" not in m.group(1):
+                        counted[m.group(1)] = counted.get(m.group(1), 0) + sign * float(m.group(2))
+            answers.append((got, {k: v for k, v in counted.items() if v}))
+    finally:
+        routed.stop()
+    (direct, direct_counts), (fastapi, fastapi_counts) = answers
+    assert [a[0] for a in direct] == [200, 200, 400, 400, 400, 415, 415, 404], direct
+    assert direct == fastapi
+    assert direct_counts == fastapi_counts and any('endpoint="/v1/detect"' in k for k in direct_counts), direct_counts
+
+
 def test_access_log_has_one_json_line_per_request(server, digit_pngs):
     path, _ = digit_pngs[2]
     with server.client() as c:

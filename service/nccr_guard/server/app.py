@@ -24,6 +24,7 @@ from nccr_guard.engine.variants import unknown_schedule_names
 from nccr_guard.inputs import InputError
 from nccr_guard.manifest import load_manifest
 from nccr_guard.server.deps import OpenOrAuthorized
+from nccr_guard.server.errors import input_error_response, unexpected_response
 from nccr_guard.server.metrics import GcPauses, Metrics, watch_event_loop
 from nccr_guard.server.middleware import ServiceMiddleware
 from nccr_guard.server.routers import detect, guard, models, v2
@@ -126,6 +127,8 @@ def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
         description="Detects adversarial images and audio by neuron cover change rate (NCCR).",
     )
     app.state.service = service
+    if settings.direct_detect:  # added first: inside ServiceMiddleware, which must see every request
+        app.add_middleware(detect.DirectDetect, service=service)
     app.add_middleware(ServiceMiddleware, service=service)
     for r in (detect.router, models.router, v2.router, guard.router):
         app.include_router(r)
@@ -149,17 +152,7 @@ def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
 def _add_error_handlers(app: FastAPI, service: Service) -> None:
     @app.exception_handler(InputError)
     async def input_error(request: Request, e: InputError) -> JSONResponse:
-        service.metrics.rejections.labels(e.reason).inc()
-        headers = {"Retry-After": "1"} if e.status == 503 else None
-        if e.status == 401:
-            headers = {"WWW-Authenticate": "Bearer"}
-        if e.reason in ("too_large", "timeout") and e.status in (408, 413):
-            # The rest of the body is unread: close, or the server would go on receiving (and discarding) it.
-            headers = {"Connection": "close"}
-        if e.reason == "queue_full" and "chunked" in request.headers.get("transfer-encoding", "").lower():
-            # Refused from its headers (Service.refuse_if_full), a chunked body of unknown length is unread.
-            headers = {"Retry-After": "1", "Connection": "close"}
-        return JSONResponse({"error": str(e)}, e.status, headers=headers)
+        return input_error_response(service, request, e)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -174,5 +167,4 @@ def _add_error_handlers(app: FastAPI, service: Service) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, e: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s", request.url.path)
-        return JSONResponse({"error": "internal error"}, 500)
+        return unexpected_response(request)

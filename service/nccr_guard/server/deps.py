@@ -25,7 +25,7 @@ def deadline(request: Request) -> float:
     return request.scope["state"]["deadline"]
 
 
-async def require_key(request: Request, service: ServiceDep) -> None:
+def check_key(request: Request, service: Service) -> None:
     """Bearer token or X-API-Key, compared in constant time; no key configured means open."""
     key = service.settings.api_key
     if not key:
@@ -36,9 +36,16 @@ async def require_key(request: Request, service: ServiceDep) -> None:
         raise InputError("missing or wrong API key", 401, "unauthorized")
 
 
-async def require_key_unless_open(request: Request, service: ServiceDep) -> None:
+async def require_key(request: Request) -> None:
+    """check_key as a dependency. The service comes from the app, not from a sub-dependency: each dependency
+    FastAPI solves costs the event loop per request."""
+    check_key(request, request.app.state.service)
+
+
+async def require_key_unless_open(request: Request) -> None:
+    service = request.app.state.service
     if not service.settings.open_health:
-        await require_key(request, service)
+        check_key(request, service)
 
 
 Authorized = Depends(require_key)

@@ -14,7 +14,7 @@ from fastapi.routing import APIRoute
 
 from nccr_guard import __version__
 from nccr_guard.inputs import InputError
-from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep, deadline, get_service, require_key
+from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep, check_key, deadline, get_service
 from nccr_guard.server.routers.detect import settle
 from nccr_guard.server.schemas import Error, V2InferRequest, V2InferResponse, V2Tensor
 from nccr_guard.server.uploads import read_body
@@ -42,7 +42,7 @@ class BinaryTensorRoute(APIRoute):
         async def route(request: Request) -> Response:
             if request.method == "POST" and (name := request.path_params.get("name")):  # infer
                 service = await get_service(request)
-                await require_key(request, service)  # the key first, as everywhere
+                check_key(request, service)  # the key first, as everywhere
                 service.refuse_if_full(name, "")  # before the body is read (Service.refuse_if_full)
             declared = request.headers.get(BINARY_HEADER)
             if declared is None:
