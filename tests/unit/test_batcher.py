@@ -27,6 +27,16 @@ def gated():
     return gate, slow
 
 
+async def running_full_batch(slow) -> tuple[Batcher, asyncio.Future]:
+    """A started batcher of 8 rows and 10 queue places whose worker runs a full batch ("first") held by `slow`:
+    the queue is empty and stays as the test fills it."""
+    b = Batcher(slow, max_rows=8, max_delay_s=0.0, max_queue=10)
+    await b.start()
+    first = asyncio.ensure_future(b.submit("first", rows=8))
+    await asyncio.sleep(0.05)  # now running, queue empty
+    return b, first
+
+
 def test_requests_share_batches_and_get_their_own_results():
     sizes: list[int] = []
 
@@ -96,10 +106,7 @@ def test_an_item_of_several_inputs_takes_as_many_queue_places():
     gate, slow = gated()
 
     async def main():
-        b = Batcher(slow, max_rows=8, max_delay_s=0.0, max_queue=10)
-        await b.start()
-        first = asyncio.ensure_future(b.submit("first", rows=8))
-        await asyncio.sleep(0.05)  # now running, queue empty
+        b, first = await running_full_batch(slow)
         part = asyncio.ensure_future(b.submit("part", rows=8, slots=6))
         await asyncio.sleep(0.01)
         assert (b.free(), b.depth) == (4, 6)
@@ -126,10 +133,7 @@ def test_reserved_places_stay_with_their_request_until_its_parts_are_submitted()
     gate, slow = gated()
 
     async def main():
-        b = Batcher(slow, max_rows=8, max_delay_s=0.0, max_queue=10)
-        await b.start()
-        first = asyncio.ensure_future(b.submit("first", rows=8))
-        await asyncio.sleep(0.05)  # now running, queue empty
+        b, first = await running_full_batch(slow)
         held = b.reserve(6)
         assert (b.free(), b.depth) == (4, 0)
         with pytest.raises(QueueFull):
