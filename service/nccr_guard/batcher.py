@@ -143,7 +143,7 @@ class Batcher(Generic[T, R]):
         for it like any queued work). held: the request's reservation, which its places come from."""
         if self._closing and not resume:
             raise Draining("shutting down")
-        moved = not resume and held is not None and held.take(slots)  # counted held until queued below
+        moved = not resume and held is not None and held.left >= slots  # its places move from held to queued
         if not (resume or moved) and self.free() < slots:  # cancelled requests free their slot now
             raise QueueFull(f"{self.name}: {self._slots} inputs queued")
         item = _Item(payload, rows, slots, asyncio.get_running_loop().create_future())
@@ -154,7 +154,10 @@ class Batcher(Generic[T, R]):
                 self._queue.append(item)
             self._rows += rows
             self._slots += slots
-            self._reserved -= slots if moved else 0
+            # Taken here, once queued: a reservation spent before a failed lock acquire would hold its places
+            # for good. (A part of the same request that took them meanwhile: queued unchecked, never lost.)
+            if moved and held.take(slots):
+                self._reserved -= slots
             self._wakeup.notify()
         return await item.future
 
