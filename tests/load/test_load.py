@@ -60,7 +60,10 @@ def test_200_concurrent_requests_are_all_answered_in_shared_batches(server, digi
 
 
 def test_full_queue_sheds_load_with_503_and_retry_after(tmp_path, digit_pngs):
-    s = start_server(tmp_path, "--max-queue", "2", "--max-batch", "14")
+    # A queue of two that a batch never empties early: 14 rows take three inputs, so each batch waits out the
+    # 100 ms window with two. The overload then holds however fast the host serves (a fast server kept up with
+    # 120 requests over 240 ms and refused none).
+    s = start_server(tmp_path, "--max-queue", "2", "--max-batch", "14", "--max-delay-ms", "100")
     try:
         answers = asyncio.run(_post_many(s.url, digit_pngs[0][0].read_bytes(), 120, delay_s=0.002))
         codes = [getattr(a, "status_code", None) for a in answers]
