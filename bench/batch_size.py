@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.common import compare_suffix, compared_servers, start_server, tree_cpu_s, write_report
+from bench.common import compare_suffix, compared_servers, cpu_ms_per_request, start_server, tree_cpu_s, write_report
 from bench.serve import (
     BATCH_IMAGES,
     BOUNDARY,
@@ -63,8 +63,7 @@ def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path,
         paced(url, single, 100, 2)  # warm
         cpu_before = tree_cpu_s(proc.pid)
         single_rps = wrk(url, single, 16, seconds)["verdicts_per_s"]
-        served = single_rps * int(seconds)
-        used = [round(1e3 * (b - a) / served, 4) for a, b in zip(cpu_before, tree_cpu_s(proc.pid), strict=True)]
+        single_cpu_ms = cpu_ms_per_request(proc.pid, cpu_before, single_rps * int(seconds))
         out = {
             "rows": rows,
             "processes": processes,
@@ -76,7 +75,7 @@ def one_server(rows: int, processes: int, extra: str, seconds: float, tmp: Path,
             },
             "single_rps_c16": single_rps,
             # the server's CPU per single-image request at saturation: all threads and processes, event loops only
-            "single_cpu_ms": {"all": used[0], "event_loops": used[1]},
+            "single_cpu_ms": single_cpu_ms,
             "latency": [paced(url, single, r, seconds) for r in (150, 250)],
             "full_collections": full_collections(port),
         }

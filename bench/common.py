@@ -43,9 +43,14 @@ def rss_mb(pid: int, field: str = "VmRSS") -> float:
     raise RuntimeError(f"no {field} for pid {pid}")
 
 
+def _stat_fields(stat: Path) -> list[str]:
+    """A /proc stat file's fields after the command name (which may hold spaces): state, ppid, ..."""
+    return stat.read_text().rsplit(")", 1)[1].split()
+
+
 def _cpu_ticks(stat: Path) -> int:
-    """utime + stime of a /proc stat file (the fields after the command name, which may hold spaces)."""
-    fields = stat.read_text().rsplit(")", 1)[1].split()
+    """utime + stime of a /proc stat file."""
+    fields = _stat_fields(stat)
     return int(fields[11]) + int(fields[12])
 
 
@@ -57,9 +62,7 @@ def tree_cpu_s(pid: int) -> tuple[float, float]:
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
-                children.setdefault(int(d.joinpath("stat").read_text().rsplit(")", 1)[1].split()[1]), []).append(
-                    int(d.name)
-                )
+                children.setdefault(int(_stat_fields(d / "stat")[1]), []).append(int(d.name))
             except (OSError, IndexError, ValueError):
                 continue
     total = main = 0
@@ -74,6 +77,13 @@ def tree_cpu_s(pid: int) -> tuple[float, float]:
             continue
     tick = os.sysconf("SC_CLK_TCK")
     return total / tick, main / tick
+
+
+def cpu_ms_per_request(pid: int, before: tuple[float, float], served: float) -> dict[str, float]:
+    """The server `pid`'s CPU ms per request since `before` (its `tree_cpu_s` then) over `served` requests: all
+    processes and threads, and event loops alone."""
+    now = tree_cpu_s(pid)
+    return {k: round(1e3 * (b - a) / served, 4) for k, a, b in zip(("all", "event_loops"), before, now, strict=True)}
 
 
 def resnet_folder(tmp: Path, top: str = "", image: str = "") -> Path:

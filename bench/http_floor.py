@@ -35,7 +35,7 @@ from pathlib import Path
 import httpx
 from fastapi import FastAPI, Request
 
-from bench.common import ROOT, start_server, tree_cpu_s, write_report
+from bench.common import ROOT, cpu_ms_per_request, start_server, tree_cpu_s, write_report
 from bench.serve import png_bytes, run_wrk
 from nccr_guard.server.schemas import Detection
 
@@ -101,8 +101,7 @@ def peak(port: int, pid: int, body: Path, seconds: float) -> dict:
     run_wrk(url, body, 8, 1)
     before = tree_cpu_s(pid)
     runs = [run_wrk(url, body, 16, seconds)]
-    served = runs[0]["rps"] * int(seconds)
-    used = [round(1e3 * (b - a) / served, 4) for a, b in zip(before, tree_cpu_s(pid), strict=True)]
+    used = cpu_ms_per_request(pid, before, runs[0]["rps"] * int(seconds))
     runs.append(run_wrk(url, body, 64, seconds))
     if bad := sum(r["non_2xx"] for r in runs):
         raise RuntimeError(f"{bad} non-2xx answers on port {port}")
@@ -111,7 +110,7 @@ def peak(port: int, pid: int, body: Path, seconds: float) -> dict:
         "rps": best["rps"],
         "connections": best["connections"],
         "p50_ms": best.get("p50_ms"),
-        "cpu_ms_per_request": {"all": used[0], "event_loops": used[1]},
+        "cpu_ms_per_request": used,
     }
 
 
