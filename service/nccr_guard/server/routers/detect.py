@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections import Counter
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -129,15 +130,14 @@ async def detect_uploads(
     # ModelRuntime.admit); the inputs beyond them are refused here.
     held: dict[ModelRuntime, Reservation] = {}
     try:
-        for rt in routed:
-            if isinstance(rt, ModelRuntime) and rt not in held:  # asked once per model: free() may purge the queue
-                want = sum(x is rt for x in routed)
-                held[rt] = rt.batcher.reserve(min(want, max(rt.batcher.free(), 0)))
-        taken: dict[ModelRuntime, int] = dict.fromkeys(held, 0)
+        wanted = Counter(rt for rt in routed if isinstance(rt, ModelRuntime))
+        for rt, n in wanted.items():  # free() asked once per model: it may purge the queue
+            held[rt] = rt.batcher.reserve(min(n, max(rt.batcher.free(), 0)))
+        room = {rt: r.left for rt, r in held.items()}
         for i, rt in enumerate(routed):
             if isinstance(rt, ModelRuntime):
-                taken[rt] += 1
-                if taken[rt] > held[rt].left:
+                room[rt] -= 1
+                if room[rt] < 0:
                     routed[i] = rt.at_capacity()
         return await _detect_routed(request, service, uploads, routed, held, start)
     finally:
@@ -263,7 +263,7 @@ class DirectDetect:
         self.route = next(r for r in router.routes if getattr(r, "path", None) == "/v1/detect")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != "/v1/detect" or scope["method"] != "POST":
+        if scope["type"] != "http" or scope["path"] != self.route.path or scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
         scope["route"] = self.route  # as routing would set it: the metrics' and access log's endpoint
