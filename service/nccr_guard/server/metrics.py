@@ -12,8 +12,10 @@ import asyncio
 import gc
 import os
 import time
+from bisect import bisect_left
+from collections import Counter as Tally
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -139,6 +141,20 @@ class Metrics:
             MultiProcessCollector(merged, path)
             return generate_latest(merged)
         return generate_latest(self.registry)
+
+
+def observe_many(child: Histogram, values: Sequence[float]) -> None:
+    """`child.observe(v)` for each of `values` (a labelled histogram child), in one update of its sum and one of
+    each bucket hit. Why: a request's verdicts are observed together, and prometheus_client's per-value
+    `observe` (a lock and a bucket scan, a file write per update in multiprocess mode) cost the event loop
+    ~4 µs a verdict with `--processes 2`, three metric updates each (python -m bench.metric_updates). It uses
+    the child's `_sum`, `_buckets` and `_upper_bounds`, which `observe` itself uses; tests/unit/test_metrics.py
+    checks the exposition is the same as per-value observes."""
+    bounds = child._upper_bounds
+    hits = Tally(bisect_left(bounds, v) for v in values if v == v)  # NaN: no bucket, as `observe` (sum: NaN)
+    child._sum.inc(sum(values))
+    for i, n in hits.items():
+        child._buckets[i].inc(n)
 
 
 def clear_stale_metrics(path: Path) -> int:

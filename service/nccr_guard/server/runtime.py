@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -14,7 +15,7 @@ from nccr_guard.batcher import Batcher, BatchStats, Draining, QueueFull, Reserva
 from nccr_guard.config import Settings
 from nccr_guard.detector import VERDICTS, Detector, Verdict
 from nccr_guard.inputs import InputError
-from nccr_guard.server.metrics import Metrics
+from nccr_guard.server.metrics import Metrics, observe_many
 
 log = logging.getLogger("nccr_guard")
 S = TypeVar("S", np.ndarray, list[int])
@@ -151,8 +152,8 @@ class ModelRuntime:
             raise InputError(
                 f"model {self.name} failed on this batch ({type(e).__name__}); retry", 503, "backend_error"
             ) from None
-        for v in verdicts:
-            self._verdicts[v.verdict].inc()
-            self._scores.observe(v.score)
-            self._passes.observe(v.passes)
+        for kind, n in Counter(v.verdict for v in verdicts).items():
+            self._verdicts[kind].inc(n)
+        observe_many(self._scores, [v.score for v in verdicts])
+        observe_many(self._passes, [v.passes for v in verdicts])
         return [(v, timings) for v in verdicts]
