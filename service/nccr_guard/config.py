@@ -91,11 +91,12 @@ class Settings(BaseSettings):
         "squeezes scored by logit margins): one ONNX Runtime graph, or with torch on CUDA one function replayed "
         "from a CUDA graph; checked against the numpy engine at load; --no-fuse scores in numpy around the forward)",
     )
-    direct_detect: bool = Field(
+    direct_routes: bool = Field(
         True,
-        description="serve POST /v1/detect beside FastAPI's routing and request handling instead of through them "
-        "(same key check, work, answers and errors, less event-loop CPU per request: docs/performance.md); "
-        "--no-direct-detect leaves it to the FastAPI route",
+        description="serve POST /v1/detect, /v1/detect/batch and KServe v2 infer with binary tensors beside "
+        "FastAPI's routing and request handling instead of through them (same key check, work, answers and "
+        "errors, less event-loop CPU per request: docs/performance.md); --no-direct-routes leaves them to the "
+        "FastAPI routes",
     )
     gc_freeze: bool = Field(
         True,

@@ -34,47 +34,88 @@ def test_detect_png_multipart_and_raw(server, digit_pngs):
         assert body["timings_ms"]["total"] <= app_ms < 10_000
 
 
-def test_direct_detect_answers_as_the_fastapi_route(server, tmp_path, digit_pngs):
-    """POST /v1/detect is served beside FastAPI's routing (DirectDetect, the default); with --no-direct-detect the
-    FastAPI route serves it. Both answer alike: status, body (but for timings), the headers errors carry, and
-    what the metrics count."""
+def _without_timings(body):
+    """A JSON answer without its `timings_ms` (which differ between any two requests), at any depth."""
+    if isinstance(body, dict):
+        return {k: _without_timings(v) for k, v in body.items() if k != "timings_ms"}
+    if isinstance(body, list):
+        return [_without_timings(v) for v in body]
+    return body
+
+
+def test_direct_routes_answer_as_the_fastapi_routes(server, tmp_path, digit_pngs, mnist_test):
+    """POST /v1/detect, /v1/detect/batch and KServe v2 infer are served beside FastAPI's routing (DirectRoutes,
+    the default); with --no-direct-routes the FastAPI routes serve them. Both answer alike: status, body (but for
+    timings), the headers errors carry, and what the metrics count, for good requests and each kind of bad one
+    (v2 headers that fail validation go from the direct path to the FastAPI route, body and all)."""
     png = digit_pngs[3][0].read_bytes()
+    tensors, binary = _binary_v2(np.ascontiguousarray(mnist_test[0][:3]))
+    cut = int(binary["inference-header-content-length"])
+    head = json.loads(tensors[:cut])
+
+    def v2(header: dict | bytes, tail: bytes = tensors[cut:], **more) -> dict:
+        h = header if isinstance(header, bytes) else json.dumps(header).encode()
+        return {"content": h + tail, "headers": {**binary, "inference-header-content-length": str(len(h)), **more}}
+
+    infer, wrong_shape = "/v2/models/mnist/infer", {"inputs": [{**head["inputs"][0], "shape": [3, 28, 28]}]}
     cases = [
-        {"content": png, "headers": {"content-type": "image/png"}},
-        {"files": {"file": ("d.png", png, "image/png")}},
-        {"files": [("file", ("a.png", png, "image/png")), ("file", ("b.png", png, "image/png"))]},
-        {"content": png[:70], "headers": {"content-type": "image/png"}},
-        {"content": b"", "headers": {"content-type": "image/png"}},
-        {"content": b"hello\n" * 20, "headers": {"content-type": "text/plain"}},
-        {"content": b"{}", "headers": {"content-type": "application/json"}},
-        {"content": png, "headers": {"content-type": "image/png"}, "params": {"model": "nope"}},
+        ("/v1/detect", {"content": png, "headers": {"content-type": "image/png"}}),
+        ("/v1/detect", {"files": {"file": ("d.png", png, "image/png")}}),
+        ("/v1/detect", {"files": [("file", ("a.png", png, "image/png")), ("file", ("b.png", png, "image/png"))]}),
+        ("/v1/detect", {"content": png[:70], "headers": {"content-type": "image/png"}}),
+        ("/v1/detect", {"content": b"", "headers": {"content-type": "image/png"}}),
+        ("/v1/detect", {"content": b"hello\n" * 20, "headers": {"content-type": "text/plain"}}),
+        ("/v1/detect", {"content": b"{}", "headers": {"content-type": "application/json"}}),
+        ("/v1/detect", {"content": png, "headers": {"content-type": "image/png"}, "params": {"model": "nope"}}),
+        ("/v1/detect/batch", {"files": [("file", ("a.png", png, "image/png")), ("file", ("b.png", png[:70]))]}),
+        ("/v1/detect/batch", {"content": png, "headers": {"content-type": "image/png"}}),
+        ("/v1/detect/batch", {"content": b"{}", "headers": {"content-type": "application/json"}}),
+        (infer, v2({**head, "id": "r1"})),
+        (infer, v2(head, authorization="Bearer wrong")),  # no key configured: ignored, as on the route
+        (infer, v2(b"{not json")),  # to the FastAPI route: its 422
+        (infer, v2({"inputs": "x"})),  # fails validation: the route's 422
+        (infer, v2(wrong_shape)),  # valid, refused by the work itself: 400
+        (infer, v2(head, tail=tensors[cut:-4])),  # tensor cut short: 400
+        (infer, v2(head, **{"inference-header-content-length": "99999"})),
+        (
+            infer,
+            {
+                "json": {
+                    "inputs": [{**head["inputs"][0], "shape": [1, 1, 28, 28], "parameters": None, "data": [0.5] * 784}]
+                }
+            },
+        ),
+        ("/v2/models/nope/infer", v2(head)),
     ]
-    routed = start_server(tmp_path, "--no-direct-detect")
+    routed = start_server(tmp_path, "--no-direct-routes")
     try:
         answers = []
         for s in (server, routed):
             with s.client() as c:
                 before = c.get("/metrics").text
                 got = []
-                for case in cases:
-                    r = c.post("/v1/detect", **case)
-                    body = r.json()
-                    body.pop("timings_ms", None)
+                for path, case in cases:
+                    r = c.post(path, **case)
                     kept = {h: r.headers.get(h) for h in ("content-type", "retry-after", "www-authenticate")}
-                    got.append((r.status_code, body, kept))
+                    got.append((r.status_code, _without_timings(r.json()), kept))
                 after = c.get("/metrics").text
             counted = {}
             for text, sign in ((before, -1), (after, 1)):
-                for m in re.finditer(r"^(nccr_guard_(?:requests|rejections)_total\{[^}]*\}) (\S+)$", text, re.M):
+                for m in re.finditer(r"^(nccr_guard_(?:requests|rejections)_total\{.*\}) (\S+)$", text, re.M):
                     if "/metrics" not in m.group(1):
                         counted[m.group(1)] = counted.get(m.group(1), 0) + sign * float(m.group(2))
             answers.append((got, {k: v for k, v in counted.items() if v}))
     finally:
         routed.stop()
     (direct, direct_counts), (fastapi, fastapi_counts) = answers
-    assert [a[0] for a in direct] == [200, 200, 400, 400, 400, 415, 415, 404], direct
+    statuses = [a[0] for a in direct]
+    assert statuses[:11] == [200, 200, 400, 400, 400, 415, 415, 404, 200, 200, 415], statuses
+    assert statuses[11:] == [200, 200, 422, 422, 400, 400, 400, 200, 404], statuses
+    assert direct[11][1]["id"] == "r1" and len(direct[11][1]["outputs"][0]["data"]) == 3
     assert direct == fastapi
-    assert direct_counts == fastapi_counts and any('endpoint="/v1/detect"' in k for k in direct_counts), direct_counts
+    assert direct_counts == fastapi_counts, (direct_counts, fastapi_counts)
+    for endpoint in ("/v1/detect", "/v1/detect/batch", "/v2/models/{name}/infer"):
+        assert any(f'endpoint="{endpoint}"' in k for k in direct_counts), direct_counts
 
 
 def test_access_log_has_one_json_line_per_request(server, digit_pngs):

@@ -24,6 +24,7 @@ from nccr_guard.engine.variants import unknown_schedule_names
 from nccr_guard.inputs import InputError
 from nccr_guard.manifest import load_manifest
 from nccr_guard.server.deps import OpenOrAuthorized
+from nccr_guard.server.direct import DirectRoutes, route_of
 from nccr_guard.server.errors import input_error_response, unexpected_response
 from nccr_guard.server.metrics import GcPauses, Metrics, watch_event_loop
 from nccr_guard.server.middleware import ServiceMiddleware
@@ -127,8 +128,13 @@ def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
         description="Detects adversarial images and audio by neuron cover change rate (NCCR).",
     )
     app.state.service = service
-    if settings.direct_detect:  # added first: inside ServiceMiddleware, which must see every request
-        app.add_middleware(detect.DirectDetect, service=service)
+    if settings.direct_routes:  # added first: inside ServiceMiddleware, which must see every request
+        direct = [
+            (route_of(detect.router.routes, "/v1/detect"), detect.score_one),
+            (route_of(detect.router.routes, "/v1/detect/batch"), detect.score_batch),
+            (route_of(v2.router.routes, "/v2/models/{name}/infer"), v2.infer_direct),
+        ]
+        app.add_middleware(DirectRoutes, service=service, handlers=direct)
     app.add_middleware(ServiceMiddleware, service=service)
     for r in (detect.router, models.router, v2.router, guard.router):
         app.include_router(r)

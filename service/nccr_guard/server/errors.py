@@ -1,5 +1,5 @@
 """The service's error answers, `{"error": "..."}` with a 4xx/5xx: made here for the app's exception handlers and
-for the direct `/v1/detect` path (routers/detect.DirectDetect), which answers outside FastAPI's handlers."""
+for the direct routes (server/direct.py), which answer outside FastAPI's handlers."""
 
 from __future__ import annotations
 

@@ -10,14 +10,12 @@ from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import numpy as np
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
-from starlette.types import ASGIApp, Receive, Scope, Send
 
 from nccr_guard.batcher import Reservation
 from nccr_guard.inputs import InputError, declared_pixels, decode
-from nccr_guard.server.deps import Authorized, ServiceDep, check_key, deadline
-from nccr_guard.server.errors import input_error_response, unexpected_response
+from nccr_guard.server.deps import Authorized, ServiceDep, deadline
 from nccr_guard.server.runtime import ModelRuntime
 from nccr_guard.server.schemas import BatchDetection, BatchItem, Detection, Error, Prediction, TimingsMs
 from nccr_guard.server.state import Service
@@ -233,7 +231,7 @@ async def detect_upload(request: Request, service: Service, up: Upload, model: s
 
 
 async def score_one(request: Request, service: Service) -> Detection:
-    """POST /v1/detect once its API key is checked, for the FastAPI route and DirectDetect alike."""
+    """POST /v1/detect once its API key is checked, for the FastAPI route and DirectRoutes alike."""
     refuse_if_full(request, service)
     uploads, fields = await read_uploads(request, service.settings.max_upload_bytes, deadline(request))
     if len(uploads) != 1:
@@ -247,41 +245,8 @@ async def detect(request: Request, service: ServiceDep) -> Detection:
     return await score_one(request, service)
 
 
-class DirectDetect:
-    """Serves POST /v1/detect beside FastAPI's routing and request handling instead of through them: a pure ASGI
-    middleware inside ServiceMiddleware (request id, deadline, draining, metrics and access log stay shared),
-    with the route's key check, work (`score_one`), response model and error answers (server/errors.py). The
-    route stays declared for the OpenAPI schema and serves the path with `--no-direct-detect`.
-
-    Why: with a verdict of ~0.1 ms, FastAPI's routing, dependency solving and response handling cost the event
-    loop about as much again per single-upload request, and the event loop is the MNIST service's bottleneck
-    (docs/performance.md, "What HTTP alone costs"). Batch, sidecar and KServe v2 requests spread that cost over
-    their inputs or an upstream call and keep FastAPI's path."""
-
-    def __init__(self, app: ASGIApp, service: Service) -> None:
-        self.app, self.service = app, service
-        self.route = next(r for r in router.routes if getattr(r, "path", None) == "/v1/detect")
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.route.path or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        scope["route"] = self.route  # as routing would set it: the metrics' and access log's endpoint
-        request = Request(scope, receive)
-        try:
-            check_key(request, self.service)
-            found = await score_one(request, self.service)
-            response: Response = Response(found.model_dump_json(), media_type="application/json")
-        except InputError as e:
-            response = input_error_response(self.service, request, e)
-        except Exception:  # noqa: BLE001 - what the app's handler for unexpected errors answers
-            response = unexpected_response(request)
-        await response(scope, receive, send)
-
-
-@router.post("/detect/batch", response_model=BatchDetection, responses=ERRORS, openapi_extra=UPLOAD_BODY)
-async def detect_batch(request: Request, service: ServiceDep) -> BatchDetection:
-    """Score several files (repeated multipart field `file`); each gets its own result or error."""
+async def score_batch(request: Request, service: Service) -> BatchDetection:
+    """POST /v1/detect/batch once its API key is checked, for the FastAPI route and DirectRoutes alike."""
     refuse_if_full(request, service)
     uploads, fields = await read_uploads(request, service.settings.max_upload_bytes, deadline(request))
     results = await detect_uploads(request, service, uploads, fields.get("model"))
@@ -297,3 +262,9 @@ async def detect_batch(request: Request, service: ServiceDep) -> BatchDetection:
             for up, r in zip(uploads, results, strict=True)
         ]
     )
+
+
+@router.post("/detect/batch", response_model=BatchDetection, responses=ERRORS, openapi_extra=UPLOAD_BODY)
+async def detect_batch(request: Request, service: ServiceDep) -> BatchDetection:
+    """Score several files (repeated multipart field `file`); each gets its own result or error."""
+    return await score_batch(request, service)

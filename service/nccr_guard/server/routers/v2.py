@@ -5,6 +5,7 @@ clients send it. Raw tensors skip both image decoding and JSON number parsing; o
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -15,8 +16,10 @@ from fastapi.routing import APIRoute
 from nccr_guard import __version__
 from nccr_guard.inputs import InputError
 from nccr_guard.server.deps import Authorized, OpenOrAuthorized, ServiceDep, check_key, deadline, get_service
+from nccr_guard.server.direct import Delegate
 from nccr_guard.server.routers.detect import settle
 from nccr_guard.server.schemas import Error, V2InferRequest, V2InferResponse, V2Tensor
+from nccr_guard.server.state import Service
 from nccr_guard.server.uploads import read_body
 
 MAX_V2_BATCH = 64
@@ -44,21 +47,24 @@ class BinaryTensorRoute(APIRoute):
                 service = await get_service(request)
                 check_key(request, service)  # the key first, as everywhere
                 service.refuse_if_full(name, "")  # before the body is read (Service.refuse_if_full)
-            declared = request.headers.get(BINARY_HEADER)
-            if declared is None:
+            if (declared := request.headers.get(BINARY_HEADER)) is None:
                 return await handler(request)
-            cap = (await get_service(request)).settings.max_upload_bytes
-            body = await read_body(request, cap, deadline(request))
-            if not declared.isdigit() or int(declared) > len(body):
-                raise InputError(f"{BINARY_HEADER} {declared!r} is not a length within the {len(body)}-byte body")
-            cut = int(declared)
+            json_part, binary = await split_binary(request, await get_service(request), declared)
             scope = dict(request.scope)
             kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
             scope["headers"] = [*kept, (b"content-type", b"application/json")]
-            scope["state"]["v2_binary"] = body[cut:]
-            return await handler(_JsonPart(scope, request.receive, body[:cut]))
+            scope["state"]["v2_binary"] = binary
+            return await handler(_JsonPart(scope, request.receive, json_part))
 
         return route
+
+
+async def split_binary(request: Request, service: Service, declared: str) -> tuple[bytes, bytes]:
+    """A binary-extension body read and cut after its `declared` JSON length: (JSON header, tensor bytes)."""
+    body = await read_body(request, service.settings.max_upload_bytes, deadline(request))
+    if not declared.isdigit() or int(declared) > len(body):
+        raise InputError(f"{BINARY_HEADER} {declared!r} is not a length within the {len(body)}-byte body")
+    return body[: int(declared)], body[int(declared) :]
 
 
 router = APIRouter(prefix="/v2", tags=["kserve-v2"], route_class=BinaryTensorRoute)
@@ -155,10 +161,33 @@ def _tensor(req: V2InferRequest, shape: list[int], binary: bytes | None) -> np.n
     responses={400: {"model": Error}, 404: {"model": Error}, 503: {"model": Error}},
 )
 async def infer(name: str, req: V2InferRequest, request: Request, service: ServiceDep) -> V2InferResponse:
+    return await run_infer(request, service, name, req, request.scope["state"].get("v2_binary"))
+
+
+async def infer_direct(request: Request, service: Service) -> V2InferResponse:
+    """KServe v2 infer with binary tensors for DirectRoutes (server/direct.py), its key checked: the FastAPI
+    route's work, with the JSON header validated here. Requests without binary tensors (values in JSON, rare and
+    slow anyway) and headers that fail validation go to the FastAPI route, which answers them as always."""
+    name = request.path_params["name"]
+    service.refuse_if_full(name, "")
+    if (declared := request.headers.get(BINARY_HEADER)) is None:
+        raise Delegate()
+    json_part, binary = await split_binary(request, service, declared)
+    try:
+        req = V2InferRequest.model_validate(json.loads(json_part))  # as FastAPI parses a JSON body
+    except ValueError:  # not JSON (JSONDecodeError), or not a valid request (ValidationError)
+        raise Delegate(json_part + binary) from None
+    return await run_infer(request, service, name, req, binary)
+
+
+async def run_infer(
+    request: Request, service: Service, name: str, req: V2InferRequest, binary: bytes | None
+) -> V2InferResponse:
+    """Verdicts of a validated infer request (`binary`: its tensor bytes, if sent so), all or none."""
     rt = _runtime(service, name)
     request.scope["state"]["model"] = name
     m = rt.detector.manifest
-    x = np.clip(_tensor(req, m.input.shape, request.scope["state"].get("v2_binary")), *m.input.range)
+    x = np.clip(_tensor(req, m.input.shape, binary), *m.input.range)
     due = deadline(request)
     with rt.admit(len(x)) as held:
         settled = await settle(request, [rt.detect_part(part, held) for part in rt.parts(x)], due)
