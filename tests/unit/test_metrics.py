@@ -71,3 +71,28 @@ def test_observe_many_in_multiprocess_mode(tmp_path):
         out[how] = without_created(subprocess.run(cmd, env=env, capture_output=True, check=True).stdout)
     assert out["many"] == out["each"]
     assert b's_bucket{le="+Inf",model="m"} 14.0' in out["many"]
+
+
+def test_verdict_metrics_count_as_three_updates_per_verdict_would():
+    from types import SimpleNamespace
+
+    from nccr_guard.server.metrics import Metrics, VerdictMetrics
+
+    kinds = ("clean", "adversarial")
+    parts = [[SimpleNamespace(verdict=kinds[i % 3 == 0], score=v, passes=4 + i % 2) for i, v in enumerate(VALUES)]]
+    parts += [[SimpleNamespace(verdict="adversarial", score=2.5, passes=4)]]  # a single upload's part
+    out = []
+    for grouped in (True, False):
+        m = Metrics()
+        vm = VerdictMetrics.of(m, "mnist", kinds)
+        for part in parts:
+            if grouped:
+                vm.count(part)
+            else:
+                for v in part:
+                    vm.counts[v.verdict].inc()
+                    vm.scores.observe(v.score)
+                    vm.passes.observe(v.passes)
+        out.append(without_created(generate_latest(m.registry)))
+    assert out[0] == out[1]
+    assert b'nccr_guard_verdicts_total{model="mnist",verdict="adversarial"} 6.0' in out[0]

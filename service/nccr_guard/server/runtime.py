@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections import Counter
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -15,7 +14,7 @@ from nccr_guard.batcher import Batcher, BatchStats, Draining, QueueFull, Reserva
 from nccr_guard.config import Settings
 from nccr_guard.detector import VERDICTS, Detector, Verdict
 from nccr_guard.inputs import InputError
-from nccr_guard.server.metrics import Metrics, observe_many
+from nccr_guard.server.metrics import Metrics, VerdictMetrics
 
 log = logging.getLogger("nccr_guard")
 S = TypeVar("S", np.ndarray, list[int])
@@ -53,10 +52,10 @@ class ModelRuntime:
         # This model's labelled metric children, looked up once: labels() costs ~2.5 µs a call (a lock and a dict
         # under it), several calls per verdict on the hot path.
         m = metrics
-        self._compute, self._batch_requests, self._batch_rows, self._queue_wait, self._scores, self._passes = (
-            h.labels(self.name) for h in (m.compute, m.batch_requests, m.batch_rows, m.queue_wait, m.scores, m.passes)
+        self._compute, self._batch_requests, self._batch_rows, self._queue_wait = (
+            h.labels(self.name) for h in (m.compute, m.batch_requests, m.batch_rows, m.queue_wait)
         )
-        self._verdicts = {v: m.verdicts.labels(self.name, v) for v in VERDICTS}
+        self._verdict_metrics = VerdictMetrics.of(m, self.name, VERDICTS)
         # Sequential testing: the batcher runs rounds of jobs (Detector.advance), each request resubmitting its
         # job until it is settled; otherwise one fixed-K forward per batch of parts (`_detect_parts`).
         self.sequential = detector.schedule is not None
@@ -152,8 +151,5 @@ class ModelRuntime:
             raise InputError(
                 f"model {self.name} failed on this batch ({type(e).__name__}); retry", 503, "backend_error"
             ) from None
-        for kind, n in Counter(v.verdict for v in verdicts).items():
-            self._verdicts[kind].inc(n)
-        observe_many(self._scores, [v.score for v in verdicts])
-        observe_many(self._passes, [v.passes for v in verdicts])
+        self._verdict_metrics.count(verdicts)
         return [(v, timings) for v in verdicts]
