@@ -72,6 +72,16 @@ class Server:
         return self.proc.wait(timeout)
 
 
+def request_parts(card: dict, n: int) -> list[int]:
+    """Sizes of the parts a served model (its /v1/models card) cuts a request of `n` fixed-K inputs into:
+    at most one per batch worker, each a whole number of forwards but the last (ModelRuntime.parts)."""
+    batching = card["calibration"]["batching"]
+    per_forward = max(1, batching["max_rows"] // card["passes"])
+    forwards = -(-n // per_forward)
+    size = per_forward * -(-forwards // min(batching["workers"], forwards))
+    return [min(size, n - i) for i in range(0, n, size)]
+
+
 def start_server(tmp_path: Path, *args: str, env: dict | None = None, ready_timeout: float = 60) -> Server:
     port = free_port()
     log = tmp_path / f"serve-{port}.log"

@@ -68,13 +68,14 @@ class ModelRuntime:
             self._observe,
             f"model-{self.name}",
         )
-        # A request's inputs go to the batcher in parts of at most one forward's worth (one per input when
-        # sequential: each input runs its own rounds).
-        self.part_size = 1 if self.sequential else max(1, policy.max_rows // detector.rows_per_input)
+        # Inputs per fixed-K forward: a batch larger than that (one part of a many-input request) runs in several.
+        self.forward_inputs = max(1, policy.max_rows // detector.rows_per_input)
 
     def _detect_parts(self, parts: list[np.ndarray]) -> list[list[Verdict]]:
-        """One fixed-K forward for every part (n_i, *shape) in a batch; each part's verdicts, in order."""
-        verdicts = self.detector.detect(parts[0] if len(parts) == 1 else np.concatenate(parts))
+        """Fixed-K verdicts of every part (n_i, *shape) in a batch, in forwards of at most `forward_inputs`
+        inputs; each part's verdicts, in order."""
+        xs = parts[0] if len(parts) == 1 else np.concatenate(parts)
+        verdicts = self.detector.detect(xs, chunk=self.forward_inputs)
         out, at = [], 0
         for p in parts:
             out.append(verdicts[at : at + len(p)])
@@ -98,7 +99,7 @@ class ModelRuntime:
         log.info("model %s warm in %.2fs", self.name, time.monotonic() - t)
 
     async def _run(self, xs: np.ndarray, held: Reservation | None = None) -> tuple[list[Verdict], Timings]:
-        """Verdicts of one part (at most `part_size` inputs) and its batch's timings; `held`: its request's
+        """Verdicts of one part (see `parts`) and its batch's timings; `held`: its request's
         queue places (see `admit`)."""
         if not self.sequential:
             return await self.batcher.submit(xs, len(xs) * self.detector.rows_per_input, slots=len(xs), held=held)
@@ -133,8 +134,17 @@ class ModelRuntime:
 
     def parts(self, xs: S) -> list[S]:
         """`xs` (n, *shape), the inputs of one request, cut into the parts `detect_part` takes; a list indexed
-        like them (their positions in the request) is cut alike."""
-        return [xs[i : i + self.part_size] for i in range(0, len(xs), self.part_size)]
+        like them (their positions in the request) is cut alike. Fixed-K: one part per batch worker at most, each
+        a whole number of forwards (`forward_inputs`) but the last; sequential: one per input (each runs its own
+        rounds). Why: every part is a trip through the batcher, a worker-thread hop and a future on the event
+        loop, the MNIST service's bottleneck, while more parts than workers run no sooner (docs/performance.md,
+        "Parts per worker")."""
+        if self.sequential or not len(xs):
+            return [xs[i : i + 1] for i in range(len(xs))]
+        f = self.forward_inputs
+        forwards = -(-len(xs) // f)
+        size = f * -(-forwards // min(self.policy.workers, forwards))
+        return [xs[i : i + size] for i in range(0, len(xs), size)]
 
     async def detect_part(self, xs: np.ndarray, held: Reservation | None = None) -> list[tuple[Verdict, Timings]]:
         """Verdicts of a part of one request (see `parts`), submitted as one batcher item: its inputs share one
