@@ -63,7 +63,12 @@ class Metrics:
             registry=r,
         )
         self.batch_rows = Histogram(
-            "nccr_guard_batch_rows", "rows (forward passes) per batch", ["model"], buckets=BATCH, registry=r
+            "nccr_guard_batch_rows",
+            "rows (forward passes) per batch; a batch that is one part of a many-input request may run as several "
+            "forwards of at most --max-batch rows",
+            ["model"],
+            buckets=BATCH,
+            registry=r,
         )
         self.passes = Histogram(
             "nccr_guard_verdict_passes",
