@@ -388,10 +388,18 @@ def test_api_key(tmp_path, digit_pngs):
                 "/v1/detect", content=png, headers={"content-type": "image/png", "authorization": "Bearer s3cret"}
             )
             assert ok.status_code == 200
+            files = {"file": ("d.png", png, "image/png")}  # the other direct routes check the key alike
+            assert c.post("/v1/detect/batch", files=files).status_code == 401
+            assert c.post("/v1/detect/batch", files=files, headers={"x-api-key": "s3cret"}).status_code == 200
+            body, headers = _binary_v2(np.zeros((1, 1, 28, 28), np.float32))
+            refused = c.post("/v2/models/mnist/infer", content=body, headers=headers)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+            keyed = c.post("/v2/models/mnist/infer", content=body, headers={**headers, "x-api-key": "s3cret"})
+            assert keyed.status_code == 200
             assert c.get("/v1/models", headers={"x-api-key": "s3cret"}).status_code == 200
             assert c.get("/v1/models").status_code == 401
             assert c.get("/v2/health/ready").status_code == 200 and c.get("/metrics").status_code == 200
-            assert 'nccr_guard_rejections_total{reason="unauthorized"} 3.0' in c.get("/metrics").text
+            assert 'nccr_guard_rejections_total{reason="unauthorized"} 5.0' in c.get("/metrics").text
     finally:
         assert s.stop() == 0
 
