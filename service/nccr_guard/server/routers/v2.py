@@ -43,13 +43,13 @@ class BinaryTensorRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
+            service = await get_service(request)
             if request.method == "POST" and (name := request.path_params.get("name")):  # infer
-                service = await get_service(request)
                 check_key(request, service)  # the key first, as everywhere
                 service.refuse_if_full(name, "")  # before the body is read (Service.refuse_if_full)
             if (declared := request.headers.get(BINARY_HEADER)) is None:
                 return await handler(request)
-            json_part, binary = await split_binary(request, await get_service(request), declared)
+            json_part, binary = await split_binary(request, service, declared)
             scope = dict(request.scope)
             kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
             scope["headers"] = [*kept, (b"content-type", b"application/json")]
@@ -168,10 +168,10 @@ async def infer_direct(request: Request, service: Service) -> V2InferResponse:
     """KServe v2 infer with binary tensors for DirectRoutes (server/direct.py), its key checked: the FastAPI
     route's work, with the JSON header validated here. Requests without binary tensors (values in JSON, rare and
     slow anyway) and headers that fail validation go to the FastAPI route, which answers them as always."""
-    name = request.path_params["name"]
-    service.refuse_if_full(name, "")
     if (declared := request.headers.get(BINARY_HEADER)) is None:
-        raise Delegate()
+        raise Delegate()  # before the queue check: the route makes it
+    name = request.path_params["name"]
+    service.refuse_if_full(name, "")  # before the body is read, as on the route
     json_part, binary = await split_binary(request, service, declared)
     try:
         req = V2InferRequest.model_validate(json.loads(json_part))  # as FastAPI parses a JSON body
