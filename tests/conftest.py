@@ -71,6 +71,11 @@ class Server:
             self.proc.send_signal(sig)
         return self.proc.wait(timeout)
 
+    def stop_cleanly(self, timeout: float = 30) -> None:
+        """SIGTERM, and the exit must be 0; a failure quotes the server's log, which a CI run keeps nowhere else."""
+        code = self.stop(timeout=timeout)
+        assert code == 0, f"the server exited {code}; its log ends:\n{self.log.read_text()[-4000:]}"
+
 
 def request_parts(card: dict, n: int) -> list[int]:
     """Sizes of the parts a served model (its /v1/models card) cuts a request of `n` fixed-K inputs into:

@@ -401,7 +401,7 @@ def test_api_key(tmp_path, digit_pngs):
             assert c.get("/v2/health/ready").status_code == 200 and c.get("/metrics").status_code == 200
             assert 'nccr_guard_rejections_total{reason="unauthorized"} 5.0' in c.get("/metrics").text
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()
 
 
 def test_openapi_lists_the_api(server):

@@ -163,7 +163,7 @@ def test_three_times_capacity_for_30_s_sheds_cleanly_and_recovers(tmp_path):
         text = s.client().get("/metrics").text
         assert metric(text, "nccr_guard_queue_depth") == 0
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()
 
 
 def test_clients_that_disconnect_free_their_queue_slots(tmp_path):
@@ -198,7 +198,7 @@ def test_clients_that_disconnect_free_their_queue_slots(tmp_path):
             ]
             assert codes == [200] * 8
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()
 
 
 @pytest.fixture
@@ -238,7 +238,7 @@ def test_backend_fault_fails_only_its_batch(tmp_path, faulty_model, digit_pngs):
             assert c.post("/v1/detect", content=clean, headers={"content-type": "image/png"}).status_code == 200
             assert c.get("/v2/health/ready").status_code == 200
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()
 
 
 def raw_request(
@@ -289,7 +289,7 @@ def test_slowloris_upload_is_cut_by_the_read_timeout(tmp_path):
         assert time.monotonic() - t0 < 12 and sent < 20
         assert httpx.get(f"{s.url}/v2/health/ready").status_code == 200
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()
 
 
 def test_batch_answers_every_item_by_the_deadline(tmp_path, faulty_model, digit_pngs):
@@ -321,7 +321,7 @@ def test_batch_answers_every_item_by_the_deadline(tmp_path, faulty_model, digit_
             time.sleep(2)  # the stalled forward ends; the server is whole again
             assert c.post("/v1/detect", content=clean, headers={"content-type": "image/png"}).status_code == 200
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()
 
 
 def read_answer(sock: socket.socket) -> bytes:
@@ -404,4 +404,4 @@ def test_a_full_queue_refuses_uploads_from_their_headers(tmp_path, faulty_model,
             r = c.post("/v1/detect", files={"file": ("d.png", clean, "image/png")})
             assert r.status_code == 200 and r.json()["prediction"]["index"] == digit_pngs[0][1], r.text
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()

@@ -82,7 +82,7 @@ def test_full_queue_sheds_load_with_503_and_retry_after(tmp_path, digit_pngs):
                 == 200
             )
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()
 
 
 @pytest.mark.parametrize("processes", [1, 2])
@@ -139,7 +139,7 @@ def test_request_timeout_gives_504(tmp_path, digit_pngs):
             assert metric(c.get("/metrics").text, 'nccr_guard_rejections_total{reason="timeout"}') == 1
             assert c.get("/v2/health/ready").status_code == 200
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()
 
 
 def test_two_processes_share_the_load_and_the_metrics(tmp_path, digit_pngs):
@@ -154,7 +154,7 @@ def test_two_processes_share_the_load_and_the_metrics(tmp_path, digit_pngs):
             assert labelled(text, "nccr_guard_requests_total", endpoint="/v1/detect", code="200") == 40
             assert labelled(text, "nccr_guard_ready") == 1
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()
     # Each worker process writes its own access log (spawned workers used to drop it), and both took
     # connections (SO_REUSEPORT: 40 connections all hashed to one of two listeners has probability 2**-39).
     lines = [json.loads(x) for x in s.log.read_text().splitlines() if x.startswith('{"ts":') and '"path"' in x]
@@ -183,7 +183,7 @@ def test_two_processes_even_out_a_few_long_lived_connections(tmp_path, digit_png
     finally:
         for c in clients:
             c.close()
-        assert s.stop() == 0
+        s.stop_cleanly()
     _detect_pids(s.log, 4 * rounds)
     lines = [json.loads(x) for x in s.log.read_text().splitlines() if '"path": "/v1/detect"' in x]
     pid = {x["request_id"]: x["pid"] for x in lines}
@@ -211,7 +211,7 @@ def test_a_restart_into_the_same_metrics_directory_counts_afresh(tmp_path, digit
                 text = c.get("/metrics").text
             assert labelled(text, "nccr_guard_requests_total", endpoint="/v1/detect", code="200") == sent
         finally:
-            assert s.stop() == 0
+            s.stop_cleanly()
     assert any((tmp_path / "metrics").glob("*.db"))  # the second run's files stay for a post-mortem scrape
     assert "metric files of an earlier run" in s.log.read_text()
 
@@ -264,4 +264,4 @@ def test_two_processes_replace_a_worker_that_dies_or_hangs(tmp_path, digit_pngs,
             time.sleep(0.5)
         assert len(served - pids - {killed}) == 1, (served, killed)
     finally:
-        assert s.stop() == 0
+        s.stop_cleanly()

@@ -30,6 +30,7 @@ class DrainingServer(uvicorn.Server):
     A second signal exits at once. A drained exit is 0 (uvicorn would re-raise SIGTERM and exit -15)."""
 
     _draining_task: asyncio.Task | None = None
+    _drain_requested = False  # set by the signal handler; the drain starts on the event loop
 
     def __init__(self, config: uvicorn.Config, gate: StartGate | None = None) -> None:
         super().__init__(config)
@@ -50,14 +51,29 @@ class DrainingServer(uvicorn.Server):
             self._captured_signals.clear()
 
     def handle_exit(self, sig: int, frame) -> None:
-        service = _find_service(getattr(self.config, "loaded_app", None))  # None: a signal during startup
-        if service is None or self._draining_task is not None:
+        """Runs as a signal handler: in the main thread between any two bytecodes, possibly inside a metric update
+        that holds prometheus_client's lock (not reentrant; with --processes N one lock for all of a process's
+        metrics). Taking that lock here deadlocks (`ready.set(0)`: a worker that never drains and is killed, the
+        likely cause of a CI failure). So the handler only sets a flag and wakes the event loop, which starts the
+        drain."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # not serving yet
+            loop = None
+        if loop is None or self._drain_requested:  # a second signal exits at once
+            super().handle_exit(sig, frame)
+            return
+        self._drain_requested = True
+        loop.call_soon_threadsafe(self._start_drain, sig, frame)
+
+    def _start_drain(self, sig: int, frame) -> None:
+        service = _find_service(getattr(self.config, "loaded_app", None))  # None: a signal before the app loaded
+        if service is None:
             super().handle_exit(sig, frame)
             return
         service.draining = True
         service.metrics.ready.set(0)
-        loop = asyncio.get_event_loop()
-        self._draining_task = loop.create_task(self._drain_then_exit(service, sig, frame))
+        self._draining_task = asyncio.get_running_loop().create_task(self._drain_then_exit(service, sig, frame))
 
     async def _drain_then_exit(self, service, sig: int, frame) -> None:
         """Wait for queued and in-flight work and for a lull of `drain_quiet_s` without a new connection or
