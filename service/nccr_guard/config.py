@@ -29,6 +29,11 @@ class Settings(BaseSettings):
 
     host: str = "127.0.0.1"
     port: int = 8000
+    root_path: str = Field(
+        "",
+        description="the path prefix a reverse proxy serves this under and strips before forwarding (e.g. /guard): "
+        "/docs and the OpenAPI schema link through it, the access log shows it; routes answer without it",
+    )
     models: list[Path] = Field(default_factory=default_models, description="model folders to serve")
     processes: int = Field(
         1,
@@ -117,6 +122,13 @@ class Settings(BaseSettings):
     score_decimals: int = Field(4, ge=0, le=12, description="rounding of returned scores (limits probing)")
     log_json: bool = True
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
+
+    @field_validator("root_path")
+    @classmethod
+    def _root_path_is_a_prefix(cls, v: str) -> str:
+        if v and (not v.startswith("/") or v.endswith("/")):
+            raise ValueError("a path prefix starts with '/' and does not end with one, e.g. /guard")
+        return v
 
     @field_validator("sequential_schedule")
     @classmethod

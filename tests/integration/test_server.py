@@ -47,7 +47,9 @@ def test_direct_routes_answer_as_the_fastapi_routes(server, tmp_path, digit_pngs
     """POST /v1/detect, /v1/detect/batch and KServe v2 infer are served beside FastAPI's routing (DirectRoutes,
     the default); with --no-direct-routes the FastAPI routes serve them. Both answer alike: status, body (but for
     timings), the headers errors carry, and what the metrics count, for good requests and each kind of bad one
-    (v2 headers that fail validation go from the direct path to the FastAPI route, body and all)."""
+    (v2 headers that fail validation go from the direct path to the FastAPI route, body and all). Behind a proxy
+    that strips a path prefix (--root-path /guard) the direct routes match as FastAPI's router does (without the
+    prefix), and the docs link through it."""
     png = digit_pngs[3][0].read_bytes()
     tensors, binary = _binary_v2(np.ascontiguousarray(mnist_test[0][:3]))
     cut = int(binary["inference-header-content-length"])
@@ -88,9 +90,10 @@ def test_direct_routes_answer_as_the_fastapi_routes(server, tmp_path, digit_pngs
         ("/v2/models/nope/infer", v2(head)),
     ]
     routed = start_server(tmp_path, "--no-direct-routes")
+    prefixed = start_server(tmp_path, "--root-path", "/guard")
     try:
         answers = []
-        for s in (server, routed):
+        for s in (server, routed, prefixed):
             with s.client() as c:
                 before = c.get("/metrics").text
                 got = []
@@ -105,9 +108,16 @@ def test_direct_routes_answer_as_the_fastapi_routes(server, tmp_path, digit_pngs
                     if "/metrics" not in m.group(1):
                         counted[m.group(1)] = counted.get(m.group(1), 0) + sign * float(m.group(2))
             answers.append((got, {k: v for k, v in counted.items() if v}))
+        with prefixed.client() as c:
+            assert "'/guard/openapi.json'" in c.get("/docs").text
+            assert c.get("/openapi.json").json()["servers"] == [{"url": "/guard"}]
     finally:
         routed.stop()
-    (direct, direct_counts), (fastapi, fastapi_counts) = answers
+        prefixed.stop_cleanly()
+    (direct, direct_counts), (fastapi, fastapi_counts), behind_proxy = answers
+    assert behind_proxy == answers[0]
+    logged = [json.loads(x)["path"] for x in prefixed.log.read_text().splitlines() if '"path": "/guard/v' in x]
+    assert logged.count("/guard/v1/detect") == 8 and logged.count("/guard/v2/models/mnist/infer") == 8, logged
     statuses = [a[0] for a in direct]
     assert statuses[:11] == [200, 200, 400, 400, 400, 415, 415, 404, 200, 200, 415], statuses
     assert statuses[11:] == [200, 200, 422, 422, 400, 400, 400, 200, 404], statuses

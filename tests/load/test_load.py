@@ -112,18 +112,22 @@ def test_sigterm_under_load_answers_every_accepted_request(tmp_path, digit_pngs,
 def test_sigterm_keeps_listening_until_arrivals_pause(tmp_path, digit_pngs):
     """Fresh connections that keep coming after SIGTERM are answered 503, not reset: the listener closes only
     after `--drain-quiet-s` without an arrival (the CI flake this fixes: clients connecting just as an idle
-    server closed its listener lost their requests)."""
-    s = start_server(tmp_path, "--drain-s", "20", "--drain-quiet-s", "1.5")
+    server closed its listener lost their requests). Liveness and metrics stay open meanwhile, also behind a
+    proxy that strips a path prefix (--root-path)."""
+    s = start_server(tmp_path, "--drain-s", "20", "--drain-quiet-s", "1.5", "--root-path", "/guard")
     png = digit_pngs[0][0].read_bytes()
     s.proc.terminate()
-    codes = []
+    codes, open_codes = [], []
     for _ in range(6):  # 3 s of arrivals, 0.5 s apart: the old fixed 0.5 s wait closed after the first
         time.sleep(0.5)
         with httpx.Client(base_url=s.url, timeout=10) as c:  # a new connection each time
             r = c.post("/v1/detect", content=png, headers={"content-type": "image/png"})
         codes.append((r.status_code, r.headers.get("connection"), r.headers.get("retry-after")))
+        with httpx.Client(base_url=s.url, timeout=10) as c:
+            open_codes += [c.get("/metrics").status_code, c.get("/v2/health/live").status_code]
     last = time.monotonic()
     assert codes == [(503, "close", "1")] * 6
+    assert open_codes == [200] * 12
     assert s.proc.wait(15) == 0
     assert time.monotonic() - last >= 1.0  # it waited for the lull (1.5 s, polled every 0.05 s)
     with pytest.raises(httpx.ConnectError):

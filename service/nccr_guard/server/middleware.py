@@ -14,6 +14,7 @@ import os
 import time
 import uuid
 
+from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nccr_guard.server.state import Service
@@ -57,11 +58,12 @@ class ServiceMiddleware:
                 sent_bytes += len(message.get("body", b""))
             await send(message)
 
-        counted = not scope["path"].startswith(("/v2/health", "/metrics"))
+        path = get_route_path(scope)  # without --root-path's prefix, as the routes match it
+        counted = not path.startswith(("/v2/health", "/metrics"))
         svc.active += counted
         svc.metrics.in_flight.inc()
         try:
-            if svc.draining and scope["path"] not in ALWAYS_OPEN and not scope["path"].startswith("/v2/health"):
+            if svc.draining and path not in ALWAYS_OPEN and not path.startswith("/v2/health"):
                 svc.metrics.rejections.labels("draining").inc()
                 await _json(send_wrapper, 503, {"error": "shutting down"}, [(b"retry-after", b"1")])
             else:

@@ -115,6 +115,7 @@ def serve_on(settings: Settings, sockets: list[socket.socket] | None = None, gat
             create_app(settings, gate),
             host=settings.host,
             port=settings.port,
+            root_path=settings.root_path,
             access_log=False,
             log_config=None,
             timeout_keep_alive=5,
