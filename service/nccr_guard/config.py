@@ -34,6 +34,11 @@ class Settings(BaseSettings):
         description="the path prefix a reverse proxy serves this under and strips before forwarding (e.g. /guard): "
         "/docs and the OpenAPI schema link through it, the access log shows it; routes answer without it",
     )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1,::1",
+        description="proxies (comma-separated addresses or networks, or *) whose X-Forwarded-For and "
+        "X-Forwarded-Proto are believed: the access log's client is then the address the proxy saw",
+    )
     models: list[Path] = Field(default_factory=default_models, description="model folders to serve")
     processes: int = Field(
         1,

@@ -9,7 +9,7 @@ import time
 import numpy as np
 import pytest
 
-from tests.conftest import request_parts, start_server
+from tests.conftest import MNIST, request_parts, start_server
 
 FIELDS = {"model", "modality", "verdict", "score", "threshold", "p_value", "prediction", "passes", "timings_ms"}
 
@@ -128,22 +128,42 @@ def test_direct_routes_answer_as_the_fastapi_routes(server, tmp_path, digit_pngs
         assert any(f'endpoint="{endpoint}"' in k for k in direct_counts), direct_counts
 
 
+def _access_line(s, request_id: str) -> dict:
+    deadline, mine = time.monotonic() + 5, []
+    while not mine and time.monotonic() < deadline:  # written by a background thread
+        mine = [json.loads(x) for x in s.log.read_text().splitlines() if f'"request_id": "{request_id}"' in x]
+        time.sleep(0.05)
+    assert len(mine) == 1, mine
+    return mine[0]
+
+
 def test_access_log_has_one_json_line_per_request(server, digit_pngs):
     path, _ = digit_pngs[2]
     with server.client() as c:
         r = c.post(
             "/v1/detect", content=path.read_bytes(), headers={"content-type": "image/png", "x-request-id": "al-1"}
         )
+        proxied = {"x-request-id": "al-2", "x-forwarded-for": "203.0.113.7"}
+        assert c.get("/v1/models", headers=proxied).status_code == 200
     assert r.status_code == 200 and r.headers["x-request-id"] == "al-1"
-    deadline, mine = time.monotonic() + 5, []
-    while not mine and time.monotonic() < deadline:  # written by a background thread
-        mine = [json.loads(x) for x in server.log.read_text().splitlines() if '"request_id": "al-1"' in x]
-        time.sleep(0.05)
-    assert len(mine) == 1, mine
-    line = mine[0]
+    line = _access_line(server, "al-1")
     assert (line["method"], line["path"], line["status"], line["model"]) == ("POST", "/v1/detect", 200, "mnist")
     assert line["verdict"] == r.json()["verdict"] and line["upload"]["bytes"] == len(path.read_bytes())
     assert 0 < line["ms"] < 10_000
+    assert line["client"] == "127.0.0.1"
+    assert _access_line(server, "al-2")["client"] == "203.0.113.7"  # loopback is a trusted proxy by default
+
+
+def test_forwarded_for_is_believed_only_from_trusted_proxies(tmp_path):
+    """Who sent an input flagged adversarial is in the access log; a client that is not a trusted proxy
+    (--forwarded-allow-ips) cannot put another address there."""
+    s = start_server(tmp_path, "--forwarded-allow-ips", "192.0.2.1", "--models", str(MNIST))
+    try:
+        with s.client() as c:
+            assert c.get("/v1/models", headers={"x-request-id": "fw-1", "x-forwarded-for": "203.0.113.7"}).is_success
+    finally:
+        s.stop_cleanly()
+    assert _access_line(s, "fw-1")["client"] == "127.0.0.1"
 
 
 @pytest.mark.parametrize(
@@ -241,8 +261,6 @@ def test_a_full_queue_refuses_the_inputs_beyond_it_and_counts_them(tmp_path, dig
     """--max-queue 4 and nothing else queued: of a six-image batch the first four are scored and the last two
     refused 503 inside the 200 answer (not decoded), and both count as queue_full rejections. A KServe v2
     request succeeds or fails whole: five inputs cannot ever fit a queue of four (413)."""
-    from tests.conftest import MNIST
-
     s = start_server(tmp_path, "--models", str(MNIST), "--max-queue", "4")
     try:
         files = [("file", (p.name, p.read_bytes(), "image/png")) for p, _ in digit_pngs[:6]]

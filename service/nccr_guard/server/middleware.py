@@ -84,6 +84,7 @@ class ServiceMiddleware:
                             "ts": round(time.time(), 3),
                             "pid": self.pid,
                             "request_id": rid,
+                            "client": (scope.get("client") or ("-",))[0],  # a trusted proxy's X-Forwarded-For
                             "method": scope["method"],
                             "path": scope["path"],
                             "status": status,

@@ -116,6 +116,7 @@ def serve_on(settings: Settings, sockets: list[socket.socket] | None = None, gat
             host=settings.host,
             port=settings.port,
             root_path=settings.root_path,
+            forwarded_allow_ips=settings.forwarded_allow_ips,
             access_log=False,
             log_config=None,
             timeout_keep_alive=5,
