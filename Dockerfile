@@ -39,7 +39,7 @@ RUN pip install --no-cache-dir --no-deps . && python -c "import nccr_guard.cli"
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
-    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8000/v2/health/live"]
+    CMD ["sh", "-c", "s=http; [ -z \"$NCCR_GUARD_SSL_CERTFILE\" ] || s=https; curl -fsSk -o /dev/null $s://127.0.0.1:$NCCR_GUARD_PORT/v2/health/live"]
 # Serves every model folder under /app/models; override with NCCR_GUARD_MODELS or --models.
 ENTRYPOINT ["nccr-guard", "serve"]
 
@@ -53,7 +53,7 @@ RUN pip install --no-cache-dir --no-deps . && python -c "import nccr_guard.cli"
 USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["curl", "-fsS", "-o", "/dev/null", "http://127.0.0.1:8000/v2/health/live"]
+    CMD ["sh", "-c", "s=http; [ -z \"$NCCR_GUARD_SSL_CERTFILE\" ] || s=https; curl -fsSk -o /dev/null $s://127.0.0.1:$NCCR_GUARD_PORT/v2/health/live"]
 # Serves every model folder under /app/models; override with NCCR_GUARD_MODELS or --models.
 ENTRYPOINT ["nccr-guard", "serve"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -62,9 +63,10 @@ class Server:
     url: str
     proc: subprocess.Popen
     log: Path
+    verify: ssl.SSLContext | bool = True  # HTTPS: trusting only the CA that issued the server's certificate
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), **kw)
+        return httpx.Client(base_url=self.url, timeout=kw.pop("timeout", 30), verify=self.verify, **kw)
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         if self.proc.poll() is None:
@@ -87,20 +89,36 @@ def request_parts(card: dict, n: int) -> list[int]:
     return [min(size, n - i) for i in range(0, n, size)]
 
 
-def start_server(tmp_path: Path, *args: str, env: dict | None = None, ready_timeout: float = 60) -> Server:
+def issue_tls(folder: Path) -> tuple[Path, Path, Path]:
+    """A server certificate for 127.0.0.1 from a fresh test CA (trustme): certificate, key and CA files."""
+    import trustme
+
+    ca, files = trustme.CA(), (folder / "cert.pem", folder / "key.pem", folder / "ca.pem")
+    issued = ca.issue_cert("127.0.0.1")
+    issued.cert_chain_pems[0].write_to_path(files[0])
+    issued.private_key_pem.write_to_path(files[1])
+    ca.cert_pem.write_to_path(files[2])
+    return files
+
+
+def start_server(
+    tmp_path: Path, *args: str, env: dict | None = None, ready_timeout: float = 60, ca: Path | None = None
+) -> Server:
+    """`ca`: the server speaks HTTPS (its --ssl-* flags among `args`) with a certificate this CA issued."""
     port = free_port()
     log = tmp_path / f"serve-{port}.log"
     cmd = [str(BIN), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     full_env = {**os.environ, **(env or {})}
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env)
-    url = f"http://127.0.0.1:{port}"
+    verify = ssl.create_default_context(cafile=ca) if ca else True
+    url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"server exited {proc.returncode}:\n{log.read_text()[-3000:]}")
         try:
-            if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
-                return Server(url, proc, log)
+            if httpx.get(f"{url}/v2/health/ready", timeout=1, verify=verify).status_code == 200:
+                return Server(url, proc, log, verify)
         except httpx.HTTPError:
             pass
         time.sleep(0.2)

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, FilePath, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
@@ -34,6 +34,10 @@ class Settings(BaseSettings):
         description="the path prefix a reverse proxy serves this under and strips before forwarding (e.g. /guard): "
         "/docs and the OpenAPI schema link through it, the access log shows it; routes answer without it",
     )
+    ssl_certfile: FilePath | None = Field(
+        None, description="PEM certificate (chain) to serve HTTPS with, e.g. where no mesh or ingress terminates TLS"
+    )
+    ssl_keyfile: FilePath | None = Field(None, description="PEM private key of --ssl-certfile", validate_default=True)
     forwarded_allow_ips: str = Field(
         "127.0.0.1,::1",
         description="proxies (comma-separated addresses or networks, or *) whose X-Forwarded-For and "
@@ -127,6 +131,13 @@ class Settings(BaseSettings):
     score_decimals: int = Field(4, ge=0, le=12, description="rounding of returned scores (limits probing)")
     log_json: bool = True
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
+
+    @field_validator("ssl_keyfile")
+    @classmethod
+    def _tls_needs_both(cls, v: Path | None, info: ValidationInfo) -> Path | None:
+        if (v is None) != (info.data.get("ssl_certfile") is None) and "ssl_certfile" in info.data:
+            raise ValueError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
+        return v
 
     @field_validator("root_path")
     @classmethod

@@ -49,18 +49,19 @@ def test_wrong_model_folder_is_one_line(tmp_path):
 
 def test_bad_settings_are_one_line_each_naming_flag_and_env():
     r = subprocess.run(
-        [str(BIN), "serve", "--port", "abc", "--processes", "0", "--root-path", "guard/"],
+        [str(BIN), "serve", "--port", "abc", "--processes", "0", "--root-path", "guard/", "--ssl-keyfile", __file__],
         capture_output=True,
         text=True,
         timeout=120,
         env={**os.environ, "NCCR_GUARD_MAX_QUEUE": "x"},
     )
     lines = r.stderr.strip().splitlines()
-    assert r.returncode == 2 and len(lines) == 4 and "Traceback" not in r.stderr
+    assert r.returncode == 2 and len(lines) == 5 and "Traceback" not in r.stderr
     assert {line.split(":")[1].strip() for line in lines} == {"error"}
     for flag in (
         "--port / NCCR_GUARD_PORT",
         "--root-path / NCCR_GUARD_ROOT_PATH",
+        "--ssl-keyfile / NCCR_GUARD_SSL_KEYFILE",  # a key without its certificate
         "--processes / NCCR_GUARD_PROCESSES",
         "--max-queue / NCCR_GUARD_MAX_QUEUE",
     ):

@@ -155,3 +155,31 @@ def test_dockerfile_targets_and_hygiene(target):
     assert "/v2/health/live" in stage
     deps = text.split(f" AS {target}-deps\n", 1)[1].split("\nFROM ", 1)[0]
     assert ("onnxruntime-gpu" not in deps) if target == "cpu" else ('".[gpu]"' in deps and '".[cpu]"' not in deps)
+
+
+def test_the_image_healthcheck_follows_the_server_to_https(tmp_path):
+    """The Dockerfile's HEALTHCHECK command, run as Docker would (exec form, the image's env): with
+    NCCR_GUARD_SSL_CERTFILE set it probes over HTTPS and passes; without it, plain HTTP to a TLS server fails (so
+    the scheme really follows the variable), as it does with nothing listening."""
+    from tests.conftest import MNIST, issue_tls, start_server
+
+    text = (ROOT / "Dockerfile").read_text()
+    found = re.findall(r"HEALTHCHECK [^\n]*\\\n\s+CMD (\[.*\])", text)
+    assert len(found) == 2 and len(set(found)) == 1, found
+    command = json.loads(found[0])
+    cert, key, _ = issue_tls(tmp_path)
+    s = start_server(
+        tmp_path, "--models", str(MNIST), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), ca=tmp_path / "ca.pem"
+    )
+    port = s.url.rsplit(":", 1)[1]
+    base = {"PATH": "/usr/bin:/bin", "NCCR_GUARD_PORT": port}
+
+    def probe(**env: str) -> int:
+        return subprocess.run(command, env={**base, **env}, capture_output=True, timeout=30).returncode
+
+    try:
+        assert probe(NCCR_GUARD_SSL_CERTFILE="/app/cert.pem") == 0
+        assert probe() != 0
+    finally:
+        s.stop_cleanly()
+    assert probe(NCCR_GUARD_SSL_CERTFILE="/app/cert.pem") != 0  # nothing listens now

@@ -220,6 +220,28 @@ def test_a_restart_into_the_same_metrics_directory_counts_afresh(tmp_path, digit
     assert "metric files of an earlier run" in s.log.read_text()
 
 
+def test_every_worker_serves_https_with_the_given_certificate(tmp_path, digit_pngs):
+    """--ssl-certfile / --ssl-keyfile: each worker of --processes 2 speaks TLS with the certificate (the client
+    checks it against the issuing CA), and plain HTTP on the port gets no answer."""
+    from tests.conftest import MNIST, issue_tls
+
+    cert, key, ca_file = issue_tls(tmp_path)
+    args = ("--processes", "2", "--models", str(MNIST), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key))
+    s = start_server(tmp_path, *args, ca=ca_file)
+    path, label = digit_pngs[0]
+    try:
+        for i in range(20):  # a connection each: over two workers, all on one has probability 2**-19
+            with s.client() as c:
+                headers = {"content-type": "image/png", "x-request-id": f"tls-{i}"}
+                r = c.post("/v1/detect", content=path.read_bytes(), headers=headers)
+            assert r.status_code == 200 and r.json()["prediction"]["index"] == label, r.text
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(s.url.replace("https://", "http://") + "/v2/health/live", timeout=5)
+    finally:
+        s.stop_cleanly()
+    assert len(set(_detect_pids(s.log, 20))) == 2
+
+
 def test_two_processes_stop_when_a_worker_cannot_start(tmp_path):
     """A model that fails to load fails every worker the same way: the supervisor stops instead of restarting."""
     with pytest.raises(RuntimeError, match="server exited 1"):
