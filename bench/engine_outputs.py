@@ -32,6 +32,15 @@ from nccr_guard.engine.variants import RANDOM_FAMILIES, VARIANTS
 MNIST, SPEAKER = ROOT / "models" / "mnist", ROOT / "models" / "speaker"
 
 
+FIELDS = ("verdict", "score", "threshold", "p_value", "index", "label", "confidence", "passes", "components")
+
+
+def fields(v) -> dict:
+    """A verdict as a dict of what it says, the same for every version of Verdict (a dataclass with a
+    `components` dict before session 24, slotted with `components` a property since)."""
+    return {k: getattr(v, k) for k in FIELDS}
+
+
 def outputs() -> dict:
     out: dict = {}
     xs = sample_inputs(MNIST, 300)
@@ -41,8 +50,8 @@ def outputs() -> dict:
         unfused = []
     for key, backend, n, opts in [("onnx", "onnx", 300, {}), *unfused, ("torch", "torch", 64, {})]:
         det = Detector.load(MNIST, backend=backend, device="cpu", threads=1, **opts)
-        out[f"mnist-{key}"] = [v.__dict__ for v in det.detect(list(xs[:n]))]
-        out[f"mnist-{key}-by-7"] = [v.__dict__ for i in range(0, n, 7) for v in det.detect(list(xs[i : i + 7]))]
+        out[f"mnist-{key}"] = [fields(v) for v in det.detect(list(xs[:n]))]
+        out[f"mnist-{key}-by-7"] = [fields(v) for i in range(0, n, 7) for v in det.detect(list(xs[i : i + 7]))]
         out[f"mnist-{key}-rows"] = det.batch_rows(list(xs[:16]))
     bare = Detector.load(MNIST, backend="onnx", device="cpu", threads=1, calibrated=False)
     part = xs[:120]
@@ -61,10 +70,10 @@ def outputs() -> dict:
         out[f"variant-{name}-meta"] = calib.meta
     clips = list(sample_inputs(SPEAKER, 6))
     sp = Detector.load(SPEAKER, backend="torch", device="cpu", threads=1)
-    out["speaker"] = [v.__dict__ for v in sp.detect(clips)]
-    out["speaker-chunks-of-4"] = [v.__dict__ for v in sp.detect(clips, chunk=4)]
+    out["speaker"] = [fields(v) for v in sp.detect(clips)]
+    out["speaker-chunks-of-4"] = [fields(v) for v in sp.detect(clips, chunk=4)]
     fixed = Detector.load(SPEAKER, backend="torch", device="cpu", threads=1, sequential=False)
-    out["speaker-fixed"] = [v.__dict__ for v in fixed.detect(clips[:3])]
+    out["speaker-fixed"] = [fields(v) for v in fixed.detect(clips[:3])]
     return out
 
 

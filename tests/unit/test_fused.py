@@ -156,3 +156,33 @@ def test_a_graph_it_cannot_extend_scores_in_numpy(tmp_path, mnist_test, caplog):
     assert "verdict graph not used" in caplog.text and PREFIX in caplog.text
     xs = inputs(mnist_test, 4)
     assert_same(det.detect(xs), ref.detect(xs))
+
+
+def test_the_graphs_two_ends_apart_compose_to_the_whole(pair, mnist_test):
+    """bench.fused_parts times the rows end and the scoring end of the graph alone: the rows end gives the
+    engine's rows to the model (its logits as the bare model's on those rows), and the scoring end on those rows
+    scores as the whole graph does on the inputs."""
+    import onnxruntime as ort
+
+    from nccr_guard.backends.onnx_verdict import INPUT, OUTPUTS, fuse
+
+    det = pair[0]
+    shape = list(det.manifest.input.shape)
+    path = det.manifest.path(det.manifest.weights.onnx)
+    spec = det.verdict_spec(classes=10)
+    xs = inputs(mnist_test, 6)
+    rows = det.batch_rows(list(xs)).reshape(-1, *shape).astype(np.float32)
+
+    def run(model, feed):
+        return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)
+
+    plain = onnx.load(path)
+    name = plain.graph.input[0].name
+    [bare] = run(plain, {name: rows})[:1]
+    [logits] = run(fuse(onnx.load(path), spec, shape, scores=False), {INPUT: xs})[:1]
+    np.testing.assert_array_equal(logits, bare)
+    scored = run(fuse(onnx.load(path), spec, shape, rows=False), {name: rows})
+    whole = run(fuse(onnx.load(path), spec, shape), {INPUT: xs})
+    assert len(scored) == len(whole) == len(OUTPUTS)
+    for a, b in zip(scored, whole, strict=True):
+        np.testing.assert_array_equal(a, b)

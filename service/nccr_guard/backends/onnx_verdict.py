@@ -164,9 +164,11 @@ def _scores(b: _Builder, spec: VerdictGraph, logits: str) -> None:
 _DOUBLE = 11  # onnx.TensorProto.DOUBLE, without importing onnx at module import
 
 
-def fuse(model, spec: VerdictGraph, shape: list[int]):
+def fuse(model, spec: VerdictGraph, shape: list[int], rows: bool = True, scores: bool = True):
     """`model` (an onnx.ModelProto of the classifier, first output its logits) turned in place into the verdict
-    graph: input `inputs` (B, *shape) float32, outputs OUTPUTS. Raises ValueError where it cannot be done."""
+    graph: input `inputs` (B, *shape) float32, outputs OUTPUTS. Raises ValueError where it cannot be done.
+    `rows` / `scores` False leave out that end (the model's own input / logits stay): bench.fused_parts times
+    each end alone."""
     from onnx import TensorProto, helper
 
     g = model.graph
@@ -182,14 +184,19 @@ def fuse(model, spec: VerdictGraph, shape: list[int]):
         raise ValueError("needs one input and the logits as first output")
     model_input, logits = feeds[0].name, g.output[0].name
     b = _Builder(g)
-    _rows(b, spec, INPUT, shape, out=model_input)
+    if rows:
+        _rows(b, spec, INPUT, shape, out=model_input)
     prefix, b.nodes = b.nodes, []
-    _scores(b, spec, logits)
+    if scores:
+        _scores(b, spec, logits)
     nodes = [*prefix, *g.node, *b.nodes]
     del g.node[:]
     g.node.extend(nodes)
-    g.input.remove(feeds[0])
-    g.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", *shape]))
+    if rows:
+        g.input.remove(feeds[0])
+        g.input.append(helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", *shape]))
+    if not scores:
+        return model
     del g.output[:]
     for name in OUTPUTS:
         dims = ["batch", len(spec.cols)] if name == RAW else ["batch"]
