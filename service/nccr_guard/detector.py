@@ -28,9 +28,10 @@ VERDICTS = ("clean", "adversarial")  # what Verdict.verdict can be
 
 @dataclass(slots=True)
 class Verdict:
-    """One input's verdict. Built positionally and with the component values as they come, because a verdict
-    is built per input on every call: keyword arguments and a dict per verdict cost ~0.9 us of ~1.1 (32
-    verdicts 29 -> 5 us, bench.fused_parts' "Python" share)."""
+    """One input's verdict. Built positionally, slotted, and with the component values as they come (the dict
+    only on demand), because one is built per input on every call: keyword arguments and a dict per verdict
+    were most of the Python around a fused verdict (`python -m bench.fused_parts`, docs/performance.md: 77-106 ->
+    24-25 us at 32 inputs)."""
 
     verdict: str
     score: float
