@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
 from bench.common import ROOT, sample_inputs, write_report
+from bench.engine import rate
 from nccr_guard.backends.onnx_verdict import INPUT, fuse
 from nccr_guard.detector import Detector
 
@@ -66,12 +66,7 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in calls}
         for _ in range(args.rounds):
             for k, fn in calls.items():
-                fn()
-                n, start = 0, time.perf_counter()
-                while (elapsed := time.perf_counter() - start) < args.ms / 1e3:
-                    fn()
-                    n += 1
-                times[k].append(elapsed / n * 1e6)
+                times[k].append(1e6 / rate(fn, 1, args.ms / 1e3))
         us = {k: statistics.median(v) for k, v in times.items()}
         row = {
             "inputs": per,

@@ -167,10 +167,8 @@ def test_the_image_healthcheck_follows_the_server_to_https(tmp_path):
     found = re.findall(r"HEALTHCHECK [^\n]*\\\n\s+CMD (\[.*\])", text)
     assert len(found) == 2 and len(set(found)) == 1, found
     command = json.loads(found[0])
-    cert, key, _ = issue_tls(tmp_path)
-    s = start_server(
-        tmp_path, "--models", str(MNIST), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), ca=tmp_path / "ca.pem"
-    )
+    cert, key, ca = issue_tls(tmp_path)
+    s = start_server(tmp_path, "--models", str(MNIST), "--ssl-certfile", str(cert), "--ssl-keyfile", str(key), ca=ca)
     port = s.url.rsplit(":", 1)[1]
     base = {"PATH": "/usr/bin:/bin", "NCCR_GUARD_PORT": port}
 

@@ -29,7 +29,7 @@ class DrainingServer(uvicorn.Server):
     connection or request came for `drain_quiet_s`, or `drain_s` passes; then uvicorn's own graceful shutdown.
     A second signal exits at once. A drained exit is 0 (uvicorn would re-raise SIGTERM and exit -15)."""
 
-    _draining_task: asyncio.Task | None = None
+    _draining_task: asyncio.Task | None = None  # held so the drain task is not garbage-collected mid-way
     _drain_requested = False  # set by the signal handler; the drain starts on the event loop
 
     def __init__(self, config: uvicorn.Config, gate: StartGate | None = None) -> None:
