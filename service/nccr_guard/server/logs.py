@@ -1,48 +1,92 @@
 """Logging for the server: service logs on stderr, the JSON access log (one line per request) on stdout.
 
-The access log is written by a background thread (a QueueHandler in front of the stream): a profile under
-load showed the stream write at 6 % of the event-loop thread, the server's bottleneck, and a slow stdout (a
-pipe to a log shipper) would stall every request. (Throughput with stdout to a file did not change measurably:
-wrk -c16, 3 runs each, within this machine's ±20 % noise.) Every
-worker process of `--processes N` calls this itself (they are spawned, not forked, and inherit no handlers).
+The access log is written by a background thread: a profile under load showed the stream write at 6 % of the
+event-loop thread, the server's bottleneck, and a slow stdout (a pipe to a log shipper) would stall every
+request. That thread wakes on a clock and writes what gathered since its last turn in one write
+(`LineBuffer`), instead of being woken for every record: with logging's QueueHandler each line cost the
+event loop a semaphore post that woke the writer (a futex call, often a context switch onto the core the
+server needed), ~5 % of a busy worker process's samples, and the writer then took the GIL once per line
+(docs/performance.md, "The access log's writer"). Every worker process of `--processes N` calls this itself
+(they are spawned, not forked, and inherit no handlers).
 """
 
 from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import sys
-from logging.handlers import QueueHandler, QueueListener
+import threading
+from collections import deque
+from typing import TextIO
 
-_listener: QueueListener | None = None
+FLUSH_S = 0.05  # how stale an access-log line may be before it reaches stdout
+CLOSE_S = 5.0
+_access: LineBuffer | None = None
 
 
-class _AsIs(QueueHandler):
-    """Queues a record unchanged: an access-log record is already its final line (no args, no exception), and
-    QueueHandler's default copy-and-format would run on the event loop."""
+class LineBuffer(logging.Handler):
+    """Collects records for a writer thread that, every `interval_s`, writes the messages gathered since its
+    last turn in one write. Records are taken unformatted (an access-log record is already its final line: no
+    args, no exception), so nothing but an append runs on the caller's thread, and without the handler lock:
+    `deque.append` and `popleft` are atomic. `close` (also at exit) stops the thread and writes what is left.
+    A process killed outright loses at most the last `interval_s` of lines."""
 
-    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        return record
+    def __init__(self, stream: TextIO, interval_s: float = FLUSH_S) -> None:
+        super().__init__()
+        self.stream, self.interval_s = stream, interval_s
+        self._records: deque[logging.LogRecord] = deque()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
+        self._thread.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        self._records.append(record)
+        return True
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._records.append(record)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.flush()
+
+    def flush(self) -> None:
+        lines, record = [], None
+        while self._records:
+            record = self._records.popleft()
+            lines.append(record.getMessage())
+        if not lines:
+            return
+        try:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+        except Exception:  # a closed or broken stdout: logging's own report, as StreamHandler would
+            self.handleError(record)
+
+    def close(self) -> None:
+        """Stops the writer and writes what is left; a writer stuck in a hanging stdout is given `CLOSE_S` and
+        then left behind (a daemon thread), so that the process can still exit."""
+        self._stop.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(CLOSE_S)
+        if not self._thread.is_alive():
+            self.flush()
+        super().close()
 
 
 def configure_logging(json_logs: bool) -> None:
-    global _listener
+    global _access
     fmt = (
         '{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
         if json_logs
         else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
-    if _listener is not None:  # configured already in this process
+    if _access is not None:  # configured already in this process
         return
-    out = logging.StreamHandler(sys.stdout)
-    out.setFormatter(logging.Formatter("%(message)s"))
-    q: queue.SimpleQueue = queue.SimpleQueue()
-    _listener = QueueListener(q, out)
-    _listener.start()
-    atexit.register(_listener.stop)  # flushes what is queued at exit
+    _access = LineBuffer(sys.stdout)
+    atexit.register(_access.close)  # writes what is gathered at exit
     access = logging.getLogger("nccr_guard.access")
-    access.handlers = [_AsIs(q)]
+    access.handlers = [_access]
     access.setLevel(logging.INFO)
     access.propagate = False

@@ -1,0 +1,86 @@
+"""The access log's writer (server/logs.LineBuffer): every line, in order, written in few writes off the
+caller's thread, and what is left at close written too."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+
+from nccr_guard.server.logs import LineBuffer
+
+
+class _Stdout(io.StringIO):
+    """A stdout that counts its writes and can be made to hang, as a full pipe to a log shipper does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes = 0
+        self.open = threading.Event()
+        self.open.set()
+
+    def write(self, s: str) -> int:
+        self.open.wait()
+        self.writes += 1
+        return super().write(s)
+
+
+def _logger(handler: logging.Handler, name: str) -> logging.Logger:
+    log = logging.getLogger(f"nccr_guard.test.{name}")
+    log.handlers, log.propagate = [handler], False
+    log.setLevel(logging.INFO)
+    return log
+
+
+def _wait_lines(out: _Stdout, n: int) -> list[str]:
+    deadline = time.monotonic() + 5
+    while len(lines := out.getvalue().splitlines()) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return lines
+
+
+def test_every_line_in_order_in_few_writes():
+    out = _Stdout()
+    handler = LineBuffer(out, interval_s=0.05)
+    log = _logger(handler, "order")
+    try:
+        for i in range(2000):
+            log.info(f'{{"n": {i}}}')
+        lines = _wait_lines(out, 2000)
+    finally:
+        handler.close()
+    assert lines == [f'{{"n": {i}}}' for i in range(2000)]
+    assert out.writes < 20  # per turn of the writer, not per line
+
+
+def test_a_hanging_stdout_does_not_hold_the_caller():
+    out = _Stdout()
+    handler = LineBuffer(out, interval_s=0.01)
+    log = _logger(handler, "hang")
+    try:
+        log.info("first")
+        assert _wait_lines(out, 1) == ["first"]
+        out.open.clear()  # the next write hangs
+        log.info("second")
+        time.sleep(0.05)  # the writer is now stuck in write()
+        start = time.monotonic()
+        for i in range(500):
+            log.info(f"more {i}")
+        assert time.monotonic() - start < 0.5
+        out.open.set()
+        lines = _wait_lines(out, 502)
+    finally:
+        handler.close()
+    assert lines == ["first", "second", *(f"more {i}" for i in range(500))]
+
+
+def test_close_writes_what_is_left():
+    out = _Stdout()
+    handler = LineBuffer(out, interval_s=60)  # the writer would not turn within the test
+    log = _logger(handler, "close")
+    log.info("a")
+    log.info("b")
+    assert out.getvalue() == ""
+    handler.close()
+    assert out.getvalue() == "a\nb\n"
