@@ -129,7 +129,17 @@ class Settings(BaseSettings):
         "for this long, within drain_s: a client that connects as the listener closes gets a reset, not an answer",
     )
     score_decimals: int = Field(4, ge=0, le=12, description="rounding of returned scores (limits probing)")
-    log_json: bool = True
+    log_json: bool = Field(
+        True,
+        description="service logs on stderr as JSON lines (--no-log-json: plain text); the access log is JSON "
+        "either way",
+    )
+    access_log: bool = Field(
+        True,
+        description="one JSON line per request on stdout (request id, client, path, status, time, model, verdict, "
+        "upload digest), written by a background thread within ~50 ms; --no-access-log where a proxy logs requests "
+        "already (it costs the event loop ~10 us a request)",
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
 
     @field_validator("ssl_keyfile")

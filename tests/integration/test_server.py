@@ -156,14 +156,27 @@ def test_access_log_has_one_json_line_per_request(server, digit_pngs):
 
 def test_forwarded_for_is_believed_only_from_trusted_proxies(tmp_path):
     """Who sent an input flagged adversarial is in the access log; a client that is not a trusted proxy
-    (--forwarded-allow-ips) cannot put another address there."""
-    s = start_server(tmp_path, "--forwarded-allow-ips", "192.0.2.1", "--models", str(MNIST))
+    (--forwarded-allow-ips) cannot put another address there. Plain-text service logs keep the JSON access log."""
+    s = start_server(tmp_path, "--forwarded-allow-ips", "192.0.2.1", "--no-log-json", "--models", str(MNIST))
     try:
         with s.client() as c:
             assert c.get("/v1/models", headers={"x-request-id": "fw-1", "x-forwarded-for": "203.0.113.7"}).is_success
     finally:
         s.stop_cleanly()
     assert _access_line(s, "fw-1")["client"] == "127.0.0.1"
+    assert " INFO nccr_guard: " in s.log.read_text()  # the service's own lines, as plain text
+
+
+def test_no_access_log_writes_no_request_lines(tmp_path, digit_pngs):
+    s = start_server(tmp_path, "--no-access-log", "--models", str(MNIST))
+    try:
+        with s.client() as c:
+            r = c.post("/v1/detect", content=digit_pngs[0][0].read_bytes(), headers={"x-request-id": "quiet-1"})
+            assert r.status_code == 200 and c.get("/v1/models").is_success
+    finally:
+        s.stop_cleanly()  # a written line would be out by now: the writer flushes at exit
+    text = s.log.read_text()
+    assert "Application startup complete" in text and "request_id" not in text
 
 
 @pytest.mark.parametrize(

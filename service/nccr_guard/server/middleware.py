@@ -77,7 +77,7 @@ class ServiceMiddleware:
             elapsed = time.monotonic() - start
             svc.metrics.requests.labels(model, endpoint, str(status)).inc()
             svc.metrics.duration.labels(endpoint).observe(elapsed)
-            if svc.settings.log_json:
+            if svc.settings.access_log:
                 access.info(
                     json.dumps(
                         {
