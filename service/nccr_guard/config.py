@@ -138,7 +138,7 @@ class Settings(BaseSettings):
         True,
         description="one JSON line per request on stdout (request id, client, path, status, time, model, verdict, "
         "upload digest), written by a background thread within ~50 ms; --no-access-log where a proxy logs requests "
-        "already (it costs the event loop ~10 us a request)",
+        "already",
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
 

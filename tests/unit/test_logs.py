@@ -84,3 +84,35 @@ def test_close_writes_what_is_left():
     assert out.getvalue() == ""
     handler.close()
     assert out.getvalue() == "a\nb\n"
+
+
+def test_filters_still_apply():
+    out = _Stdout()
+    handler = LineBuffer(out, interval_s=60)
+    handler.addFilter(lambda record: "secret" not in record.getMessage())
+    log = _logger(handler, "filters")
+    log.info("kept")
+    log.info("a secret")
+    handler.close()
+    assert out.getvalue() == "kept\n"
+
+
+def test_close_gives_up_on_a_hanging_stdout(monkeypatch):
+    """A stdout that never drains must not keep the process from exiting: close waits CLOSE_S for the writer,
+    and logging's own flush at exit does not write beside a writer stuck in write()."""
+    from nccr_guard.server import logs
+
+    monkeypatch.setattr(logs, "CLOSE_S", 0.2)
+    out = _Stdout()
+    handler = LineBuffer(out, interval_s=0.01)
+    log = _logger(handler, "stuck")
+    out.open.clear()
+    log.info("stuck line")
+    time.sleep(0.05)  # the writer is in write() now
+    log.info("later line")
+    start = time.monotonic()
+    handler.flush()  # as logging.shutdown calls it
+    handler.close()
+    assert time.monotonic() - start < 2
+    out.open.set()  # the writer finishes its write and, stopped, writes the rest
+    assert _wait_lines(out, 2) == ["stuck line", "later line"]

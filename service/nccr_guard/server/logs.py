@@ -40,6 +40,8 @@ class LineBuffer(logging.Handler):
         self._thread.start()
 
     def handle(self, record: logging.LogRecord) -> bool:
+        if self.filters and not self.filter(record):
+            return False
         self._records.append(record)
         return True
 
@@ -48,9 +50,17 @@ class LineBuffer(logging.Handler):
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self.flush()
+            self._write_gathered()
+        self._write_gathered()  # what came before close
 
     def flush(self) -> None:
+        """Writes what is gathered only once the writer has stopped; until then the writer's next turn does.
+        Two writers at once could reorder lines, and logging's own flush at exit must not hang on a stdout the
+        writer is stuck in."""
+        if not self._thread.is_alive():
+            self._write_gathered()
+
+    def _write_gathered(self) -> None:
         lines, record = [], None
         while self._records:
             record = self._records.popleft()
@@ -64,13 +74,12 @@ class LineBuffer(logging.Handler):
             self.handleError(record)
 
     def close(self) -> None:
-        """Stops the writer and writes what is left; a writer stuck in a hanging stdout is given `CLOSE_S` and
+        """Stops the writer, which writes what is left; one stuck in a hanging stdout is given `CLOSE_S` and
         then left behind (a daemon thread), so that the process can still exit."""
         self._stop.set()
         if self._thread is not threading.current_thread():
             self._thread.join(CLOSE_S)
-        if not self._thread.is_alive():
-            self.flush()
+        self.flush()
         super().close()
 
 
