@@ -249,7 +249,7 @@ def test_kserve_v2_protocol(server, mnist_test):
         assert out["verdict"]["datatype"] == "BYTES" and set(out["verdict"]["data"]) <= {"clean", "adversarial"}
 
 
-def _binary_v2(x: np.ndarray, size: int | None = None) -> tuple[bytes, dict]:
+def _binary_v2(x: np.ndarray, size: int | None = None, outputs: list[str] | None = None) -> tuple[bytes, dict]:
     """A binary-extension body: the JSON header, then the raw FP32 tensor."""
     head = json.dumps(
         {
@@ -260,7 +260,8 @@ def _binary_v2(x: np.ndarray, size: int | None = None) -> tuple[bytes, dict]:
                     "datatype": "FP32",
                     "parameters": {"binary_data_size": x.nbytes if size is None else size},
                 }
-            ]
+            ],
+            **({"outputs": [{"name": o, "parameters": {"binary_data": True}} for o in outputs]} if outputs else {}),
         }
     ).encode()
     headers = {
@@ -306,6 +307,33 @@ def test_a_full_queue_refuses_the_inputs_beyond_it_and_counts_them(tmp_path, dig
             assert c.post("/v2/models/mnist/infer", content=body, headers=headers).status_code == 200
     finally:
         s.stop()
+
+
+def test_kserve_v2_answers_the_outputs_asked_for(server, mnist_test):
+    """A request that names outputs gets those, in its order (binary tensors on the direct route, JSON values
+    through FastAPI's); an unknown name is a 400 that lists the model's outputs."""
+    x = np.ascontiguousarray(mnist_test[0][:3], dtype=np.float32)
+    with server.client() as c:
+        everything = c.post("/v2/models/mnist/infer", content=_binary_v2(x)[0], headers=_binary_v2(x)[1]).json()
+        full = {o["name"]: o for o in everything["outputs"]}
+        assert list(full) == ["score", "verdict", "prediction"]
+        body, headers = _binary_v2(x, outputs=["prediction", "score"])
+        as_json = {
+            "inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}],
+            "outputs": [{"name": "prediction"}, {"name": "score"}],
+        }
+        for r in (
+            c.post("/v2/models/mnist/infer", content=body, headers=headers),
+            c.post("/v2/models/mnist/infer", json=as_json),
+        ):
+            assert r.status_code == 200, r.text
+            assert r.json()["outputs"] == [full["prediction"], full["score"]]
+        body, headers = _binary_v2(x, outputs=["score", "logits"])
+        for r in (
+            c.post("/v2/models/mnist/infer", content=body, headers=headers),
+            c.post("/v2/models/mnist/infer", json={**as_json, "outputs": [{"name": "logits"}]}),
+        ):
+            assert r.status_code == 400 and "logits" in r.json()["error"] and "verdict" in r.json()["error"], r.text
 
 
 def test_kserve_v2_binary_tensors_score_like_json(server, mnist_test):

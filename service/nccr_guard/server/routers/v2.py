@@ -1,7 +1,8 @@
 """Open Inference Protocol (KServe v2) REST: health, model metadata and FP32 tensor inference, with the binary
 tensor data extension: a body of `Inference-Header-Content-Length` bytes of JSON followed by the raw tensor
 (little-endian FP32, row-major; the input says `"parameters": {"binary_data_size": N}`), as Triton and KServe
-clients send it. Raw tensors skip both image decoding and JSON number parsing; outputs are always JSON."""
+clients send it. Raw tensors skip both image decoding and JSON number parsing; outputs are always JSON (a request
+may name the outputs it wants)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from nccr_guard.server.uploads import read_body
 
 MAX_V2_BATCH = 64
 BINARY_HEADER = "inference-header-content-length"
+OUTPUTS = {"score": "FP32", "verdict": "BYTES", "prediction": "INT64"}  # name: datatype, the default order
 
 
 class _JsonPart(Request):
@@ -102,11 +104,7 @@ async def model_metadata(name: str, service: ServiceDep) -> dict:
         "versions": [m.version],
         "platform": f"nccr-guard/{rt.detector.backend.name}",
         "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *m.input.shape]}],
-        "outputs": [
-            {"name": "score", "datatype": "FP32", "shape": [-1]},
-            {"name": "verdict", "datatype": "BYTES", "shape": [-1]},
-            {"name": "prediction", "datatype": "INT64", "shape": [-1]},
-        ],
+        "outputs": [{"name": o, "datatype": t, "shape": [-1]} for o, t in OUTPUTS.items()],
     }
 
 
@@ -187,6 +185,7 @@ async def run_infer(
     rt = _runtime(service, name)
     request.scope["state"]["model"] = name
     m = rt.detector.manifest
+    wanted = _requested_outputs(req)
     x = np.clip(_tensor(req, m.input.shape, binary), *m.input.range)
     due = deadline(request)
     with rt.admit(len(x)) as held:
@@ -195,13 +194,26 @@ async def run_infer(
         raise errors[0]
     results = [v for part in settled for v, _ in part]
     n, d = len(results), service.settings.score_decimals
+    values = {
+        "score": lambda: [round(v.score, d) for v in results],
+        "verdict": lambda: [v.verdict for v in results],
+        "prediction": lambda: [v.index for v in results],
+    }
     return V2InferResponse(
         model_name=name,
         model_version=m.version,
         id=req.id,
-        outputs=[
-            V2Tensor(name="score", shape=[n], datatype="FP32", data=[round(v.score, d) for v in results]),
-            V2Tensor(name="verdict", shape=[n], datatype="BYTES", data=[v.verdict for v in results]),
-            V2Tensor(name="prediction", shape=[n], datatype="INT64", data=[v.index for v in results]),
-        ],
+        outputs=[V2Tensor(name=o, shape=[n], datatype=OUTPUTS[o], data=values[o]()) for o in wanted],
     )
+
+
+def _requested_outputs(req: V2InferRequest) -> list[str]:
+    """The outputs to answer, in the order asked for: all of them when the request names none, as the protocol
+    says; an unknown name is the client's error (400) before any work is queued. Values come back as JSON
+    whatever an output's `binary_data` parameter asks."""
+    if not req.outputs:
+        return list(OUTPUTS)
+    names = [o.get("name") for o in req.outputs]
+    if unknown := [n for n in names if n not in OUTPUTS]:
+        raise InputError(f"unknown output {unknown[0]!r}: this model's outputs are {', '.join(OUTPUTS)}")
+    return list(dict.fromkeys(names))
