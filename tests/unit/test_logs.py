@@ -4,6 +4,7 @@ caller's thread, and what is left at close written too."""
 from __future__ import annotations
 
 import io
+import json
 import logging
 import threading
 import time
@@ -19,8 +20,11 @@ class _Stdout(io.StringIO):
         self.writes = 0
         self.open = threading.Event()
         self.open.set()
+        self.stuck = threading.Event()  # set once a write hangs
 
     def write(self, s: str) -> int:
+        if not self.open.is_set():
+            self.stuck.set()
         self.open.wait()
         self.writes += 1
         return super().write(s)
@@ -63,7 +67,7 @@ def test_a_hanging_stdout_does_not_hold_the_caller():
         assert _wait_lines(out, 1) == ["first"]
         out.open.clear()  # the next write hangs
         log.info("second")
-        time.sleep(0.05)  # the writer is now stuck in write()
+        assert out.stuck.wait(5)  # the writer is now stuck in write()
         start = time.monotonic()
         for i in range(500):
             log.info(f"more {i}")
@@ -108,7 +112,7 @@ def test_close_gives_up_on_a_hanging_stdout(monkeypatch):
     log = _logger(handler, "stuck")
     out.open.clear()
     log.info("stuck line")
-    time.sleep(0.05)  # the writer is in write() now
+    assert out.stuck.wait(5)  # the writer is in write() now
     log.info("later line")
     start = time.monotonic()
     handler.flush()  # as logging.shutdown calls it
@@ -116,3 +120,26 @@ def test_close_gives_up_on_a_hanging_stdout(monkeypatch):
     assert time.monotonic() - start < 2
     out.open.set()  # the writer finishes its write and, stopped, writes the rest
     assert _wait_lines(out, 2) == ["stuck line", "later line"]
+
+
+def test_a_stdout_that_stops_draining_costs_bounded_memory():
+    """Beyond max_lines waiting the oldest go, and the next write says how many, as a JSON line."""
+    out = _Stdout()
+    handler = LineBuffer(out, interval_s=0.01, max_lines=100)
+    log = _logger(handler, "bounded")
+    try:
+        log.info("first")
+        assert _wait_lines(out, 1) == ["first"]
+        out.open.clear()
+        log.info("in flight")
+        assert out.stuck.wait(5)  # the writer holds "in flight" and hangs in write()
+        for i in range(500):
+            log.info(f"more {i}")
+        assert len(handler._records) == 100
+        out.open.set()
+        lines = _wait_lines(out, 103)
+    finally:
+        handler.close()
+    assert lines[:2] == ["first", "in flight"]
+    assert json.loads(lines[2])["access_log_dropped"] == 400
+    assert lines[3:] == [f"more {i}" for i in range(400, 500)]

@@ -13,14 +13,17 @@ server needed), ~5 % of a busy worker process's samples, and the writer then too
 from __future__ import annotations
 
 import atexit
+import json
 import logging
 import sys
 import threading
+import time
 from collections import deque
 from typing import TextIO
 
 FLUSH_S = 0.05  # how stale an access-log line may be before it reaches stdout
 CLOSE_S = 5.0
+MAX_LINES = 100_000  # lines held while stdout does not keep up (~30 MB of access lines); older ones are dropped
 _access: LineBuffer | None = None
 
 
@@ -29,12 +32,15 @@ class LineBuffer(logging.Handler):
     last turn in one write. Records are taken unformatted (an access-log record is already its final line: no
     args, no exception), so nothing but an append runs on the caller's thread, and without the handler lock:
     `deque.append` and `popleft` are atomic. `close` (also at exit) stops the thread and writes what is left.
-    A process killed outright loses at most the last `interval_s` of lines."""
+    A process killed outright loses at most the last `interval_s` of lines. A stdout that stops draining (a
+    stuck log shipper) must not grow the server's memory without bound: beyond `max_lines` waiting, the oldest
+    are dropped, and the next write starts with one JSON line that says how many (`access_log_dropped`)."""
 
-    def __init__(self, stream: TextIO, interval_s: float = FLUSH_S) -> None:
+    def __init__(self, stream: TextIO, interval_s: float = FLUSH_S, max_lines: int = MAX_LINES) -> None:
         super().__init__()
         self.stream, self.interval_s = stream, interval_s
-        self._records: deque[logging.LogRecord] = deque()
+        self._records: deque[logging.LogRecord] = deque(maxlen=max_lines)
+        self.dropped = 0  # since the last write; counted without a lock, so it may be off by one under races
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
@@ -42,10 +48,12 @@ class LineBuffer(logging.Handler):
     def handle(self, record: logging.LogRecord) -> bool:
         if self.filters and not self.filter(record):
             return False
-        self._records.append(record)
+        self.emit(record)
         return True
 
     def emit(self, record: logging.LogRecord) -> None:
+        if len(self._records) == self._records.maxlen:
+            self.dropped += 1  # the append below pushes the oldest out
         self._records.append(record)
 
     def _run(self) -> None:
@@ -62,6 +70,9 @@ class LineBuffer(logging.Handler):
 
     def _write_gathered(self) -> None:
         lines, record = [], None
+        if dropped := self.dropped:
+            self.dropped -= dropped
+            lines.append(json.dumps({"ts": round(time.time(), 3), "access_log_dropped": dropped}))
         while self._records:
             record = self._records.popleft()
             lines.append(record.getMessage())
@@ -71,7 +82,8 @@ class LineBuffer(logging.Handler):
             self.stream.write("\n".join(lines) + "\n")
             self.stream.flush()
         except Exception:  # a closed or broken stdout: logging's own report, as StreamHandler would
-            self.handleError(record)
+            if record is not None:
+                self.handleError(record)
 
     def close(self) -> None:
         """Stops the writer, which writes what is left; one stuck in a hanging stdout is given `CLOSE_S` and
