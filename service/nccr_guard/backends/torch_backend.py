@@ -14,7 +14,6 @@ from torch import nn
 from nccr_guard.backends import BackendError, merge_rows
 from nccr_guard.backends.graphs import GraphedForward, cuda_capture
 from nccr_guard.backends.onnx_verdict import VerdictGraph
-from nccr_guard.heap import keep_heap
 from nccr_guard.manifest import Manifest
 
 
@@ -160,8 +159,6 @@ class TorchBackend:
         self.manifest = manifest
         self.torch_device = pick_device(device)
         self.device = str(self.torch_device)
-        if self.torch_device.type == "cpu":
-            keep_heap()  # activation buffers stay in the heap instead of faulting in afresh each forward
         self.layers = list(manifest.watch)
         self.module = load_module(manifest).to(self.torch_device)
         self.half = half and self.torch_device.type == "cuda"
