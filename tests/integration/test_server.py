@@ -314,7 +314,8 @@ def test_kserve_v2_answers_the_outputs_asked_for(server, mnist_test):
     through FastAPI's); an unknown name is a 400 that lists the model's outputs."""
     x = np.ascontiguousarray(mnist_test[0][:3], dtype=np.float32)
     with server.client() as c:
-        everything = c.post("/v2/models/mnist/infer", content=_binary_v2(x)[0], headers=_binary_v2(x)[1]).json()
+        body, headers = _binary_v2(x)
+        everything = c.post("/v2/models/mnist/infer", content=body, headers=headers).json()
         full = {o["name"]: o for o in everything["outputs"]}
         assert list(full) == ["score", "verdict", "prediction"]
         body, headers = _binary_v2(x, outputs=["prediction", "score"])
