@@ -102,14 +102,21 @@ def issue_tls(folder: Path) -> tuple[Path, Path, Path]:
 
 
 def start_server(
-    tmp_path: Path, *args: str, env: dict | None = None, ready_timeout: float = 60, ca: Path | None = None
+    tmp_path: Path,
+    *args: str,
+    env: dict | None = None,
+    ready_timeout: float = 60,
+    ca: Path | None = None,
+    stdout_pipe: bool = False,
 ) -> Server:
-    """`ca`: the server speaks HTTPS (its --ssl-* flags among `args`) with a certificate this CA issued."""
+    """`ca`: the server speaks HTTPS (its --ssl-* flags among `args`) with a certificate this CA issued.
+    `stdout_pipe`: the access log (stdout) goes to a pipe the test reads (or leaves unread), the log to stderr."""
     port = free_port()
     log = tmp_path / f"serve-{port}.log"
     cmd = [str(BIN), "serve", "--host", "127.0.0.1", "--port", str(port), *args]
     full_env = {**os.environ, **(env or {})}
-    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=full_env)
+    out, err = (subprocess.PIPE, log.open("w")) if stdout_pipe else (log.open("w"), subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=full_env)
     verify = ssl.create_default_context(cafile=ca) if ca else True
     url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
     deadline = time.monotonic() + ready_timeout

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 import time
 
 import numpy as np
@@ -177,6 +178,39 @@ def test_no_access_log_writes_no_request_lines(tmp_path, digit_pngs):
         s.stop_cleanly()  # a written line would be out by now: the writer flushes at exit
     text = s.log.read_text()
     assert "Application startup complete" in text and "request_id" not in text
+
+
+def _dropped_metric(c) -> float:
+    m = re.search(r"^nccr_guard_access_log_dropped_total (\S+)$", c.get("/metrics").text, re.M)
+    assert m, "no access-log drop counter"
+    return float(m.group(1))
+
+
+def test_a_stalled_stdout_drops_access_lines_and_counts_them(tmp_path):
+    """A log shipper that stops reading: the server goes on answering, holds at most --access-log-max-lines
+    lines, and counts what it dropped in a metric and, once stdout drains, in one access_log_dropped line."""
+    s = start_server(tmp_path, "--access-log-max-lines", "50", "--models", str(MNIST), stdout_pipe=True)
+    try:
+        with s.client() as c:
+            assert _dropped_metric(c) == 0
+            for _ in range(1500):  # ~1,500 lines of ~250 bytes: far more than the pipe (64 KiB) and 50 lines hold
+                assert c.get("/v1/models").status_code == 200
+            deadline = time.monotonic() + 5
+            while (dropped := _dropped_metric(c)) == 0 and time.monotonic() < deadline:
+                time.sleep(0.1)  # sampled every 0.1 s
+            assert dropped >= 1500 - 64 * 1024 // 200 - 50 - 100, dropped
+            lines: list[str] = []
+            reader = threading.Thread(target=lambda: lines.extend(s.proc.stdout.read().decode().splitlines()))
+            reader.start()  # the shipper reads again
+            assert c.get("/v1/models", headers={"x-request-id": "after-stall"}).status_code == 200
+            time.sleep(0.3)
+            dropped = _dropped_metric(c)
+    finally:
+        s.stop_cleanly()
+    reader.join(10)
+    notices = [json.loads(x)["access_log_dropped"] for x in lines if "access_log_dropped" in x]
+    assert len(notices) >= 1 and abs(sum(notices) - dropped) <= 1, (notices, dropped)  # counted without a lock
+    assert any('"request_id": "after-stall"' in x for x in lines[-5:]), lines[-5:]
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,8 @@ from __future__ import annotations
 import io
 import json
 import logging
+import subprocess
+import sys
 import threading
 import time
 
@@ -143,3 +145,15 @@ def test_a_stdout_that_stops_draining_costs_bounded_memory():
     assert lines[:2] == ["first", "in flight"]
     assert json.loads(lines[2])["access_log_dropped"] == 400
     assert lines[3:] == [f"more {i}" for i in range(400, 500)]
+
+
+def test_no_access_log_starts_no_writer_thread():
+    """configure_logging is process-wide, so each case runs in a fresh interpreter."""
+    code = (
+        "import sys, threading; from nccr_guard.server.logs import configure_logging, access_log_dropped; "
+        "configure_logging(True, access_log=sys.argv[1] == 'on'); "
+        "print(sorted(t.name for t in threading.enumerate()), access_log_dropped())"
+    )
+    on, off = (subprocess.run([sys.executable, "-c", code, a], capture_output=True, text=True) for a in ("on", "off"))
+    assert on.stdout.strip() == "['MainThread', 'access-log'] 0", on.stderr
+    assert off.stdout.strip() == "['MainThread'] 0", off.stderr

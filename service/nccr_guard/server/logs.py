@@ -41,6 +41,7 @@ class LineBuffer(logging.Handler):
         self.stream, self.interval_s = stream, interval_s
         self._records: deque[logging.LogRecord] = deque(maxlen=max_lines)
         self.dropped = 0  # since the last write; counted without a lock, so it may be off by one under races
+        self.dropped_total = 0  # since start, for the metric (nccr_guard_access_log_dropped_total)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
@@ -54,6 +55,7 @@ class LineBuffer(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         if len(self._records) == self._records.maxlen:
             self.dropped += 1  # the append below pushes the oldest out
+            self.dropped_total += 1
         self._records.append(record)
 
     def _run(self) -> None:
@@ -95,7 +97,14 @@ class LineBuffer(logging.Handler):
         super().close()
 
 
-def configure_logging(json_logs: bool) -> None:
+def access_log_dropped() -> int:
+    """Access-log lines this process has dropped because stdout did not keep up (0 without an access log)."""
+    return _access.dropped_total if _access is not None else 0
+
+
+def configure_logging(json_logs: bool, access_log: bool = True, max_lines: int = MAX_LINES) -> None:
+    """Service logs on stderr in `json_logs`' format; with `access_log`, the access log's writer on stdout, holding
+    at most `max_lines` unwritten. Without it no writer thread runs (it would wake every `FLUSH_S` for nothing)."""
     global _access
     fmt = (
         '{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
@@ -103,9 +112,9 @@ def configure_logging(json_logs: bool) -> None:
         else "%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
-    if _access is not None:  # configured already in this process
+    if _access is not None or not access_log:  # configured already in this process, or not wanted
         return
-    _access = LineBuffer(sys.stdout)
+    _access = LineBuffer(sys.stdout, max_lines=max_lines)
     atexit.register(_access.close)  # writes what is gathered at exit
     access = logging.getLogger("nccr_guard.access")
     access.handlers = [_access]

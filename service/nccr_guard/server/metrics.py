@@ -96,6 +96,12 @@ class Metrics:
             "(--processes N): the client reconnects and may be hashed to another worker",
             registry=r,
         )
+        self.access_log_dropped = Counter(
+            "nccr_guard_access_log_dropped_total",
+            "access-log lines dropped because stdout did not take them (a stalled log shipper): beyond 100,000 "
+            "waiting lines the oldest go; the access log then has a gap",
+            registry=r,
+        )
         self.upstream = Histogram(
             "nccr_guard_upstream_duration_seconds", "sidecar upstream call latency", buckets=LATENCY, registry=r
         )

@@ -132,7 +132,7 @@ def serve_on(settings: Settings, sockets: list[socket.socket] | None = None, gat
 
 
 def run(settings: Settings) -> int:
-    configure_logging(settings.log_json)
+    configure_logging(settings.log_json, settings.access_log, settings.access_log_max_lines)
     # Set by the user (else --processes N makes a fresh one): values left by an earlier run would be counted again.
     shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
     if shared and (n := clear_stale_metrics(Path(shared))):

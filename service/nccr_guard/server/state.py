@@ -10,6 +10,7 @@ import httpx
 
 from nccr_guard.config import Settings
 from nccr_guard.inputs import InputError, Limits, sniff_modality
+from nccr_guard.server.logs import access_log_dropped
 from nccr_guard.server.metrics import GcPauses, Metrics
 from nccr_guard.server.runtime import ModelRuntime
 from nccr_guard.server.workers import StartGate
@@ -30,6 +31,7 @@ class Service:
     gc_pauses: GcPauses | None = None  # installed while serving (app.py)
     connections: set = field(default_factory=set)  # uvicorn's open connections (run.DrainingServer)
     _next_shed: float = 0.0
+    _access_dropped: int = 0  # access_log_dropped() at the last sample
 
     @property
     def ready(self) -> bool:
@@ -41,13 +43,16 @@ class Service:
         )
 
     def sample_gauges(self) -> None:
-        """Gauges of the moment, the garbage-collection pauses recorded since the last call, and (one worker of
-        several) the heartbeat the supervisor watches."""
+        """Gauges of the moment, the garbage-collection pauses and access-log drops recorded since the last call,
+        and (one worker of several) the heartbeat the supervisor watches."""
         self.metrics.ready.set(int(self.ready))
         if self.gate is not None:
             self.gate.beat(len(self.connections))
         if self.gc_pauses is not None:
             self.gc_pauses.flush()
+        if (dropped := access_log_dropped()) != self._access_dropped:
+            self.metrics.access_log_dropped.inc(dropped - self._access_dropped)
+            self._access_dropped = dropped
         for name, rt in self.runtimes.items():
             self.metrics.queue_depth.labels(name).set(rt.batcher.depth)
 

@@ -104,7 +104,7 @@ def worker(settings_json: str, port: int, gate: StartGate) -> None:
     if parent is not None:
         threading.Thread(target=_exit_with, args=(parent,), daemon=True).start()
     settings = Settings.model_validate_json(settings_json)
-    configure_logging(settings.log_json)
+    configure_logging(settings.log_json, settings.access_log, settings.access_log_max_lines)
     sock = listener(settings.host, port)
     sys.exit(0 if serve_on(settings, [sock], gate) else STARTUP_FAILURE)
 
