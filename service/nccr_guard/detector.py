@@ -17,6 +17,7 @@ import numpy as np
 from nccr_guard.backends import Backend, make_backend, merge_rows
 from nccr_guard.backends.onnx_verdict import VerdictGraph, verdict_graph
 from nccr_guard.engine import Calibration, Scores, Variant, build_batch, get_variant, score_rows
+from nccr_guard.engine.perturb import LazyRows
 from nccr_guard.engine.sequential import Schedule, bounded_scores, layout, max_copies, rounds, settled
 from nccr_guard.engine.variants import parse_schedules
 from nccr_guard.manifest import Manifest, ManifestError, load_manifest, weight_hashes
@@ -58,7 +59,7 @@ class Job:
     """One input's sequential verdict in progress: its fixed-K rows are drawn once and forwarded round by round,
     so the batcher can mix requests at different rounds in one forward."""
 
-    rows: np.ndarray  # (R, *shape): every row the fixed-K verdict would use
+    rows: LazyRows  # (R, *shape): the rows the fixed-K verdict would use, built as rounds need them
     acts: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (R, N), filled as rounds run
     round: int = 0
     forwarded: int = 0  # rows forwarded so far
@@ -334,7 +335,12 @@ class Detector:
 
     # Sequential testing: start a job per input, advance jobs (any mix of rounds) until each is done.
     def start(self, x: np.ndarray) -> Job:
-        return Job(self.rows(x))
+        """A job whose rows are built round by round, in `advance` (the batch worker), not here (the event loop):
+        the same rows as `rows(x)`, but only those its rounds forward."""
+        x = self._checked([x])[0]
+        seed = self.seed
+        rng = lambda: np.random.default_rng([seed, zlib.crc32(x.tobytes())])  # noqa: E731 - as batch_rows seeds
+        return Job(LazyRows(x, self.variant.perturbations, rng, tuple(self.manifest.input.range)))
 
     def pending(self, job: Job) -> np.ndarray:
         """Indices of the rows `job`'s next round forwards."""
@@ -350,7 +356,7 @@ class Detector:
             raise ManifestError(f"{self.manifest.name}: sequential testing is off for this detector")
         idx = [self.pending(j) for j in jobs]
         out = self.forward_rows(
-            np.concatenate([j.rows[i] for j, i in zip(jobs, idx, strict=True)]), np.concatenate(idx) == 0
+            np.concatenate([j.rows.take(i) for j, i in zip(jobs, idx, strict=True)]), np.concatenate(idx) == 0
         )
         start = 0
         for j, i in zip(jobs, idx, strict=True):

@@ -49,6 +49,53 @@ def test_batch_rows_equal_each_input_built_alone(shape):
     assert not np.array_equal(together[0, 1:], together[1, 1:])
 
 
+FAMILIES = (
+    Perturbation("gaussian", 0.1, 5),
+    Perturbation("uniform", 0.2, 3),
+    Perturbation("snr", 20, 4),
+    Perturbation("gain", 3, 4),
+    Perturbation("sweep", 40, 5),
+    Perturbation("shift", 30, 3),
+    Perturbation("bitdepth", 4),
+    Perturbation("median", 3),
+)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_lazy_rows_are_the_fixed_k_rows_bit_for_bit(seed):
+    """Sequential jobs build their rows as rounds ask for them (LazyRows): whatever rows are asked for in
+    whatever order, each must be exactly the row `build_rows` draws, or the verdicts and the calibration would
+    part ways. Every family, in random orders and subsets, on an image and on a clip."""
+    from nccr_guard.engine.perturb import LazyRows
+
+    pick = np.random.default_rng(seed)
+    ps = tuple(pick.permutation(np.array(FAMILIES, dtype=object))[: pick.integers(1, len(FAMILIES) + 1)])
+    for shape, lo, hi in (((1, 12, 12), 0.0, 1.0), ((3000,), -1.0, 1.0)):
+        x = (lo + (hi - lo) * pick.random(shape)).astype(np.float32)
+        want = build_rows(x, ps, np.random.default_rng([7, seed]), (lo, hi))
+        lazy = LazyRows(x, ps, lambda: np.random.default_rng([7, seed]), (lo, hi))  # noqa: B023 - used at once
+        assert len(lazy) == len(want)
+        order = pick.permutation(len(want))
+        for part in np.array_split(order, pick.integers(1, 5)):
+            part = np.sort(part)
+            np.testing.assert_array_equal(lazy.take(part), want[part])
+        np.testing.assert_array_equal(lazy.take(np.arange(len(want))), want)
+
+
+def test_lazy_rows_draw_only_what_a_round_asks_for():
+    """The point of it: a first round of one noisy copy draws one copy's noise, not K's."""
+    from nccr_guard.engine.perturb import LazyRows
+
+    x = np.zeros(1000, np.float32)
+    made = []
+    lazy = LazyRows(x, (Perturbation("snr", 20, 8),), lambda: made.append(1) or np.random.default_rng(0), (-1, 1))
+    assert not made  # no generator until a noisy row is asked for
+    lazy.take(np.array([0]))
+    assert not made and lazy._made.sum() == 1
+    lazy.take(np.array([0, 1]))
+    assert made == [1] and lazy._made.sum() == 2
+
+
 def test_squeezers_are_what_they_say():
     x = np.linspace(0, 1, 16, dtype=np.float32).reshape(1, 4, 4)
     one_bit = perturb(x, Perturbation("bitdepth", 1), np.random.default_rng(0), (0, 1))[0]

@@ -163,3 +163,93 @@ def row_groups(perturbations: tuple[Perturbation, ...]) -> dict[str, slice]:
         groups[p.key] = slice(start, start + p.copies)
         start += p.copies
     return groups
+
+
+# Families that draw a number per value of a copy, made a few copies at a time: numpy fills element by element
+# from the bit generator's stream (whose buffered half-word is part of its state), so the numbers are those of
+# one draw of all copies. The families that draw a number per copy (gain, sweep, shift) draw them all at once,
+# which costs nothing, and build only the rows asked for from them.
+CHUNKED_DRAWS = {"gaussian", "snr", "uniform"}
+
+
+class LazyRows:
+    """One input's fixed-K rows (exactly `build_rows`'s, same generator, same order of draws), built as rounds
+    of sequential testing ask for them. Why: a clip's verdict usually settles after ~5 of its 18 rows, yet the
+    fixed-K rows cost ~2.5 ms of noise for a 3 s clip, drawn on the event loop when the job started.
+
+    A noise family's copies come from the generator after every earlier family's draws, so asking for a later
+    family draws the earlier ones in full first; the dear part, a row per copy of the input's size, is made only
+    for copies asked for where the draws allow (`CHUNKED_DRAWS`; sweep, shift and gain draw one number or a few
+    per copy up front and build rows from them lazily). The generator is made at the first draw, off the event
+    loop: `make_rng` (crc32 of a clip) is not free either."""
+
+    def __init__(self, x, perturbations: tuple[Perturbation, ...], make_rng, value_range: tuple[float, float]):
+        self.x = np.asarray(x, np.float32)
+        self.perturbations, self.make_rng, self.range = perturbations, make_rng, value_range
+        self.starts = np.cumsum([1] + [p.copies for p in perturbations])[:-1]
+        self.n = 1 + sum(p.copies for p in perturbations)
+        self._rows = np.empty((self.n, *self.x.shape), np.float32)
+        self._made = np.zeros(self.n, bool)
+        self._rows[0], self._made[0] = self.x, True
+        self._rng: np.random.Generator | None = None
+        self._drawn = [0] * len(perturbations)  # copies whose draws are made, per family
+        self._params: list[np.ndarray | None] = [None] * len(perturbations)  # sweep / shift / gain draws
+
+    def __len__(self) -> int:
+        return self.n
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        """The rows at `idx` (indices into the fixed-K rows), built first where they are not yet."""
+        need = idx[~self._made[idx]]
+        if len(need):
+            fam = np.searchsorted(self.starts, need, side="right") - 1
+            for f in np.unique(fam):
+                self._build(int(f), int(need[fam == f].max() - self.starts[f]) + 1, need[fam == f])
+        return self._rows[idx]
+
+    def _build(self, f: int, upto: int, rows: np.ndarray) -> None:
+        """Make rows `rows` of family `f`, whose copies up to `upto` must then be drawn."""
+        p, lo, hi = self.perturbations[f], *self.range
+        if p.family in SQUEEZE_FAMILIES:
+            self._rows[rows] = perturb(self.x, p, None, self.range)
+        else:
+            for g in range(f):  # the generator must first pass every earlier family's draws
+                if self.perturbations[g].family in RANDOM_FAMILIES and self._drawn[g] < self.perturbations[g].copies:
+                    self._build(g, self.perturbations[g].copies, np.array([], int))
+            have = self._drawn[f]
+            if p.family in CHUNKED_DRAWS:
+                upto = max(upto, have)
+                if upto > have:
+                    chunk = _noise(self.x, p.with_copies(upto - have), self._generator(), hi - lo)
+                    at = self.starts[f] + have
+                    self._rows[at : at + upto - have] = np.clip(chunk, lo, hi)
+                    self._made[at : at + upto - have] = True
+                    self._drawn[f] = upto
+                return
+            if self._params[f] is None:
+                self._params[f] = _draw_params(p, self._generator())
+                self._drawn[f] = p.copies
+            for r in rows:
+                self._rows[r] = np.clip(_from_params(self.x, p, self._params[f][r - self.starts[f]]), lo, hi)
+        self._made[rows] = True
+
+    def _generator(self) -> np.random.Generator:
+        if self._rng is None:
+            self._rng = self.make_rng()
+        return self._rng
+
+
+def _draw_params(p: Perturbation, rng: np.random.Generator) -> np.ndarray:
+    """What `_noise` draws for a family whose copies are a number each (as it draws them)."""
+    if p.family == "gain":  # the factors, computed over the array as `_noise` computes them
+        return 10.0 ** (rng.uniform(-p.scale, p.scale, p.copies) / 20.0)
+    if p.family == "sweep":
+        return sweep_shifts(rng.random(), p)
+    return rng.integers(-int(p.scale), int(p.scale) + 1, p.copies)  # shift
+
+
+def _from_params(x: np.ndarray, p: Perturbation, v) -> np.ndarray:
+    """One copy of a family whose copies are a number each, as `_noise` makes it."""
+    if p.family == "gain":
+        return (x * v).astype(np.float32)
+    return np.roll(x, int(v), axis=-1)
