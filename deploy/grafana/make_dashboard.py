@@ -127,6 +127,12 @@ PANELS = [
         "ops",
     ),
     (
+        "Access-log lines dropped (stdout not drained)",
+        "timeseries",
+        [("sum by (instance) (rate(nccr_guard_access_log_dropped_total[1m]))", "{{instance}}")],
+        "ops",
+    ),
+    (
         "Responses by status code",
         "timeseries",
         [(f"sum by (code) (rate(nccr_guard_requests_total{{{M}}}[1m]))", "{{code}}")],
