@@ -4,9 +4,11 @@
 
 Cost = wall time of `Detector.activations` for one input (row building + the forward of every row), which is
 all a verdict costs besides scoring (microseconds). One thread, CPU, median of `--reps` calls.
-- K: the MNIST CNN under `nccr-v2` (two squeezers + K Gaussian copies: K + 3 rows), K = 1 ... 64; `--reps` rounds
-  of every K in turn (median of 4 calls each), reporting the median over rounds of the time and of the ratio to
-  K=1 within the round (one K after another gave K=32 / K=1 8.83 and 4.26 in two runs an hour apart).
+- K: the MNIST CNN under `nccr-v2` (two squeezers + K Gaussian copies: K + 3 rows), K = 1 ... 64, on torch
+  (`by_k`) and on ONNX Runtime (`by_k_onnx`, the CPU default backend); `--reps` rounds of every K on both in turn
+  (median of 4 calls each), reporting the median over rounds of the time and of the ratio to K=1 within the
+  round (one K after another gave K=32 / K=1 8.83 and 4.26 in two runs an hour apart). torch's K=64 is bimodal
+  (glibc page faults under its CPU allocator, docs/performance.md); ONNX Runtime keeps its own arena.
 - input size, each model's default variant: MNIST 28x28; a ResNet-50-shaped net (random weights) at 224x224;
   the speaker model on 1, 3, 5 and 10 s clips (the encoder runs one 1.6 s LSTM partial per ~0.77 s of audio).
 """
@@ -44,8 +46,8 @@ def speaker_folder(tmp: Path, seconds: float) -> Path:
     return folder
 
 
-def load(folder: Path, variant: str | None = None) -> Detector:
-    det = Detector.load(folder, backend="torch", device="cpu", threads=1, calibrated=False)
+def load(folder: Path, variant: str | None = None, backend: str = "torch") -> Detector:
+    det = Detector.load(folder, backend=backend, device="cpu", threads=1, calibrated=False)
     det.variant = get_variant(variant or det.manifest.variant)
     return det
 
@@ -56,22 +58,25 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    result: dict = {"threads": 1, "reps": args.reps, "by_k": [], "by_size": []}
+    result: dict = {"threads": 1, "reps": args.reps, "by_size": []}
 
-    det = load(MNIST, "nccr-v2")
+    dets = {"by_k": load(MNIST, "nccr-v2"), "by_k_onnx": load(MNIST, "nccr-v2", "onnx")}
     x = rng.random((1, 28, 28), dtype=np.float32)
     variants = {k: get_variant("nccr-v2").with_k(k) for k in KS}
-    rounds: list[dict[int, float]] = []
+    rounds: list[dict[tuple[str, int], float]] = []
     for _ in range(args.reps):  # every K in each round: the host's drift hits all of them alike
         times = {}
         for k, v in variants.items():
-            det.variant = v
-            times[k] = cost_ms(det, x, 4)
+            for key, det in dets.items():
+                det.variant = v
+                times[key, k] = cost_ms(det, x, 4)
         rounds.append(times)
-    for k, v in variants.items():
-        ms = float(np.median([r[k] for r in rounds]))
-        vs_k1 = float(np.median([r[k] / r[1] for r in rounds]))  # the median of each round's ratio
-        result["by_k"].append({"k": k, "rows": v.rows, "ms": round(ms, 3), "vs_k1": round(vs_k1, 2)})
+    for key in dets:
+        result[key] = []
+        for k, v in variants.items():
+            ms = float(np.median([r[key, k] for r in rounds]))
+            vs_k1 = float(np.median([r[key, k] / r[key, 1] for r in rounds]))  # the median of each round's ratio
+            result[key].append({"k": k, "rows": v.rows, "ms": round(ms, 3), "vs_k1": round(vs_k1, 2)})
 
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [("mnist 28x28", MNIST, rng.random((1, 28, 28), dtype=np.float32))]
@@ -94,9 +99,11 @@ def main() -> None:
             )
     write_report("scaling", result, f"python -m bench.scaling --reps {args.reps}")
     k = {r["k"]: r for r in result["by_k"]}
+    ko = {r["k"]: r for r in result["by_k_onnx"]}
     sz = {r["input"]: r for r in result["by_size"]}
     print(
-        f"scaling: MNIST K=64 costs {k[64]['vs_k1']}x K=1 ({k[1]['ms']} -> {k[64]['ms']} ms); per verdict "
+        f"scaling: MNIST K=64 costs {k[64]['vs_k1']}x K=1 on torch ({k[1]['ms']} -> {k[64]['ms']} ms), "
+        f"{ko[64]['vs_k1']}x on ONNX ({ko[1]['ms']} -> {ko[64]['ms']} ms); per verdict (torch) "
         + ", ".join(f"{n} {r['ms']} ms" for n, r in sz.items())
     )
 
