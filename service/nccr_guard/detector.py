@@ -56,8 +56,8 @@ class Verdict:
 
 @dataclass
 class Job:
-    """One input's sequential verdict in progress: its fixed-K rows are drawn once and forwarded round by round,
-    so the batcher can mix requests at different rounds in one forward."""
+    """One input's sequential verdict in progress: its fixed-K rows, built as rounds reach them, forwarded round by
+    round, so the batcher can mix requests at different rounds in one forward."""
 
     rows: LazyRows  # (R, *shape): the rows the fixed-K verdict would use, built as rounds need them
     acts: dict[str, np.ndarray] = field(default_factory=dict)  # layer -> (R, N), filled as rounds run

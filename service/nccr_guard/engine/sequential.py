@@ -1,10 +1,10 @@
 """Sequential testing: forward a variant's noise copies in rounds and stop once the verdict is settled.
 
 Why: a verdict costs its rows, and most inputs are clear-cut long before all K copies are in (LCR's sequential
-test, ../shared/anchors.md). Every input's rows are drawn once, exactly as for fixed K, and forwarded in rounds:
-the original, every squeezed row and the first `first` copies of each noise family (per family where the
-schedule's `first_by` says so), then `step` more copies of each family per round, up to K. After each round
-every component's fixed-K value is bounded:
+test, ../shared/anchors.md). Every input's rows are exactly fixed K's (built as rounds reach them, `LazyRows`),
+forwarded in rounds: the original, every squeezed row and the first `first` copies of each noise family (per
+family where the schedule's `first_by` says so), then `step` more copies of each family per round, up to K.
+After each round every component's fixed-K value is bounded:
 
 - squeezers (one deterministic row) and families already at K copies are exact;
 - a max over copies can only grow: its lower bound is the running max, its upper bound open;
