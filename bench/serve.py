@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -100,20 +101,24 @@ def run_wrk(
     lua: str = "",
     headers: dict[str, str] | None = None,
 ) -> dict:
-    """One wrk run POSTing `body_file`: requests/s, non-2xx answers and latency percentiles (ms). `lua`: more
-    script, e.g. a `delay` hook."""
+    """One wrk run POSTing `body_file`: requests/s, non-2xx answers, latency percentiles (ms) and the share of a
+    core wrk itself used (`wrk_cores`: the load generator runs on the server's cores, the bare loop has none).
+    `lua`: more script, e.g. a `delay` hook."""
     script = body_file.with_name(f"{body_file.stem}-{conns}-{abs(hash(lua))}.lua")
     more = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
     script.write_text(
         f'local f = io.open("{body_file}", "rb")\nwrk.method = "POST"\nwrk.body = f:read("*all")\nf:close()\n'
         f'wrk.headers["Content-Type"] = "{ctype}"\n{more}{lua}'
     )
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{conns}", f"-d{int(seconds)}s", "--latency", "-s", str(script), url],
         capture_output=True,
         text=True,
         check=True,
     ).stdout
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    wrk_s = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     unit = {"us": 1e-3, "ms": 1.0, "s": 1e3}
     pct = {q: float(v) * unit[u] for q, v, u in re.findall(r"^\s+(\d+)%\s+([\d.]+)(us|ms|s)$", out, re.M)}
     non2xx = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
@@ -125,6 +130,7 @@ def run_wrk(
         "non_2xx": int(non2xx.group(1)) if non2xx else 0,
         **{f"p{q}_ms": v for q, v in pct.items()},
         "max_ms": float(worst.group(1)) * unit[worst.group(2)] if worst else None,
+        "wrk_cores": round(wrk_s / int(seconds), 3),
     }
 
 
@@ -144,7 +150,13 @@ def wrk(
     before = verdicts_given(url)
     r = run_wrk(url, body_file, conns, seconds, ctype, headers=headers)
     given = verdicts_given(url) - before
-    return {"connections": conns, "rps": r["rps"], "non_2xx": r["non_2xx"], "verdicts_per_s": given / int(seconds)}
+    return {
+        "connections": conns,
+        "rps": r["rps"],
+        "non_2xx": r["non_2xx"],
+        "verdicts_per_s": given / int(seconds),
+        "wrk_cores": r["wrk_cores"],
+    }
 
 
 def paced(url: str, body_file: Path, rate: float, seconds: float) -> dict:
