@@ -54,10 +54,8 @@ def _cpu_ticks(stat: Path) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def tree_cpu_s(pid: int) -> tuple[float, float]:
-    """CPU seconds so far of process `pid` and its descendants (a server's `--processes N` workers), and of their
-    main threads alone (the event loops), from /proc (Linux). Why: under a closed loop on a shared 2-core
-    machine, the CPU a request costs the server moves far less from run to run than the requests per second."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a server's `--processes N` supervisor, workers and helpers), from /proc."""
     children: dict[int, list[int]] = {}
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
@@ -65,11 +63,20 @@ def tree_cpu_s(pid: int) -> tuple[float, float]:
                 children.setdefault(int(_stat_fields(d / "stat")[1]), []).append(int(d.name))
             except (OSError, IndexError, ValueError):
                 continue
-    total = main = 0
-    todo = [pid]
+    out, todo = [], [pid]
     while todo:
         p = todo.pop()
+        out.append(p)
         todo += children.get(p, [])
+    return out
+
+
+def tree_cpu_s(pid: int) -> tuple[float, float]:
+    """CPU seconds so far of process `pid` and its descendants (a server's `--processes N` workers), and of their
+    main threads alone (the event loops), from /proc (Linux). Why: under a closed loop on a shared 2-core
+    machine, the CPU a request costs the server moves far less from run to run than the requests per second."""
+    total = main = 0
+    for p in process_tree(pid):
         try:
             total += _cpu_ticks(Path(f"/proc/{p}/stat"))
             main += _cpu_ticks(Path(f"/proc/{p}/task/{p}/stat"))
@@ -77,6 +84,18 @@ def tree_cpu_s(pid: int) -> tuple[float, float]:
             continue
     tick = os.sysconf("SC_CLK_TCK")
     return total / tick, main / tick
+
+
+def tree_rss_mb(pid: int) -> float:
+    """Resident memory of `pid` and its descendants together: what a container's memory limit sees of a
+    `--processes N` server (pages shared between them counted once per process, so an upper bound)."""
+    total = 0.0
+    for p in process_tree(pid):
+        try:
+            total += rss_mb(p)
+        except (OSError, RuntimeError):  # gone meanwhile, or a zombie without memory
+            continue
+    return total
 
 
 def cpu_ms_per_request(pid: int, before: tuple[float, float], served: float) -> dict[str, float]:

@@ -2,6 +2,11 @@
 sampled throughout. Pass: no error responses, RSS growth after warm-up below 5 %.
 
     python -m bench.soak --minutes 10          # writes reports/bench/soak.json, prints one summary line
+    python -m bench.soak --serve-args "--processes 2"   # the same for another server configuration:
+                                                        # reports/bench/soak-processes-2.json
+
+RSS is that of the server process and its descendants together (a `--processes N` server's supervisor and
+workers: what a container's memory limit sees).
 
 Traffic: a closed loop of `--clients` clients, each alternating held-out digit PNGs and synthesised speech WAVs
 (the speaker corpus' test split), so both models, both decoders and the batcher see steady mixed load.
@@ -18,7 +23,7 @@ import time
 import httpx
 import numpy as np
 
-from bench.common import ROOT, free_port, rss_mb, start_server, write_report
+from bench.common import ROOT, free_port, start_server, tree_rss_mb, write_report
 
 
 def bodies() -> list[tuple[bytes, str]]:
@@ -62,7 +67,7 @@ async def traffic(url: str, items: list, seconds: float, clients: int, pid: int,
         async def sampler() -> None:
             t0 = time.monotonic()
             while time.monotonic() < stop:
-                samples.append((round(time.monotonic() - t0, 1), round(rss_mb(pid), 1)))
+                samples.append((round(time.monotonic() - t0, 1), round(tree_rss_mb(pid), 1)))
                 await asyncio.sleep(5)
 
         await asyncio.gather(sampler(), *(client(k) for k in range(clients)))
@@ -74,10 +79,11 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=10.0)
     ap.add_argument("--warmup-s", type=float, default=60.0, help="RSS growth is measured from the end of warm-up")
     ap.add_argument("--clients", type=int, default=8)
+    ap.add_argument("--serve-args", default="", help="flags for nccr-guard serve, e.g. '--processes 2'")
     args = ap.parse_args()
     port = free_port()
     items = bodies()
-    proc = start_server(port, [], ROOT / "reports" / "bench" / "soak-server.log")
+    proc = start_server(port, args.serve_args.split(), ROOT / "reports" / "bench" / "soak-server.log")
     samples: list[tuple[float, float]] = []
     try:
         counts = asyncio.run(
@@ -107,7 +113,10 @@ def main() -> None:
         "pass": errors == 0 and growth < 0.05,
     }
     cmd = f"python -m bench.soak --minutes {args.minutes:g} --clients {args.clients} --warmup-s {args.warmup_s:g}"
-    write_report("soak", result, cmd)
+    if args.serve_args:
+        cmd += f" --serve-args '{args.serve_args}'"
+    result["serve_args"] = args.serve_args
+    write_report("soak" + "".join("-" + a.strip("-") for a in args.serve_args.split()), result, cmd)
     print(
         f"soak: {total} requests ({counts['per_type']}) in {args.minutes:g} min, {errors} errors, "
         f"RSS {warm[0]:.0f} -> {warm[-1]:.0f} MB "
