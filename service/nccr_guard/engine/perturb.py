@@ -61,14 +61,8 @@ def _noise(x: np.ndarray, p: Perturbation, rng: np.random.Generator, span: float
         rms = float(np.sqrt(np.mean(np.square(x, dtype=np.float64)))) or 1e-6
         sigma = rms / (10.0 ** (p.scale / 20.0))
         return x + rng.standard_normal(shape, dtype=np.float32) * np.float32(sigma)
-    if p.family == "gain":
-        db = rng.uniform(-p.scale, p.scale, (p.copies,) + (1,) * x.ndim)
-        return (x * (10.0 ** (db / 20.0))).astype(np.float32)
-    if p.family == "sweep":
-        shifts = sweep_shifts(rng.random(), p)
-    else:  # shift
-        shifts = rng.integers(-int(p.scale), int(p.scale) + 1, p.copies)
-    return np.stack([np.roll(x, int(s), axis=-1) for s in shifts])
+    # gain, sweep, shift: a number per copy (LazyRows builds single copies from the same numbers)
+    return np.stack([_from_params(x, p, v) for v in _draw_params(p, rng)])
 
 
 def sweep_shifts(start: float, p: Perturbation) -> np.ndarray:
@@ -241,8 +235,9 @@ class LazyRows:
 
 
 def _draw_params(p: Perturbation, rng: np.random.Generator) -> np.ndarray:
-    """What `_noise` draws for a family whose copies are a number each (as it draws them)."""
-    if p.family == "gain":  # the factors, computed over the array as `_noise` computes them
+    """The numbers a family whose copies are a number each draws: gain factors (from dB), sweep or shift
+    offsets in samples. One place for `_noise` (every copy) and `LazyRows` (the copies asked for)."""
+    if p.family == "gain":
         return 10.0 ** (rng.uniform(-p.scale, p.scale, p.copies) / 20.0)
     if p.family == "sweep":
         return sweep_shifts(rng.random(), p)
@@ -250,7 +245,7 @@ def _draw_params(p: Perturbation, rng: np.random.Generator) -> np.ndarray:
 
 
 def _from_params(x: np.ndarray, p: Perturbation, v) -> np.ndarray:
-    """One copy of a family whose copies are a number each, as `_noise` makes it."""
+    """One copy of a family whose copies are a number each, from its number (`_draw_params`)."""
     if p.family == "gain":
         return (x * v).astype(np.float32)
     return np.roll(x, int(v), axis=-1)
