@@ -244,8 +244,13 @@ class Detector:
         """(B, R, *shape): `rows` of each input, built for the whole batch at once (one call per squeezer)."""
         xs = self._checked(xs)
         noisy = max_copies(self.variant) > 0
-        rngs = [np.random.default_rng([self.seed, zlib.crc32(x.tobytes())]) for x in xs] if noisy else None
+        rngs = [self.input_rng(x) for x in xs] if noisy else None
         return build_batch(xs, self.variant.perturbations, rngs, tuple(self.manifest.input.range))
+
+    def input_rng(self, x: np.ndarray) -> np.random.Generator:
+        """The generator of one input's random copies, seeded by (seed, its content): the same rows for an input
+        whatever its batch-mates, fixed K or sequential."""
+        return np.random.default_rng([self.seed, zlib.crc32(x.tobytes())])
 
     def _checked(self, xs: list[np.ndarray] | np.ndarray) -> np.ndarray:
         """(B, *shape) float32 of `xs`, refused if an input's shape is not the model's."""
@@ -338,9 +343,7 @@ class Detector:
         """A job whose rows are built round by round, in `advance` (the batch worker), not here (the event loop):
         the same rows as `rows(x)`, but only those its rounds forward."""
         x = self._checked([x])[0]
-        seed = self.seed
-        rng = lambda: np.random.default_rng([seed, zlib.crc32(x.tobytes())])  # noqa: E731 - as batch_rows seeds
-        return Job(LazyRows(x, self.variant.perturbations, rng, tuple(self.manifest.input.range)))
+        return Job(LazyRows(x, self.variant.perturbations, lambda: self.input_rng(x), tuple(self.manifest.input.range)))
 
     def pending(self, job: Job) -> np.ndarray:
         """Indices of the rows `job`'s next round forwards."""

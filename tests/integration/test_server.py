@@ -209,7 +209,7 @@ def test_a_stalled_stdout_drops_access_lines_and_counts_them(tmp_path):
         s.stop_cleanly()
     reader.join(10)
     notices = [json.loads(x)["access_log_dropped"] for x in lines if "access_log_dropped" in x]
-    assert len(notices) >= 1 and abs(sum(notices) - dropped) <= 1, (notices, dropped)  # counted without a lock
+    assert len(notices) >= 1 and abs(sum(notices) - dropped) <= 1, (notices, dropped)  # metric: sampled
     assert any('"request_id": "after-stall"' in x for x in lines[-5:]), lines[-5:]
 
 

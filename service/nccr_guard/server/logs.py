@@ -40,8 +40,8 @@ class LineBuffer(logging.Handler):
         super().__init__()
         self.stream, self.interval_s = stream, interval_s
         self._records: deque[logging.LogRecord] = deque(maxlen=max_lines)
-        self.dropped = 0  # since the last write; counted without a lock, so it may be off by one under races
-        self.dropped_total = 0  # since start, for the metric (nccr_guard_access_log_dropped_total)
+        self.dropped_total = 0  # since start; only the caller's thread counts (the metric reads it)
+        self._reported = 0  # of those, told in an access_log_dropped line; only the writer counts
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="access-log", daemon=True)
         self._thread.start()
@@ -54,8 +54,7 @@ class LineBuffer(logging.Handler):
 
     def emit(self, record: logging.LogRecord) -> None:
         if len(self._records) == self._records.maxlen:
-            self.dropped += 1  # the append below pushes the oldest out
-            self.dropped_total += 1
+            self.dropped_total += 1  # the append below pushes the oldest out
         self._records.append(record)
 
     def _run(self) -> None:
@@ -72,8 +71,8 @@ class LineBuffer(logging.Handler):
 
     def _write_gathered(self) -> None:
         lines, record = [], None
-        if dropped := self.dropped:
-            self.dropped -= dropped
+        if dropped := self.dropped_total - self._reported:
+            self._reported += dropped
             lines.append(json.dumps({"ts": round(time.time(), 3), "access_log_dropped": dropped}))
         while self._records:
             record = self._records.popleft()
