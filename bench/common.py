@@ -214,14 +214,19 @@ def checkout_env(service_dir: Path | None) -> dict[str, str]:
 
 
 def start_server(
-    port: int, extra: list[str] | tuple[str, ...], log: Path | None = None, service_dir: Path | None = None
+    port: int,
+    extra: list[str] | tuple[str, ...],
+    log: Path | None = None,
+    service_dir: Path | None = None,
+    prefix: list[str] | tuple[str, ...] = (),
 ) -> subprocess.Popen:
     """`nccr-guard serve` on 127.0.0.1:`port` (via this interpreter), returned once ready; stderr to `log`.
-    `service_dir`: run the server code of another checkout (its `service/` folder first on PYTHONPATH)."""
+    `service_dir`: run the server code of another checkout (its `service/` folder first on PYTHONPATH).
+    `prefix`: a command that execs the server (bench.cgroup.CpuQuota.prefix), so the pid is still the server's."""
     import httpx
 
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nccr_guard.cli", "serve", "--port", str(port), "--no-log-json", *extra],
+        [*prefix, sys.executable, "-m", "nccr_guard.cli", "serve", "--port", str(port), "--no-log-json", *extra],
         stdout=subprocess.DEVNULL,
         stderr=log.open("w") if log else subprocess.DEVNULL,
         env=checkout_env(service_dir),

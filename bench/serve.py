@@ -155,6 +155,7 @@ def wrk(
         "rps": r["rps"],
         "non_2xx": r["non_2xx"],
         "verdicts_per_s": given / int(seconds),
+        "p99_ms": r.get("p99_ms"),
         "wrk_cores": r["wrk_cores"],
     }
 
