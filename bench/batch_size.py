@@ -32,7 +32,7 @@ from pathlib import Path
 
 import httpx
 
-from bench.cgroup import CpuQuota
+from bench.cgroup import Limits
 from bench.common import compare_suffix, compared_servers, cpu_ms_per_request, start_server, tree_cpu_s, write_report
 from bench.serve import (
     BATCH_IMAGES,
@@ -60,7 +60,7 @@ def one_server(
     port = 18900 + os.getpid() % 100
     flags = ["--models", str(MODEL), "--max-batch", str(rows), "--processes", str(processes), *extra.split()]
     with contextlib.ExitStack() as stack:
-        cg = stack.enter_context(CpuQuota(quota)) if quota else None
+        cg = stack.enter_context(Limits(cpus=quota)) if quota else None
         proc = start_server(port, flags, service_dir=service_dir, prefix=cg.prefix() if cg else ())
         try:
             out = measure(port, proc.pid, cg, tmp, seconds)
@@ -92,7 +92,7 @@ def one_server(
     return out
 
 
-def measure(port: int, pid: int, cg: CpuQuota | None, tmp: Path, seconds: float) -> dict:
+def measure(port: int, pid: int, cg: Limits | None, tmp: Path, seconds: float) -> dict:
     """One server's loads: single PNGs (with its CPU per request), 32-PNG batches, 32 raw tensors, then paced
     single PNGs; under a quota also what the quota did from the warm-up's end to the last load."""
     url = f"http://127.0.0.1:{port}/v1/detect"

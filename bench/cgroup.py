@@ -1,14 +1,16 @@
-"""A CPU quota as a container sees it, for benches that run the server under one (`bench.batch_size
---cpu-quota`).
+"""CPU and memory limits as a container sees them, for benches that run the server under them
+(`bench.batch_size --cpu-quota`, `bench.soak --cpu-quota --memory-limit-mb`).
 
 Why: the batching defaults count the CPUs a process may use (`nccr_guard.cpus`), a container's CPU quota
-included, and that is worth checking under a real quota, not only on cgroup-shaped folders (the unit tests):
-a Kubernetes CPU limit or `docker run --cpus` is a cgroup whose `cpu.max` (v2) or `cpu.cfs_quota_us` (v1)
-throttles the process once it has used its share of a period. `CpuQuota` makes such a cgroup and a command
-prefix that joins it and then, like a container runtime, gives the command a cgroup namespace rooted there and
-its own view of the cgroup file system (the cgroup mounted at the controller's mount point), so that the
-server reads the quota where a container finds it. Needs root and a writable cgroup CPU controller (v1 `cpu`
-or v2 with `cpu` enabled); Linux only.
+included, and a deployment's memory limit must hold the server under load; both are worth checking under a
+real cgroup, not only on cgroup-shaped folders (the unit tests) or summed RSS. A Kubernetes limit or
+`docker run --cpus/--memory` is a cgroup whose `cpu.max` / `memory.max` (v2) or `cpu.cfs_quota_us` /
+`memory.limit_in_bytes` (v1) throttles the process once it has used its share of a period, and counts its
+memory as the limit does (page cache and kernel memory included, which RSS leaves out). `Limits` makes such a
+cgroup (v1: below this process's own) and a command prefix that joins it and then, like a container runtime, gives
+the command a cgroup namespace rooted there and its own view of the cgroup file system, so that the server
+reads the quota where a container finds it. Needs root and writable cgroup controllers (v1 `cpu` / `memory`,
+or v2 with them enabled); Linux only.
 """
 
 from __future__ import annotations
@@ -20,60 +22,106 @@ from pathlib import Path
 ROOT = Path("/sys/fs/cgroup")
 
 
-class CpuQuota:
-    """A fresh cgroup allowing `cpus` CPUs' worth of time per `period_us`, removed on exit."""
+class Limits:
+    """A fresh cgroup allowing `cpus` CPUs' worth of time per `period_us` and `memory_mb` of memory (either may
+    be None: no limit of that kind), removed on exit."""
 
-    def __init__(self, cpus: float, period_us: int = 100_000, root: Path = ROOT) -> None:
-        if cpus <= 0:
-            raise ValueError("cpus must be > 0")
-        self.cpus, self.period_us = cpus, period_us
-        v1 = root / "cpu"
-        if (v1 / "cpu.cfs_quota_us").exists():
-            self.version, self.mount = 1, v1
-        elif "cpu" in _read(root / "cgroup.controllers").split():
-            self.version, self.mount = 2, root
+    def __init__(
+        self, cpus: float | None = None, memory_mb: int | None = None, period_us: int = 100_000, root: Path = ROOT
+    ) -> None:
+        if cpus is not None and cpus <= 0 or memory_mb is not None and memory_mb <= 0:
+            raise ValueError("limits must be > 0")
+        self.cpus, self.memory_mb, self.period_us = cpus, memory_mb, period_us
+        wanted = [c for c, v in (("cpu", cpus), ("memory", memory_mb)) if v is not None]
+        own = _own_cgroups()
+        name = f"nccr-guard-bench-{os.getpid()}"
+        if all((root / c / "tasks").exists() for c in wanted):  # v1: a hierarchy per controller
+            self.version = 1
+            self.mounts = {c: root / c for c in wanted}
+            self.paths = {c: root / c / own.get(c, "").lstrip("/") / name for c in wanted}
+        elif set(wanted) <= set(_read(root / "cgroup.controllers").split()):
+            # v2: below the hierarchy's root, which alone may enable controllers for its children while holding
+            # processes itself (not run on this project's machines, whose CPU and memory controllers are v1)
+            self.version = 2
+            self.mounts = {"": root}
+            self.paths = {"": root / name}
         else:
-            raise SystemExit(f"no cgroup CPU controller under {root} (v1 cpu/ or v2 with cpu enabled)")
-        if os.geteuid() != 0:
-            raise SystemExit("a CPU quota needs root (to make a cgroup and mount its view)")
-        self.path = self.mount / f"nccr-guard-bench-{os.getpid()}"
+            raise SystemExit(f"no writable cgroup controllers {wanted} under {root}")
 
-    def __enter__(self) -> CpuQuota:
-        quota = round(self.cpus * self.period_us)
+    def _file(self, controller: str, v1: str, v2: str) -> Path:
+        return self.paths[controller if self.version == 1 else ""] / (v1 if self.version == 1 else v2)
+
+    def __enter__(self) -> Limits:
         if self.version == 2:
-            (self.mount / "cgroup.subtree_control").write_text("+cpu")
-        self.path.mkdir()
-        if self.version == 1:
-            (self.path / "cpu.cfs_period_us").write_text(str(self.period_us))
-            (self.path / "cpu.cfs_quota_us").write_text(str(quota))
-        else:
-            (self.path / "cpu.max").write_text(f"{quota} {self.period_us}")
+            wanted = " ".join(f"+{c}" for c, v in (("cpu", self.cpus), ("memory", self.memory_mb)) if v is not None)
+            (self.mounts[""] / "cgroup.subtree_control").write_text(wanted)
+        for path in self.paths.values():
+            path.mkdir(parents=True)  # PermissionError unless root
+        if self.cpus is not None:
+            quota = round(self.cpus * self.period_us)
+            if self.version == 1:
+                (self.paths["cpu"] / "cpu.cfs_period_us").write_text(str(self.period_us))
+                (self.paths["cpu"] / "cpu.cfs_quota_us").write_text(str(quota))
+            else:
+                (self.paths[""] / "cpu.max").write_text(f"{quota} {self.period_us}")
+        if self.memory_mb is not None:
+            self._file("memory", "memory.limit_in_bytes", "memory.max").write_text(str(self.memory_mb << 20))
         return self
 
     def prefix(self) -> list[str]:
-        """Runs the command after it in this cgroup, in a cgroup and mount namespace where the controller's mount
+        """Runs the command after it in this cgroup, in a cgroup and mount namespace where each controller's mount
         point shows this cgroup as its root (v1: a bind mount of it; v2: cgroup2 mounted afresh inside the
-        namespace), as `docker run --cpus` or a pod's CPU limit would show it."""
-        procs = self.path / ("tasks" if self.version == 1 else "cgroup.procs")
-        view = (
-            f"mount --bind {self.path} {self.mount}" if self.version == 1 else f"mount -t cgroup2 cgroup2 {self.mount}"
-        )
+        namespace), as `docker run --cpus --memory` or a pod's limits would show it."""
+        procs = "tasks" if self.version == 1 else "cgroup.procs"
+        join = " && ".join(f"echo $$ > {p / procs}" for p in self.paths.values())
+        if self.version == 1:
+            view = " && ".join(f"mount --bind {self.paths[c]} {m}" for c, m in self.mounts.items())
+        else:
+            view = f"mount -t cgroup2 cgroup2 {self.mounts['']}"
         inner = f'{view} && exec "$@"'
-        return ["sh", "-c", f"echo $$ > {procs} && exec unshare -C -m sh -c '{inner}' sh \"$@\"", "sh"]
+        return ["sh", "-c", f"{join} && exec unshare -C -m sh -c '{inner}' sh \"$@\"", "sh"]
 
     def throttled(self) -> dict[str, float]:
-        """Periods in which the cgroup ran out of quota so far, and the time its threads were held back (s)."""
-        stat = dict(line.split() for line in _read(self.path / "cpu.stat").splitlines() if line.strip())
-        held = int(stat["throttled_time"]) / 1e9 if self.version == 1 else int(stat["throttled_usec"]) / 1e6
-        return {"periods": int(stat["nr_throttled"]), "seconds": held}
+        """Periods in which the cgroup ran out of CPU quota so far, and the time its threads were held back (s)."""
+        stat = _pairs(self._file("cpu", "cpu.stat", "cpu.stat"))
+        held = stat["throttled_time"] / 1e9 if self.version == 1 else stat["throttled_usec"] / 1e6
+        return {"periods": stat["nr_throttled"], "seconds": held}
+
+    def memory(self) -> dict[str, float]:
+        """The memory the limit counts (MB, now and at its peak) and the kills it has made."""
+        now = int(_read(self._file("memory", "memory.usage_in_bytes", "memory.current")))
+        peak = int(_read(self._file("memory", "memory.max_usage_in_bytes", "memory.peak")) or now)
+        events = _pairs(self._file("memory", "memory.oom_control", "memory.events"))
+        return {"mb": round(now / 2**20, 1), "peak_mb": round(peak / 2**20, 1), "oom_kills": events.get("oom_kill", 0)}
 
     def __exit__(self, *exc: object) -> None:
-        for _ in range(50):  # the server's processes leave the cgroup as they exit
-            try:
-                self.path.rmdir()
-                return
-            except OSError:
-                time.sleep(0.1)
+        for path in self.paths.values():
+            for _ in range(50):  # the server's processes leave the cgroup as they exit
+                try:
+                    path.rmdir()
+                    break
+                except OSError:
+                    time.sleep(0.1)
+
+
+def _own_cgroups() -> dict[str, str]:
+    """This process's cgroup per v1 controller ('' for v2's), from /proc/self/cgroup."""
+    out = {}
+    for line in _read(Path("/proc/self/cgroup")).splitlines():
+        _, controllers, path = line.split(":", 2)
+        for c in controllers.split(","):
+            out[c] = path
+    return out
+
+
+def _pairs(path: Path) -> dict[str, int]:
+    """A flat keyed file ('name value' lines) as numbers."""
+    out = {}
+    for line in _read(path).splitlines():
+        key, _, value = line.partition(" ")
+        if value.strip().lstrip("-").isdigit():
+            out[key] = int(value)
+    return out
 
 
 def _read(path: Path) -> str:
