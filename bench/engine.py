@@ -17,6 +17,10 @@
   (`--parts-only` prints just these; run it with PYTHONPATH=<other checkout>/service to compare versions).
 
     python -m bench.engine [--seconds 5] [--parts-only]   ->  reports/bench/engine.json
+    python -m bench.engine --variant nccr-v3-median        ->  reports/bench/engine-nccr-v3-median.json
+
+`--variant` times the overhead part alone for another MNIST variant, calibrated in memory on the calibration
+split as `nccr-guard calibrate --variant` would fit it.
 """
 
 from __future__ import annotations
@@ -180,6 +184,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=30, help="repetitions of each truncation timing")
     ap.add_argument("--clips", type=int, default=40, help="held-out clips for the sequential timing")
     ap.add_argument("--parts-only", action="store_true", help="only time the engine's parts (ONNX), write nothing")
+    ap.add_argument("--variant", help="the overhead part alone, for this MNIST variant (calibrated in memory)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     xs = sample_inputs(MODEL, 64)
@@ -189,11 +194,20 @@ def main() -> None:
             print(f"{per} inputs: {parts_us(det, list(xs[:per]))} us per call", flush=True)
         return
     results = []
+    swap = None
+    if args.variant:
+        from nccr_guard.calibrate import calibrate
+
+        swap = get_variant(args.variant), calibrate(MODEL, variant=args.variant, write=False, backend="onnx")
     for backend in ("torch", "onnx"):
         det = Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads)
+        if swap:
+            det.variant, det.calib = swap
         # the other engine, timed against the same bare forward: the numpy engine where the default runs as one
         # graph (ONNX), the one-function verdict where the default does not (torch on the CPU)
         other = Detector.load(MODEL, backend=backend, device="cpu", threads=args.threads, fuse=not det.fused)
+        if swap:
+            other.variant, other.calib = swap
         if other.use_fused:  # torch: switched on as on CUDA
             other.backend.fuses_verdicts = True
         tag = "unfused" if det.fused else "fused"
@@ -205,6 +219,7 @@ def main() -> None:
             results.append(
                 {
                     "backend": backend,
+                    "variant": det.variant.name,
                     "fused": det.fused,
                     "inputs_per_forward": per,
                     "rows_per_forward": len(rows),
@@ -218,6 +233,20 @@ def main() -> None:
                 _, alt, a_ratio = paired_rates(bare_fn, lambda b=batch, o=other: o.detect(b), per, 2 * args.seconds)
                 results[-1].update({f"{tag}_engine_det_per_s": round(alt, 1), f"{tag}_ratio": round(a_ratio, 3)})
             print(results[-1], flush=True)
+    if args.variant:
+        name = f"engine-{args.variant}"
+        cmd = "python -m bench.engine " + " ".join(sys.argv[1:])
+        write_report(name, {"threads": args.threads, "results": results}, cmd)
+        print(
+            f"{name}: engine/bare "
+            + "; ".join(
+                f"{b} {'/'.join(str(r['ratio']) for r in results if r['backend'] == b)} "
+                f"({'/'.join(str(r.get('unfused_ratio', r.get('fused_ratio'))) for r in results if r['backend'] == b)}"
+                f" {'unfused' if b == 'onnx' else 'fused'}) at 1/8/32 inputs"
+                for b in ("onnx", "torch")
+            )
+        )
+        return
     trunc = truncation(args.reps)
     seq = sequential(args.clips)
     write_report(

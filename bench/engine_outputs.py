@@ -2,7 +2,8 @@
 
 Records, on the committed models: verdicts of 300 held-out MNIST digits (ONNX, the one-graph verdict and the
 numpy engine) and 64 (torch), whole and in batches of 7; one batch's rows; for every registered variant (K=4
-for noise families) on 120 digits its rows, a calibration fitted on 80 and the scores of 40; the speaker model's
+for noise families) on 120 digits its rows, a calibration fitted on 80 and the scores of 40; nccr-v3-median's
+verdicts of the 300 digits under that calibration (ONNX: one graph since session 27); the speaker model's
 sequential verdicts on 6 clips (whole and in chunks of 4) and fixed-K verdicts on 3.
 Run it on two checkouts and compare:
 
@@ -68,6 +69,10 @@ def outputs() -> dict:
         s = score_rows(v, calib, cut(80, 120))
         out[f"variant-{name}"] = [rows, s.score, s.raw, s.prediction, s.confidence, calib.threshold, calib.comp_mu]
         out[f"variant-{name}-meta"] = calib.meta
+        if name == "nccr-v3-median":
+            det = Detector.load(MNIST, backend="onnx", device="cpu", threads=1)
+            det.variant, det.calib = v, calib
+            out["mnist-onnx-nccr-v3-median"] = [fields(verdict) for verdict in det.detect(list(xs))]
     clips = list(sample_inputs(SPEAKER, 6))
     sp = Detector.load(SPEAKER, backend="torch", device="cpu", threads=1)
     out["speaker"] = [fields(v) for v in sp.detect(clips)]

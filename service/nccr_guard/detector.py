@@ -198,7 +198,8 @@ class Detector:
     def verdict_spec(self, classes: int) -> VerdictGraph | None:
         """What a one-graph verdict of the current variant computes (None where it cannot express it)."""
         norm = (None, None) if self._identity else (self._mean, self._std)
-        return verdict_graph(self.variant, self.calib, self.manifest.input.range, *norm, classes=classes)
+        dims = len(self.manifest.input.shape)
+        return verdict_graph(self.variant, self.calib, self.manifest.input.range, *norm, classes=classes, dims=dims)
 
     def _build_fused(self) -> Callable[[np.ndarray], list[np.ndarray]] | None:
         """Build the graph and check it against the numpy engine on a probe batch (seeded inputs across the value

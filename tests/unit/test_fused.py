@@ -128,9 +128,47 @@ def test_margin_measure_and_a_normalised_input_range(tmp_path, mnist_test, backe
     assert fused._fused_for[0] is drop
 
 
+@pytest.mark.parametrize("backend", ["onnx", "torch"])
+def test_a_median_filter_and_the_logit_change(backend, mnist_test):
+    """nccr-v3-median: a 2x2 median filter row after the bit-depth squeezes (TopK over the shifted views in
+    ONNX), and besides margin components a `change` component (every logit's move against its clean spread,
+    averaged): the same verdicts, on ONNX margin components bit for bit; the change component's mean over the
+    logits may sum in another order, so within float32 rounding."""
+    from nccr_guard.calibrate import calibrate
+
+    calib = calibrate(MNIST, variant="nccr-v3-median", write=False, backend="onnx")
+    fused, plain = (load(MNIST, backend, fuse=f) for f in (True, False))
+    for det in (fused, plain):
+        det.variant, det.calib = get_variant("nccr-v3-median"), calib
+    assert fused.fused and not plain.fused
+    xs = inputs(mnist_test)
+    xs[-1, 0, :, :9] = 1.0  # a bright edge: the filter's padded border differs from the image's inside
+    want = plain.detect(xs)
+    assert 5 < sum(v.adversarial for v in want) < len(xs) - 5
+    for got in (fused.detect(xs), fused.detect(xs, chunk=5)):
+        assert [v.verdict for v in got] == [v.verdict for v in want]
+        assert [v.index for v in got] == [v.index for v in want]
+        names = fused.variant.component_names
+        change = [i for i, c in enumerate(fused.variant.components) if c.measure == "change"]
+        for g, w in zip(got, want, strict=True):
+            if backend == "onnx":  # torch's CPU convolutions may round differently with the rows per forward
+                assert [x for i, x in enumerate(g.components.values()) if i not in change] == [
+                    x for i, x in enumerate(w.components.values()) if i not in change
+                ]
+            tol = 1e-6 if backend == "onnx" else 1e-5  # margins cancel: a logit's last bits, relatively more
+            np.testing.assert_allclose(list(g.components.values()), list(w.components.values()), rtol=tol)
+            np.testing.assert_allclose(g.score, w.score, rtol=0, atol=1e-5)  # z-scores: O(1)
+        assert list(got[0].components) == list(names)
+    spec = fused.verdict_spec(classes=10)
+    assert spec.medians == (2,) and spec.measures.count("change") == 1 and spec.spread.shape == (1, 10)
+
+
 def test_where_the_graph_does_not_apply():
+    noisy = Detector.load(MNIST, backend="onnx", device="cpu")
+    noisy.variant = get_variant("nccr-v2")  # Gaussian copies: drawn from numpy's generator, not in the graph
+    assert not noisy.fused
     median = Detector.load(MNIST, backend="onnx", device="cpu")
-    median.variant = get_variant("nccr-v3-median")  # a median filter: no ONNX op
+    median.variant = get_variant("nccr-v3-median")  # a calibration without the median row's logit spreads
     assert not median.fused
     assert not Detector.load(MNIST, backend="torch", device="cpu").fused
     assert not Detector.load(MNIST, backend="onnx", device="cpu", calibrated=False).fused
@@ -186,3 +224,41 @@ def test_the_graphs_two_ends_apart_compose_to_the_whole(pair, mnist_test):
     assert len(scored) == len(whole) == len(OUTPUTS)
     for a, b in zip(scored, whole, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("families", "value_range"),
+    [
+        ((("bitdepth", 3), ("bitdepth", 1), ("median", 2)), (0.0, 1.0)),
+        ((("median", 3),), (0.0, 1.0)),
+        ((("bitdepth", 2), ("median", 2), ("median", 3)), (-1.0, 1.0)),
+    ],
+)
+def test_the_rows_end_builds_the_engines_rows_bit_for_bit(families, value_range, mnist_test):
+    """The graph's rows end on a model that only flattens its input: bit-depth squeezes and 2x2 (min/max) and
+    3x3 (TopK) median filters give perturb.build_batch's rows exactly, edges (padding) and clipping included."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from nccr_guard.backends.onnx_verdict import INPUT, VerdictGraph, fuse
+    from nccr_guard.engine.perturb import Perturbation, build_batch
+
+    shape = [1, 28, 28]
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["y"])],
+        "flatten",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", *shape])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 784])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    perturbations = tuple(Perturbation(f, s) for f, s in families)
+    spec = VerdictGraph(perturbations, value_range, None, None, (), (), None, np.zeros(0), np.ones(0), 784)
+    fused = fuse(model, spec, shape, scores=False)
+    session = ort.InferenceSession(fused.SerializeToString(), providers=["CPUExecutionProvider"])
+    lo, hi = value_range
+    rng = np.random.default_rng(0)
+    xs = np.concatenate([mnist_test[0][:6] * (hi - lo) + lo, rng.uniform(lo, hi, (4, *shape))]).astype(np.float32)
+    xs[-1, 0, :, 0] = hi  # a saturated edge column, where the padding is read
+    [got] = session.run(None, {INPUT: xs})
+    want = build_batch(xs, perturbations, None, value_range).reshape(len(got), -1)
+    np.testing.assert_array_equal(got, want)

@@ -5,11 +5,13 @@ bit-depth squeezes, the logit margins, the standardised score) cost about as muc
 (bench.engine: 0.53x a bare forward). The same arithmetic as ~30 graph nodes around the model costs a few
 microseconds each inside ONNX Runtime, and one `run` replaces a dozen numpy calls.
 
-It covers the variants whose rows are bit-depth squeezes and whose components each read one squeezed row's
-logit margin the same way (`Variant.one_row_margins`: nccr-v3, the image default); anything else stays on the
-numpy engine. The graph repeats the engine's float32 operations in the same order, so the components come out
-bit for bit; the score's float64 log may differ in the last bit (Detector checks both paths agree on a probe
-batch before it uses the graph, docs/performance.md).
+It covers the variants whose rows are squeezes (bit-depth, then median filters of images) and whose components
+each read one squeezed row's logits: its logit margin's drop or change, or (`change`) how far every logit moved
+against its clean spread: nccr-v3, the image default, and nccr-v3-median. Anything else stays on the numpy
+engine. The graph repeats the engine's float32 operations in the same order, so margin components come out bit
+for bit; a `change` component's mean over the logits may sum in another order (last bits), and the score's
+float64 log may differ in the last bit (Detector checks both paths agree on a probe batch before it uses the
+graph, docs/performance.md).
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ from nccr_guard.engine.calibration import Calibration
 from nccr_guard.engine.perturb import Perturbation
 from nccr_guard.engine.score import EPS
 from nccr_guard.engine.variants import Variant
+
+MARGINS = ("margin", "margin_change")  # components that read one row's logit margin
 
 MIN_OPSET = 11  # Round, GatherElements, Clip with min/max inputs
 PREFIX = "nccr_guard_"  # every tensor the graph adds; a model using such names is not fused
@@ -37,12 +41,13 @@ class VerdictGraph:
     """What the graph computes, in the engine's terms (built from a variant and its calibration); the torch
     backend's one-function verdict (backends/torch_verdict.py) reads the same spec."""
 
-    perturbations: tuple[Perturbation, ...]  # bit-depth squeezes, in row order after the original
+    perturbations: tuple[Perturbation, ...]  # squeezes in row order after the original: bit-depth, then median
     value_range: tuple[float, float]
     mean: np.ndarray | None  # per-channel normalisation before the model; None: identity
     std: np.ndarray | None
-    measure: str  # "margin" or "margin_change"
+    measures: tuple[str, ...]  # each component's: "margin", "margin_change" or "change"
     cols: tuple[int, ...]  # each component's row
+    spread: np.ndarray | None  # (n "change" components, classes) float32: their clean per-logit spreads, in order
     mu: np.ndarray  # (n_components,) float64 standardisation
     sigma: np.ndarray
     classes: int
@@ -53,8 +58,13 @@ class VerdictGraph:
 
     @property
     def levels(self) -> tuple[int, ...]:
-        """Each squeeze's levels (2^bits - 1)."""
-        return tuple(2 ** int(p.scale) - 1 for p in self.perturbations)
+        """Each bit-depth squeeze's levels (2^bits - 1)."""
+        return tuple(2 ** int(p.scale) - 1 for p in self.perturbations if p.family == "bitdepth")
+
+    @property
+    def medians(self) -> tuple[int, ...]:
+        """Each median filter's size."""
+        return tuple(int(p.scale) for p in self.perturbations if p.family == "median")
 
 
 def verdict_graph(
@@ -64,20 +74,34 @@ def verdict_graph(
     mean: np.ndarray | None,
     std: np.ndarray | None,
     classes: int,
+    dims: int = 3,
 ) -> VerdictGraph | None:
-    """The graph spec for `variant`, or None where the graph cannot express it (noise copies, other squeezers,
-    components that read more than one row's margin)."""
-    one = variant.one_row_margins
-    if one is None or any(p.family != "bitdepth" for p in variant.perturbations):
+    """The graph spec for `variant` on inputs of `dims` dimensions, or None where the graph cannot express it
+    (noise copies, other squeezers, a median filter before a bit-depth squeeze or of a 1-D signal, components that
+    read more than one row or a hidden layer, a class selection)."""
+    families = [p.family for p in variant.perturbations]
+    if any(f not in ("bitdepth", "median") for f in families) or families != sorted(families, key="median".__eq__):
         return None
-    measure, cols = one
+    if any(int(p.scale) not in (2, 3) or dims < 2 for p in variant.perturbations if p.family == "median"):
+        return None
+    comps, groups = variant.components, variant.groups
+    rows = [groups[c.perturbation] for c in comps]
+    if any(r.stop - r.start != 1 for r in rows):
+        return None
+    change = [c for c in comps if c.measure not in MARGINS]
+    if any(c.measure != "change" or c.layer != "logits" or c.selection != "all" for c in change):
+        return None
+    keys = [f"{c.perturbation}|logits" for c in change]
+    if any(k not in calib.spread for k in keys):
+        return None
     return VerdictGraph(
         perturbations=tuple(variant.perturbations),
         value_range=(float(value_range[0]), float(value_range[1])),
         mean=mean,
         std=std,
-        measure=measure,
-        cols=tuple(cols),
+        measures=tuple(c.measure for c in comps),
+        cols=tuple(r.start for r in rows),
+        spread=np.stack([calib.spread[k] for k in keys]).astype(np.float32) if keys else None,
         mu=np.asarray(calib.comp_mu, np.float64),
         sigma=np.asarray(calib.comp_sigma, np.float64),
         classes=classes,
@@ -87,8 +111,8 @@ def verdict_graph(
 class _Builder:
     """Appends nodes and constants with prefixed names."""
 
-    def __init__(self, graph) -> None:
-        self.graph, self.nodes, self.n = graph, [], 0
+    def __init__(self, graph, opset: int) -> None:
+        self.graph, self.opset, self.nodes, self.n = graph, opset, [], 0
 
     def const(self, value) -> str:
         from onnx import numpy_helper
@@ -111,25 +135,58 @@ class _Builder:
 
 def _rows(b: _Builder, spec: VerdictGraph, x: str, shape: list[int], out: str) -> None:
     """x (B, *shape) -> `out` (B * rows, *shape): each input then its squeezes, as perturb.build_batch makes
-    them, normalised as Detector.forward does. The squeezes broadcast over one (1, n, 1, ...) tensor of levels:
-    one node per step instead of one per squeeze."""
+    them, normalised as Detector.forward does. The bit-depth squeezes broadcast over one (1, n, 1, ...) tensor of
+    levels: one node per step instead of one per squeeze."""
     lo, hi = spec.value_range
     ones = [1] * len(shape)
+    lo32, hi32 = b.const(np.float32(lo)), b.const(np.float32(hi))
     x1 = b.op("Reshape", x, b.const(np.array([-1, 1, *shape], np.int64)))
-    levels = b.const(np.array(spec.levels, np.float32).reshape(1, -1, *ones))
-    if (lo, hi) == (0.0, 1.0):  # perturb._squeeze's image path: no maps to and from [0, 1]
-        q = b.op("Div", b.op("Round", b.op("Mul", x1, levels)), levels)
-    else:
-        span, low = b.const(np.float32(hi - lo)), b.const(np.float32(lo))
-        unit = b.op("Div", b.op("Sub", x1, low), span)
-        q = b.op("Add", b.op("Mul", b.op("Div", b.op("Round", b.op("Mul", unit, levels)), levels), span), low)
-    q = b.op("Clip", q, b.const(np.float32(lo)), b.const(np.float32(hi)))
+    parts = [x1]
+    if spec.levels:
+        levels = b.const(np.array(spec.levels, np.float32).reshape(1, -1, *ones))
+        if (lo, hi) == (0.0, 1.0):  # perturb._squeeze's image path: no maps to and from [0, 1]
+            q = b.op("Div", b.op("Round", b.op("Mul", x1, levels)), levels)
+        else:
+            span, low = b.const(np.float32(hi - lo)), b.const(np.float32(lo))
+            unit = b.op("Div", b.op("Sub", x1, low), span)
+            q = b.op("Add", b.op("Mul", b.op("Div", b.op("Round", b.op("Mul", unit, levels)), levels), span), low)
+        parts.append(b.op("Clip", q, lo32, hi32))
+    parts += [b.op("Clip", _median(b, x1, shape, size), lo32, hi32) for size in spec.medians]
     rows_shape = b.const(np.array([-1, *shape], np.int64))
     if spec.mean is None:
-        b.op("Reshape", b.op("Concat", x1, q, axis=1), rows_shape, out=out)
+        b.op("Reshape", b.op("Concat", *parts, axis=1), rows_shape, out=out)
     else:
-        rows = b.op("Reshape", b.op("Concat", x1, q, axis=1), rows_shape)
+        rows = b.op("Reshape", b.op("Concat", *parts, axis=1), rows_shape)
         b.op("Div", b.op("Sub", rows, b.const(spec.mean)), b.const(spec.std), out=out)
+
+
+def _median(b: _Builder, x1: str, shape: list[int], size: int) -> str:
+    """x1 (B, 1, *shape) -> (B, 1, *shape) filtered as scipy.ndimage.median_filter(size over the last two axes,
+    mode='reflect') does it (perturb._squeeze), for size 2 or 3: edge padding (scipy's 'reflect' for pads of one),
+    the size^2 shifted views, and the element of rank size^2 // 2 among them (the 3rd smallest of four, the 5th of
+    nine). A selection, so bit for bit: for size 2 by min/max (the larger of the pairs' smaller maximum and their
+    larger minimum), for size 3 by TopK over the views side by side (TopK per pixel is ~10x slower: 0.83 of a bare
+    forward at 32 digits for nccr-v3-median, against 0.9x with min/max; bench.engine --variant)."""
+    left, right = size // 2, size - 1 - size // 2
+    rank = len(shape) + 2  # x1's rank
+    pads = [0] * (rank - 2) + [left, left] + [0] * (rank - 2) + [right, right]
+    padded = b.op("Pad", x1, b.const(np.array(pads, np.int64)), mode="edge")
+    h, w = shape[-2:]
+    axes = b.const(np.array([rank - 2, rank - 1], np.int64))
+    views = []
+    for i in range(size):
+        for j in range(size):
+            start, end = b.const(np.array([i, j], np.int64)), b.const(np.array([i + h, j + w], np.int64))
+            views.append(b.op("Slice", padded, start, end, axes))
+    if size == 2:
+        p, q, r, s = views
+        lo1, hi1, lo2, hi2 = b.op("Min", p, q), b.op("Max", p, q), b.op("Min", r, s), b.op("Max", r, s)
+        return b.op("Max", b.op("Min", hi1, hi2), b.op("Max", lo1, lo2))
+    as_view = b.const(np.array([-1, 1, *shape, 1], np.int64))
+    side = b.op("Concat", *(b.op("Reshape", v, as_view) for v in views), axis=-1)
+    k = size * size - size * size // 2  # the wanted element is the k-th largest
+    top = b.op("TopK", side, b.const(np.array([k], np.int64)), axis=-1, outputs=2)
+    return b.op("Gather", top, b.const(np.array(k - 1, np.int64)), axis=-1)
 
 
 def _scores(b: _Builder, spec: VerdictGraph, logits: str) -> None:
@@ -149,9 +206,26 @@ def _scores(b: _Builder, spec: VerdictGraph, logits: str) -> None:
     best_other = b.op("TopK", others, top1, axis=-1, outputs=2)
     m = b.op("Reshape", b.op("Sub", top, best_other), b.const(np.array([-1, r], np.int64)))  # (B, R)
     m0 = b.op("Gather", m, b.const(np.array([0], np.int64)), axis=1)
-    delta = b.op("Sub", m0, b.op("Gather", m, b.const(np.array(spec.cols, np.int64)), axis=1))
-    moved = b.op("Max", delta, b.const(np.float32(0))) if spec.measure == "margin" else b.op("Abs", delta)
-    raw32 = b.op("Div", moved, b.op("Max", b.op("Abs", m0), b.const(np.float32(EPS))))
+    parts, order, scale = [], [], None
+    for measure in MARGINS:  # score.margin_moves, each measure's components in one gather
+        which = [i for i, kind in enumerate(spec.measures) if kind == measure]
+        if not which:
+            continue
+        scale = scale or b.op("Max", b.op("Abs", m0), b.const(np.float32(EPS)))
+        delta = b.op("Sub", m0, b.op("Gather", m, b.const(np.array([spec.cols[i] for i in which], np.int64)), axis=1))
+        moved = b.op("Max", delta, b.const(np.float32(0))) if measure == "margin" else b.op("Abs", delta)
+        parts.append(b.op("Div", moved, scale))
+        order += which
+    if which := [i for i, kind in enumerate(spec.measures) if kind == "change"]:
+        # score.component_copies' `change`: |each logit's move| / its clean spread, averaged over the logits
+        rows = b.op("Gather", lg, b.const(np.array([spec.cols[i] for i in which], np.int64)), axis=1)  # (B, n, C)
+        lg0 = b.op("Gather", lg, b.const(np.array([0], np.int64)), axis=1)
+        moved = b.op("Div", b.op("Abs", b.op("Sub", rows, lg0)), b.const(spec.spread))
+        parts.append(_mean_last(b, moved))
+        order += which
+    raw32 = parts[0] if len(parts) == 1 else b.op("Concat", *parts, axis=1)
+    if order != sorted(order):  # back to the variant's component order
+        raw32 = b.op("Gather", raw32, b.const(np.array([order.index(i) for i in range(len(order))], np.int64)), axis=1)
     raw = b.op("Cast", raw32, out=RAW, to=_DOUBLE)
     log = b.op("Log", b.op("Add", raw, b.const(np.float64(EPS))))
     z = b.op("Div", b.op("Sub", log, b.const(spec.mu)), b.const(spec.sigma))
@@ -159,6 +233,14 @@ def _scores(b: _Builder, spec: VerdictGraph, logits: str) -> None:
     b.op("Reshape", pred, flat, out=PREDICTION)
     probs = b.op("Softmax", b.op("Cast", l0, to=_DOUBLE), axis=-1)
     b.op("Reshape", b.op("GatherElements", probs, pred, axis=1), flat, out=CONFIDENCE)
+
+
+def _mean_last(b: _Builder, x: str) -> str:
+    """The mean over the last axis, without it: ReduceMean takes its axes as an attribute up to opset 17 and as
+    an input from 18."""
+    if b.opset >= 18:
+        return b.op("ReduceMean", x, b.const(np.array([-1], np.int64)), keepdims=0)
+    return b.op("ReduceMean", x, axes=[-1], keepdims=0)
 
 
 _DOUBLE = 11  # onnx.TensorProto.DOUBLE, without importing onnx at module import
@@ -183,7 +265,7 @@ def fuse(model, spec: VerdictGraph, shape: list[int], rows: bool = True, scores:
     if len(feeds) != 1 or not g.output:
         raise ValueError("needs one input and the logits as first output")
     model_input, logits = feeds[0].name, g.output[0].name
-    b = _Builder(g)
+    b = _Builder(g, opset)
     if rows:
         _rows(b, spec, INPUT, shape, out=model_input)
     prefix, b.nodes = b.nodes, []

@@ -7,8 +7,9 @@ Why: on a GPU the engine around a graphed forward cost 4-5x the forward itself (
 (backends/graphs.py) captures rows, forward and scoring together, and one small tensor crosses to the host:
 on the H200 0.66-0.70x of the bare forward at 1-32 inputs, 3.4-5.0x the numpy engine's rate (session 21).
 It is backends/onnx_verdict.py's graph in torch, built from the same `VerdictGraph` spec and repeating the
-numpy engine's float32 operations in the same order (engine/score.py), so components come out bit for bit on
-the CPU; Detector checks it against the numpy engine on a probe batch before using it.
+numpy engine's float32 operations in the same order (engine/score.py), so margin components come out bit for bit
+on the CPU (a `change` component's mean over the logits may sum in another order); Detector checks it against the
+numpy engine on a probe batch before using it.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from nccr_guard.backends.onnx_verdict import VerdictGraph
+from nccr_guard.backends.onnx_verdict import MARGINS, VerdictGraph
 from nccr_guard.backends.torch_rows import build_rows
 from nccr_guard.engine.score import EPS
 
@@ -32,7 +33,18 @@ class _Constants:
     would be a host-to-device copy, which capture forbids."""
 
     def __init__(self, spec: VerdictGraph, device: torch.device) -> None:
-        self.cols = torch.tensor(spec.cols, dtype=torch.long, device=device)
+        # Each measure's component rows (score.margin_moves per margin measure, the `change` components), then
+        # where their columns go among the variant's components, as onnx_verdict._scores orders them.
+        self.kinds = [k for k in (*MARGINS, "change") if k in spec.measures]
+        self.cols = {
+            k: torch.tensor([c for c, m in zip(spec.cols, spec.measures, strict=True) if m == k], device=device)
+            for k in self.kinds
+        }
+        order = [i for k in self.kinds for i, m in enumerate(spec.measures) if m == k]
+        self.order = None if order == sorted(order) else torch.tensor([order.index(i) for i in range(len(order))])
+        if self.order is not None:
+            self.order = self.order.to(device)
+        self.spread = None if spec.spread is None else torch.as_tensor(spec.spread, device=device)
         self.mu = torch.as_tensor(spec.mu, dtype=torch.float64, device=device)
         self.sigma = torch.as_tensor(spec.sigma, dtype=torch.float64, device=device)
         self.mean = None if spec.mean is None else torch.as_tensor(spec.mean, dtype=torch.float32, device=device)
@@ -41,7 +53,8 @@ class _Constants:
 
 def scores(spec: VerdictGraph, c: _Constants, logits: torch.Tensor) -> torch.Tensor:
     """logits (B * rows, C) -> (B, 3 + n): score, confidence, prediction, raw components, as score_rows gives
-    them for a variant with `one_row_margins` (class_margin, margin_moves, standardise, confidence)."""
+    them for the variants the spec covers (class_margin, margin_moves, the `change` measure on the logits,
+    standardise, confidence)."""
     lg = logits.float().reshape(-1, spec.rows, logits.shape[-1])
     l0 = lg[:, 0]
     pred = l0.argmax(-1)  # the first maximum, as numpy's argmax
@@ -49,9 +62,17 @@ def scores(spec: VerdictGraph, c: _Constants, logits: torch.Tensor) -> torch.Ten
     top = lg.gather(2, idx)[..., 0]
     m = top - lg.scatter(2, idx, float("-inf")).amax(-1)  # (B, R) margin over the best other class
     m0 = m[:, :1]
-    delta = m0 - m.index_select(1, c.cols)
-    moved = delta.clamp_min(0.0) if spec.measure == "margin" else delta.abs()
-    raw = (moved / m0.abs().clamp_min(EPS)).double()
+    parts = []
+    for kind in c.kinds:
+        if kind == "change":
+            moved = (lg.index_select(1, c.cols[kind]) - lg[:, :1]).abs() / c.spread
+            parts.append(moved.mean(-1))
+            continue
+        delta = m0 - m.index_select(1, c.cols[kind])
+        moved = delta.clamp_min(0.0) if kind == "margin" else delta.abs()
+        parts.append(moved / m0.abs().clamp_min(EPS))
+    raw = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+    raw = (raw if c.order is None else raw.index_select(1, c.order)).double()
     score = (((raw + EPS).log() - c.mu) / c.sigma).amax(-1)
     conf = torch.softmax(l0.double(), -1).gather(1, pred[:, None])[:, 0]
     return torch.cat([score[:, None], conf[:, None], pred.double()[:, None], raw], 1)
