@@ -76,19 +76,23 @@ def agreement(ref: list, got: list) -> dict:
 
 
 def correctness() -> dict:
+    """The default MNIST variant on the device (fp32, fp16) against the CPU, and nccr-v3-median (fp32; its
+    one-function verdict since session 27: a median row and a `change` component), calibrated in memory."""
+    from nccr_guard.calibrate import calibrate
     from nccr_guard.detector import Detector
+    from nccr_guard.engine import get_variant
 
     xs = list(sample_inputs(MNIST, 100))
-    cpu = Detector.load(MNIST, backend="torch", device="cpu").detect(xs)
+    median = get_variant("nccr-v3-median"), calibrate(MNIST, variant="nccr-v3-median", write=False, backend="onnx")
     res = {}
-    for half in (False, True):
-        det = Detector.load(MNIST, backend="torch", device=DEVICE, half=half)
+    for key, half, swap in (("fp32", False, None), ("fp16", True, None), ("nccr-v3-median-fp32", False, median)):
+        dets = [Detector.load(MNIST, backend="torch", device=d, half=half and d != "cpu") for d in ("cpu", DEVICE)]
+        for det in dets:
+            if swap:
+                det.variant, det.calib = swap
+        cpu, det = dets
         got = det.detect(xs)
-        res["fp16" if half else "fp32"] = {
-            "cuda_graphs": det.backend.cuda_graphs,
-            "fused": det.fused,
-            **agreement(cpu, got),
-        }
+        res[key] = {"cuda_graphs": det.backend.cuda_graphs, "fused": det.fused, **agreement(cpu.detect(xs), got)}
     return res
 
 
