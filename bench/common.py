@@ -222,7 +222,7 @@ def start_server(
 ) -> subprocess.Popen:
     """`nccr-guard serve` on 127.0.0.1:`port` (via this interpreter), returned once ready; stderr to `log`.
     `service_dir`: run the server code of another checkout (its `service/` folder first on PYTHONPATH).
-    `prefix`: a command that execs the server (bench.cgroup.CpuQuota.prefix), so the pid is still the server's."""
+    `prefix`: a command that execs the server (bench.cgroup.Limits.prefix), so the pid is still the server's."""
     import httpx
 
     proc = subprocess.Popen(

@@ -74,7 +74,8 @@ def verdict_graph(
     mean: np.ndarray | None,
     std: np.ndarray | None,
     classes: int,
-    dims: int = 3,
+    *,
+    dims: int,
 ) -> VerdictGraph | None:
     """The graph spec for `variant` on inputs of `dims` dimensions, or None where the graph cannot express it
     (noise copies, other squeezers, a median filter before a bit-depth squeeze or of a 1-D signal, components that
@@ -165,8 +166,9 @@ def _median(b: _Builder, x1: str, shape: list[int], size: int) -> str:
     mode='reflect') does it (perturb._squeeze), for size 2 or 3: edge padding (scipy's 'reflect' for pads of one),
     the size^2 shifted views, and the element of rank size^2 // 2 among them (the 3rd smallest of four, the 5th of
     nine). A selection, so bit for bit: for size 2 by min/max (the larger of the pairs' smaller maximum and their
-    larger minimum), for size 3 by TopK over the views side by side (TopK per pixel is ~10x slower: 0.83 of a bare
-    forward at 32 digits for nccr-v3-median, against 0.9x with min/max; bench.engine --variant)."""
+    larger minimum), for size 3 by TopK over the views side by side. Per pixel TopK is slow: with it for size 2
+    too, nccr-v3-median's verdicts ran at 0.74 / 0.85 / 0.83 of a bare forward at 1 / 8 / 32 digits per call,
+    against 0.80 / 0.93 / 0.90 with min/max (python -m bench.engine --variant nccr-v3-median)."""
     left, right = size // 2, size - 1 - size // 2
     rank = len(shape) + 2  # x1's rank
     pads = [0] * (rank - 2) + [left, left] + [0] * (rank - 2) + [right, right]

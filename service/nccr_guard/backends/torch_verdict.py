@@ -41,9 +41,8 @@ class _Constants:
             for k in self.kinds
         }
         order = [i for k in self.kinds for i, m in enumerate(spec.measures) if m == k]
-        self.order = None if order == sorted(order) else torch.tensor([order.index(i) for i in range(len(order))])
-        if self.order is not None:
-            self.order = self.order.to(device)
+        back = [order.index(i) for i in range(len(order))]
+        self.order = None if order == sorted(order) else torch.tensor(back, dtype=torch.long, device=device)
         self.spread = None if spec.spread is None else torch.as_tensor(spec.spread, device=device)
         self.mu = torch.as_tensor(spec.mu, dtype=torch.float64, device=device)
         self.sigma = torch.as_tensor(spec.sigma, dtype=torch.float64, device=device)
