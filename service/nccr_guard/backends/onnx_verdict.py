@@ -8,9 +8,9 @@ microseconds each inside ONNX Runtime, and one `run` replaces a dozen numpy call
 It covers the variants whose rows are squeezes (bit-depth, then median filters of images) and whose components
 each read one squeezed row's logits: its logit margin's drop or change, or (`change`) how far every logit moved
 against its clean spread: nccr-v3, the image default, and nccr-v3-median. Anything else stays on the numpy
-engine. The graph repeats the engine's float32 operations in the same order, so margin components come out bit
-for bit; a `change` component's mean over the logits may sum in another order (last bits), and the score's
-float64 log may differ in the last bit (Detector checks both paths agree on a probe batch before it uses the
+engine. The graph repeats the engine's float32 operations in the same order, numpy's summation order of a
+`change` component's mean included (up to PAIRWISE_MAX classes), so the components come out bit for bit; the
+score's float64 log may differ in the last bit (Detector checks both paths agree on a probe batch before it uses the
 graph, docs/performance.md).
 """
 
@@ -124,6 +124,10 @@ class _Builder:
 
     def op(self, op_type: str, *inputs: str, out: str | None = None, outputs: int = 1, **attrs) -> str:
         """One node; returns its (first) output's name."""
+        return self.node(op_type, *inputs, out=out, outputs=outputs, **attrs)[0]
+
+    def node(self, op_type: str, *inputs: str, out: str | None = None, outputs: int = 1, **attrs) -> list[str]:
+        """One node; returns all its outputs' names."""
         from onnx import helper
 
         names = [out] if out else []
@@ -131,7 +135,7 @@ class _Builder:
             self.n += 1
             names.append(f"{PREFIX}t{self.n}")
         self.nodes.append(helper.make_node(op_type, list(inputs), names, **attrs))
-        return names[0]
+        return names
 
 
 def _rows(b: _Builder, spec: VerdictGraph, x: str, shape: list[int], out: str) -> None:
@@ -223,7 +227,7 @@ def _scores(b: _Builder, spec: VerdictGraph, logits: str) -> None:
         rows = b.op("Gather", lg, b.const(np.array([spec.cols[i] for i in which], np.int64)), axis=1)  # (B, n, C)
         lg0 = b.op("Gather", lg, b.const(np.array([0], np.int64)), axis=1)
         moved = b.op("Div", b.op("Abs", b.op("Sub", rows, lg0)), b.const(spec.spread))
-        parts.append(_mean_last(b, moved))
+        parts.append(_mean_last(b, moved, spec.classes, len(which)))
         order += which
     raw32 = parts[0] if len(parts) == 1 else b.op("Concat", *parts, axis=1)
     if order != sorted(order):  # back to the variant's component order
@@ -237,12 +241,39 @@ def _scores(b: _Builder, spec: VerdictGraph, logits: str) -> None:
     b.op("Reshape", b.op("GatherElements", probs, pred, axis=1), flat, out=CONFIDENCE)
 
 
-def _mean_last(b: _Builder, x: str) -> str:
-    """The mean over the last axis, without it: ReduceMean takes its axes as an attribute up to opset 17 and as
-    an input from 18."""
-    if b.opset >= 18:
-        return b.op("ReduceMean", x, b.const(np.array([-1], np.int64)), keepdims=0)
-    return b.op("ReduceMean", x, axes=[-1], keepdims=0)
+PAIRWISE_MAX = 32  # classes up to which a `change` mean is summed in numpy's order (one Add node per class)
+
+
+def _mean_last(b: _Builder, x: str, n: int, rows: int) -> str:
+    """x (B, rows, n) float32 -> (B, rows): the mean over the last axis as numpy's `mean` computes it for a
+    contiguous float32 axis (its pairwise sum: eight running sums in turn, combined as a tree, the tail added
+    one by one; then one division), so the component comes out bit for bit. Split gives the n columns in one
+    node. Beyond PAIRWISE_MAX classes, ReduceMean (its own order: last bits may differ)."""
+    if n > PAIRWISE_MAX:
+        if b.opset >= 18:  # ReduceMean takes its axes as an attribute up to opset 17 and as an input from 18
+            return b.op("ReduceMean", x, b.const(np.array([-1], np.int64)), keepdims=0)
+        return b.op("ReduceMean", x, axes=[-1], keepdims=0)
+    cols = b.node("Split", x, outputs=n, axis=-1, **({"num_outputs": n} if b.opset >= 18 else {}))
+    total = _pairwise_sum(b, cols)
+    return b.op("Reshape", b.op("Div", total, b.const(np.float32(n))), b.const(np.array([-1, rows], np.int64)))
+
+
+def _pairwise_sum(b: _Builder, a: list[str]) -> str:
+    """numpy's pairwise_sum of float32 over a contiguous axis of n <= 128 values, in its order of additions."""
+    n = len(a)
+    if n < 8:
+        total = a[0]
+        for x in a[1:]:
+            total = b.op("Add", total, x)
+        return total
+    r = a[:8]
+    for i in range(8, n - n % 8, 8):
+        r = [b.op("Add", r[j], a[i + j]) for j in range(8)]
+    pair = [b.op("Add", r[j], r[j + 1]) for j in range(0, 8, 2)]
+    total = b.op("Add", b.op("Add", pair[0], pair[1]), b.op("Add", pair[2], pair[3]))
+    for x in a[n - n % 8 :]:
+        total = b.op("Add", total, x)
+    return total
 
 
 _DOUBLE = 11  # onnx.TensorProto.DOUBLE, without importing onnx at module import
