@@ -66,6 +66,19 @@ class VerdictGraph:
         """Each median filter's size."""
         return tuple(int(p.scale) for p in self.perturbations if p.family == "median")
 
+    @property
+    def by_measure(self) -> list[tuple[str, list[int]]]:
+        """The components grouped by measure (margin drop, margin change, logit change), each group's columns
+        computed together, in this order, by both backends."""
+        kinds = (*MARGINS, "change")
+        return [(k, [i for i, m in enumerate(self.measures) if m == k]) for k in kinds if k in self.measures]
+
+    @property
+    def back(self) -> list[int] | None:
+        """Where each component's column is among the groups' columns side by side (None: in order already)."""
+        order = [i for _, which in self.by_measure for i in which]
+        return None if order == sorted(order) else [order.index(i) for i in range(len(order))]
+
 
 def verdict_graph(
     variant: Variant,
@@ -212,26 +225,23 @@ def _scores(b: _Builder, spec: VerdictGraph, logits: str) -> None:
     best_other = b.op("TopK", others, top1, axis=-1, outputs=2)
     m = b.op("Reshape", b.op("Sub", top, best_other), b.const(np.array([-1, r], np.int64)))  # (B, R)
     m0 = b.op("Gather", m, b.const(np.array([0], np.int64)), axis=1)
-    parts, order, scale = [], [], None
-    for measure in MARGINS:  # score.margin_moves, each measure's components in one gather
-        which = [i for i, kind in enumerate(spec.measures) if kind == measure]
-        if not which:
+    parts, scale = [], None
+    for measure, which in spec.by_measure:
+        cols = b.const(np.array([spec.cols[i] for i in which], np.int64))
+        if measure == "change":
+            # score.component_copies' `change`: |each logit's move| / its clean spread, averaged over the logits
+            lg0 = b.op("Gather", lg, b.const(np.array([0], np.int64)), axis=1)
+            moved = b.op("Div", b.op("Abs", b.op("Sub", b.op("Gather", lg, cols, axis=1), lg0)), b.const(spec.spread))
+            parts.append(_mean_last(b, moved, spec.classes, len(which)))
             continue
+        # score.margin_moves, a measure's components in one gather
         scale = scale or b.op("Max", b.op("Abs", m0), b.const(np.float32(EPS)))
-        delta = b.op("Sub", m0, b.op("Gather", m, b.const(np.array([spec.cols[i] for i in which], np.int64)), axis=1))
+        delta = b.op("Sub", m0, b.op("Gather", m, cols, axis=1))
         moved = b.op("Max", delta, b.const(np.float32(0))) if measure == "margin" else b.op("Abs", delta)
         parts.append(b.op("Div", moved, scale))
-        order += which
-    if which := [i for i, kind in enumerate(spec.measures) if kind == "change"]:
-        # score.component_copies' `change`: |each logit's move| / its clean spread, averaged over the logits
-        rows = b.op("Gather", lg, b.const(np.array([spec.cols[i] for i in which], np.int64)), axis=1)  # (B, n, C)
-        lg0 = b.op("Gather", lg, b.const(np.array([0], np.int64)), axis=1)
-        moved = b.op("Div", b.op("Abs", b.op("Sub", rows, lg0)), b.const(spec.spread))
-        parts.append(_mean_last(b, moved, spec.classes, len(which)))
-        order += which
     raw32 = parts[0] if len(parts) == 1 else b.op("Concat", *parts, axis=1)
-    if order != sorted(order):  # back to the variant's component order
-        raw32 = b.op("Gather", raw32, b.const(np.array([order.index(i) for i in range(len(order))], np.int64)), axis=1)
+    if spec.back is not None:  # back to the variant's component order
+        raw32 = b.op("Gather", raw32, b.const(np.array(spec.back, np.int64)), axis=1)
     raw = b.op("Cast", raw32, out=RAW, to=_DOUBLE)
     log = b.op("Log", b.op("Add", raw, b.const(np.float64(EPS))))
     z = b.op("Div", b.op("Sub", log, b.const(spec.mu)), b.const(spec.sigma))

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from nccr_guard.backends.onnx_verdict import MARGINS, VerdictGraph
+from nccr_guard.backends.onnx_verdict import VerdictGraph
 from nccr_guard.backends.torch_rows import build_rows
 from nccr_guard.engine.score import EPS
 
@@ -33,16 +33,9 @@ class _Constants:
     would be a host-to-device copy, which capture forbids."""
 
     def __init__(self, spec: VerdictGraph, device: torch.device) -> None:
-        # Each measure's component rows (score.margin_moves per margin measure, the `change` components), then
-        # where their columns go among the variant's components, as onnx_verdict._scores orders them.
-        self.kinds = [k for k in (*MARGINS, "change") if k in spec.measures]
-        self.cols = {
-            k: torch.tensor([c for c, m in zip(spec.cols, spec.measures, strict=True) if m == k], device=device)
-            for k in self.kinds
-        }
-        order = [i for k in self.kinds for i, m in enumerate(spec.measures) if m == k]
-        back = [order.index(i) for i in range(len(order))]
-        self.order = None if order == sorted(order) else torch.tensor(back, dtype=torch.long, device=device)
+        # each measure's component rows (VerdictGraph.by_measure), then where their columns go (VerdictGraph.back)
+        self.cols = [(k, torch.tensor([spec.cols[i] for i in which], device=device)) for k, which in spec.by_measure]
+        self.back = None if spec.back is None else torch.tensor(spec.back, dtype=torch.long, device=device)
         self.spread = None if spec.spread is None else torch.as_tensor(spec.spread, device=device)
         self.mu = torch.as_tensor(spec.mu, dtype=torch.float64, device=device)
         self.sigma = torch.as_tensor(spec.sigma, dtype=torch.float64, device=device)
@@ -62,16 +55,16 @@ def scores(spec: VerdictGraph, c: _Constants, logits: torch.Tensor) -> torch.Ten
     m = top - lg.scatter(2, idx, float("-inf")).amax(-1)  # (B, R) margin over the best other class
     m0 = m[:, :1]
     parts = []
-    for kind in c.kinds:
+    for kind, cols in c.cols:
         if kind == "change":
-            moved = (lg.index_select(1, c.cols[kind]) - lg[:, :1]).abs() / c.spread
+            moved = (lg.index_select(1, cols) - lg[:, :1]).abs() / c.spread
             parts.append(moved.mean(-1))
             continue
-        delta = m0 - m.index_select(1, c.cols[kind])
+        delta = m0 - m.index_select(1, cols)
         moved = delta.clamp_min(0.0) if kind == "margin" else delta.abs()
         parts.append(moved / m0.abs().clamp_min(EPS))
     raw = parts[0] if len(parts) == 1 else torch.cat(parts, 1)
-    raw = (raw if c.order is None else raw.index_select(1, c.order)).double()
+    raw = (raw if c.back is None else raw.index_select(1, c.back)).double()
     score = (((raw + EPS).log() - c.mu) / c.sigma).amax(-1)
     conf = torch.softmax(l0.double(), -1).gather(1, pred[:, None])[:, 0]
     return torch.cat([score[:, None], conf[:, None], pred.double()[:, None], raw], 1)
