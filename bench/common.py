@@ -87,8 +87,9 @@ def tree_cpu_s(pid: int) -> tuple[float, float]:
 
 
 def tree_rss_mb(pid: int) -> float:
-    """Resident memory of `pid` and its descendants together: what a container's memory limit sees of a
-    `--processes N` server (pages shared between them counted once per process, so an upper bound)."""
+    """Resident memory of `pid` and its descendants together (a `--processes N` server's): pages shared between
+    them count once per process, while the page cache and kernel memory a memory limit also counts are left out,
+    so it is not what the limit sees (that is `bench.cgroup.Limits.memory`: `bench.soak --memory-limit-mb`)."""
     total = 0.0
     for p in process_tree(pid):
         try:

@@ -82,17 +82,20 @@ def correctness() -> dict:
     from nccr_guard.detector import Detector
     from nccr_guard.engine import get_variant
 
+    def load(device: str, half: bool = False, swap: tuple | None = None) -> Detector:
+        det = Detector.load(MNIST, backend="torch", device=device, half=half)
+        if swap:
+            det.variant, det.calib = swap
+        return det
+
     xs = list(sample_inputs(MNIST, 100))
     median = get_variant("nccr-v3-median"), calibrate(MNIST, variant="nccr-v3-median", write=False, backend="onnx")
+    cpu = {None: load("cpu").detect(xs), "median": load("cpu", swap=median).detect(xs)}  # each reference once
     res = {}
-    for key, half, swap in (("fp32", False, None), ("fp16", True, None), ("nccr-v3-median-fp32", False, median)):
-        dets = [Detector.load(MNIST, backend="torch", device=d, half=half and d != "cpu") for d in ("cpu", DEVICE)]
-        for det in dets:
-            if swap:
-                det.variant, det.calib = swap
-        cpu, det = dets
+    for key, half, swap in (("fp32", False, None), ("fp16", True, None), ("nccr-v3-median-fp32", False, "median")):
+        det = load(DEVICE, half, median if swap else None)
         got = det.detect(xs)
-        res[key] = {"cuda_graphs": det.backend.cuda_graphs, "fused": det.fused, **agreement(cpu.detect(xs), got)}
+        res[key] = {"cuda_graphs": det.backend.cuda_graphs, "fused": det.fused, **agreement(cpu[swap], got)}
     return res
 
 
