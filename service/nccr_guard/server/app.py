@@ -133,6 +133,7 @@ def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
             (route_of(detect.router.routes, "/v1/detect"), detect.score_one),
             (route_of(detect.router.routes, "/v1/detect/batch"), detect.score_batch),
             (route_of(v2.router.routes, "/v2/models/{name}/infer"), v2.infer_direct),
+            (route_of(v2.router.routes, "/v2/models/{name}/versions/{version}/infer"), v2.infer_direct),
         ]
         app.add_middleware(DirectRoutes, service=service, handlers=direct)
     app.add_middleware(ServiceMiddleware, service=service)

@@ -48,17 +48,27 @@ class BinaryTensorRoute(APIRoute):
             service = await get_service(request)
             if request.method == "POST" and (name := request.path_params.get("name")):  # infer
                 check_key(request, service)  # the key first, as everywhere
+                _check_version(service, name, request.path_params.get("version"))
                 service.refuse_if_full(name, "")  # before the body is read (Service.refuse_if_full)
-            if (declared := request.headers.get(BINARY_HEADER)) is None:
-                return await handler(request)
-            json_part, binary = await split_binary(request, service, declared)
-            scope = dict(request.scope)
-            kept = [(k, v) for k, v in scope["headers"] if k not in (b"content-type", b"content-length")]
-            scope["headers"] = [*kept, (b"content-type", b"application/json")]
-            scope["state"]["v2_binary"] = binary
-            return await handler(_JsonPart(scope, request.receive, json_part))
+                if (declared := request.headers.get(BINARY_HEADER)) is None:
+                    # A JSON body whatever its declared type (none, application/octet-stream, ...), as Triton
+                    # reads it: tritonclient's JSON mode sends no Content-Type at all.
+                    return await handler(_as_json(request))
+                json_part, binary = await split_binary(request, service, declared)
+                request = _as_json(request, json_part)
+                request.scope["state"]["v2_binary"] = binary
+            return await handler(request)
 
         return route
+
+
+def _as_json(request: Request, json_part: bytes | None = None) -> Request:
+    """The request with `Content-Type: application/json` (FastAPI parses only a body declared JSON, or one
+    declaring nothing); with `json_part`, that as its whole body."""
+    scope = dict(request.scope)
+    drop = (b"content-type", b"content-length") if json_part is not None else (b"content-type",)
+    scope["headers"] = [*((k, v) for k, v in scope["headers"] if k not in drop), (b"content-type", b"application/json")]
+    return Request(scope, request.receive) if json_part is None else _JsonPart(scope, request.receive, json_part)
 
 
 async def split_binary(request: Request, service: Service, declared: str) -> tuple[bytes, bytes]:
@@ -95,6 +105,12 @@ def _runtime(service, name: str):
     return service.runtimes[name]
 
 
+def _check_version(service: Service, name: str, version: str | None) -> None:
+    """A version-specific call names the one version a model advertises (its manifest's); any other is 404."""
+    if version is not None and version != (v := _runtime(service, name).detector.manifest.version):
+        raise InputError(f"model {name!r} has no version {version!r}; its version is {v!r}", 404, "not_found")
+
+
 @router.get("/models/{name}", dependencies=[Authorized], responses={404: {"model": Error}})
 async def model_metadata(name: str, service: ServiceDep) -> dict:
     rt = _runtime(service, name)
@@ -112,6 +128,19 @@ async def model_metadata(name: str, service: ServiceDep) -> dict:
 async def model_ready(name: str, service: ServiceDep):
     rt = _runtime(service, name)
     return JSONResponse({"name": name, "ready": rt.ready}, 200 if rt.ready and not service.draining else 503)
+
+
+@router.get("/models/{name}/versions/{version}", dependencies=[Authorized], responses={404: {"model": Error}})
+async def model_version_metadata(name: str, version: str, service: ServiceDep) -> dict:
+    """The metadata of the model's one version (the one /v2/models/{name} lists); another version is 404."""
+    _check_version(service, name, version)
+    return await model_metadata(name, service)
+
+
+@router.get("/models/{name}/versions/{version}/ready", dependencies=[Authorized], responses={404: {"model": Error}})
+async def model_version_ready(name: str, version: str, service: ServiceDep):
+    _check_version(service, name, version)
+    return await model_ready(name, service)
 
 
 def _tensor(req: V2InferRequest, shape: list[int], binary: bytes | None) -> np.ndarray:
@@ -152,13 +181,26 @@ def _tensor(req: V2InferRequest, shape: list[int], binary: bytes | None) -> np.n
     return x
 
 
+_INFER_ERRORS = {400: {"model": Error}, 404: {"model": Error}, 503: {"model": Error}}
+
+
+@router.post("/models/{name}/infer", dependencies=[Authorized], response_model=V2InferResponse, responses=_INFER_ERRORS)
+async def infer(name: str, req: V2InferRequest, request: Request, service: ServiceDep) -> V2InferResponse:
+    """FP32 tensors in, `score`, `verdict`, `prediction` out. The body is JSON whatever its Content-Type, or
+    (binary tensor data extension) JSON of `Inference-Header-Content-Length` bytes followed by the tensors."""
+    return await run_infer(request, service, name, req, request.scope["state"].get("v2_binary"))
+
+
 @router.post(
-    "/models/{name}/infer",
+    "/models/{name}/versions/{version}/infer",
     dependencies=[Authorized],
     response_model=V2InferResponse,
-    responses={400: {"model": Error}, 404: {"model": Error}, 503: {"model": Error}},
+    responses=_INFER_ERRORS,
 )
-async def infer(name: str, req: V2InferRequest, request: Request, service: ServiceDep) -> V2InferResponse:
+async def infer_version(
+    name: str, version: str, req: V2InferRequest, request: Request, service: ServiceDep
+) -> V2InferResponse:
+    """As /v2/models/{name}/infer, for the model's one version (checked before the body is read)."""
     return await run_infer(request, service, name, req, request.scope["state"].get("v2_binary"))
 
 
@@ -169,6 +211,7 @@ async def infer_direct(request: Request, service: Service) -> V2InferResponse:
     if (declared := request.headers.get(BINARY_HEADER)) is None:
         raise Delegate()  # before the queue check: the route makes it
     name = request.path_params["name"]
+    _check_version(service, name, request.path_params.get("version"))
     service.refuse_if_full(name, "")  # before the body is read, as on the route
     json_part, binary = await split_binary(request, service, declared)
     try:
