@@ -195,5 +195,8 @@ def test_speaker_sequential_rounds_online_match_the_replay():
     assert det.schedule is not None and det.schedule.first_by
     got = det.detect(xs)
     want, passes = replay(det.variant, det.calib, det.activations(xs), det.schedule)
+    # Across batches (tests/tolerance.py): the rounds forward other row counts than the replay's one forward, so
+    # scores agree within 1e-4 (O(1) z-scores); the stopping rounds are compared exactly, which holds while no
+    # clip's bound lies within float32 noise of the threshold (true of these ten on the processors tried).
     assert [v.passes for v in got] == passes.tolist() and passes.min() < det.variant.rows
     assert np.allclose([v.score for v in got], want.score, atol=1e-4)
