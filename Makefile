@@ -23,11 +23,12 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 # Test tools that are not Python packages, from Debian (needs root/sudo once): Prometheus + promtool, and the
-# speech synthesisers that build the speaker corpus (espeak-ng, festival with three English voices).
-APT_TOOLS := prometheus espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts
+# speech synthesisers that build the speaker corpus (espeak-ng, festival with three English voices), and the
+# headless chromium the page's browser tests drive (tests/integration/test_page.py).
+APT_TOOLS := prometheus espeak-ng festival festvox-kallpc16k festvox-kdlpc16k festvox-us-slt-hts chromium
 tools:
 	@command -v promtool >/dev/null && command -v prometheus >/dev/null && command -v espeak-ng >/dev/null \
-	  && [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || { \
+	  && command -v chromium >/dev/null && [ -d /usr/share/festival/voices/us/cmu_us_slt_arctic_hts ] || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $(APT_TOOLS) >/dev/null; \
 	  $$SUDO pkill -x prometheus || true; }

@@ -28,6 +28,7 @@ from nccr_guard.server.direct import DirectRoutes, route_of
 from nccr_guard.server.errors import input_error_response, unexpected_response
 from nccr_guard.server.metrics import GcPauses, Metrics, watch_event_loop
 from nccr_guard.server.middleware import ServiceMiddleware
+from nccr_guard.server.pages import add_pages
 from nccr_guard.server.routers import detect, guard, models, v2
 from nccr_guard.server.runtime import ModelRuntime, batch_policy
 from nccr_guard.server.state import Service
@@ -126,6 +127,8 @@ def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
         version=__version__,
         lifespan=lifespan,
         description="Detects adversarial images and audio by neuron cover change rate (NCCR).",
+        docs_url=None,  # /docs and /redoc come from pages.add_pages, with their assets served from the package
+        redoc_url=None,
     )
     app.state.service = service
     if settings.direct_routes:  # added first: inside ServiceMiddleware, which must see every request
@@ -137,8 +140,10 @@ def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
         ]
         app.add_middleware(DirectRoutes, service=service, handlers=direct)
     app.add_middleware(ServiceMiddleware, service=service)
-    for r in (detect.router, models.router, v2.router, guard.router):
+    routers = (detect.router, models.router, v2.router, guard.router)
+    for r in routers:
         app.include_router(r)
+    add_pages(app, service, routers)
     _add_error_handlers(app, service)
 
     @app.get(
