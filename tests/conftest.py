@@ -1,4 +1,5 @@
-"""Shared fixtures: the real default model, real PNG files, and a real `nccr-guard serve` on loopback."""
+"""Shared fixtures: the real default model, real PNG files, and a real `nccr-guard serve` on loopback; and the
+check that a test session leaves the checkout as it found it (tests write only under their tmp paths)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,48 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 MNIST = ROOT / "models" / "mnist"
 BIN = Path(sys.executable).parent / "nccr-guard"
+GIT_BEFORE = pytest.StashKey[list[str] | None]()  # the session's `git status` when it started
+
+
+def git_status() -> list[str] | None:
+    """`git status --porcelain` lines of the checkout the tests run from (untracked files each listed, ignored
+    ones not); None outside a git checkout or without git."""
+    try:
+        r = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=all", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return r.stdout.splitlines() if r.returncode == 0 else None
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[GIT_BEFORE] = git_status()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the session if it changed `git status` of a checkout that was clean when it started (a fresh clone,
+    CI): a test wrote into the checkout rather than its tmp path. In a tree with work in progress others may be
+    editing at the same time, so there the changes are listed as a warning only."""
+    before, after = session.config.stash.get(GIT_BEFORE, None), git_status()
+    if before is None or after is None or after == before:
+        return
+    changed = sorted(set(after) - set(before)) + [f"no longer: {line}" for line in sorted(set(before) - set(after))]
+    tr = session.config.pluginmanager.get_plugin("terminalreporter")
+    clean = not before
+    if tr is not None:
+        title = "the tests changed the checkout" if clean else "git status changed during the session (by the tests?)"
+        tr.write("\n")
+        tr.write_sep("=", title, red=clean, yellow=not clean)
+        for line in changed:
+            tr.write_line(line)
+        if clean:
+            tr.write_line("the session fails: tests must write only under their tmp paths (tmp_path, tmp_path_factory)")
+    if clean and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def free_port() -> int:
