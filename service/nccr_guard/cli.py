@@ -178,11 +178,15 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from nccr_guard.eval.attacks import attacks_of
     from nccr_guard.eval.harness import evaluate
 
+    attacks = args.attacks
+    if args.families:
+        attacks = [*(attacks or []), *(a for a in attacks_of(args.families) if a not in (attacks or []))]
     evaluate(
         args.model,
-        attacks=args.attacks,
+        attacks=attacks,
         n=args.n,
         seed=args.seed,
         out=args.out,
@@ -287,6 +291,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="attack held-out inputs with ART and report detection vs baselines")
     _add_model_flags(p, backend=False)
     p.add_argument("--attacks", nargs="+", default=None, help="attack names (default: all)")
+    p.add_argument(
+        "--families",
+        nargs="+",
+        default=None,
+        metavar="FAMILY",
+        help="every attack of these families (image: linf l2 l1 l0 score_bb decision_bb), besides --attacks",
+    )
     p.add_argument("--n", type=int, default=500, help="held-out inputs to attack (default %(default)s)")
     p.add_argument("--split", default="test")
     p.add_argument("--variant", default=None, help="NCCR variant to evaluate (default: the calibrated one)")

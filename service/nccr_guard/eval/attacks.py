@@ -15,15 +15,24 @@ from nccr_guard.datasets import spread_index
 
 @dataclass(frozen=True)
 class AttackSpec:
+    """One attack at one setting. `family`: the threat model it stands for (norm or knowledge); `strength`:
+    'minimal' stops at (or searches for) the decision boundary, 'high' keeps going or demands a confidence
+    margin, the regime instability detectors find hardest (../shared/anchors.md)."""
+
     name: str
     params: dict = field(default_factory=dict)
+    family: str = "linf"
+    strength: str = "minimal"
 
+
+CW_STEPS = {"max_iter": 50, "binary_search_steps": 3, "learning_rate": 0.05}
+EAD_STEPS = {"max_iter": 40, "binary_search_steps": 3, "learning_rate": 0.05, "beta": 0.01, "decision_rule": "EN"}
 
 ATTACKS: dict[str, AttackSpec] = {
     a.name: a
     for a in (
-        AttackSpec("fgsm", {"norm": "inf", "eps": 0.2}),
-        AttackSpec("pgd", {"norm": "inf", "eps": 0.2, "eps_step": 0.01, "max_iter": 40}),
+        AttackSpec("fgsm", {"norm": "inf", "eps": 0.2}, "linf", "high"),
+        AttackSpec("pgd", {"norm": "inf", "eps": 0.2, "eps_step": 0.01, "max_iter": 40}, "linf", "high"),
         AttackSpec(
             "pgd_minimal",
             {
@@ -32,19 +41,65 @@ ATTACKS: dict[str, AttackSpec] = {
                 "max_iter": 20,
                 "rule": "smallest eps of the grid at which ART PGD succeeds",
             },
+            "linf",
+            "minimal",
+        ),
+        AttackSpec("cw_l2", {"confidence": 0.0, "initial_const": 1.0, **CW_STEPS}, "l2", "minimal"),
+        AttackSpec("deepfool", {"max_iter": 50, "epsilon": 0.02, "nb_grads": 10}, "l2", "minimal"),
+        AttackSpec("pgd_highconf", {"norm": "inf", "eps": 0.3, "eps_step": 0.01, "max_iter": 100}, "linf", "high"),
+        AttackSpec("cw_l2_conf10", {"confidence": 10.0, "initial_const": 5.0, **CW_STEPS}, "l2", "high"),
+        AttackSpec(
+            "apgd_ce",
+            {"norm": "inf", "eps": 0.3, "eps_step": 0.1, "max_iter": 50, "loss": "cross_entropy"},
+            "linf",
+            "high",
         ),
         AttackSpec(
-            "cw_l2",
-            {"confidence": 0.0, "max_iter": 50, "binary_search_steps": 3, "initial_const": 1.0, "learning_rate": 0.05},
+            "apgd_dlr",
+            {"norm": "inf", "eps": 0.3, "eps_step": 0.1, "max_iter": 50, "loss": "difference_logits_ratio"},
+            "linf",
+            "minimal",
         ),
-        AttackSpec("deepfool", {"max_iter": 50, "epsilon": 0.02, "nb_grads": 10}),
-        AttackSpec("pgd_highconf", {"norm": "inf", "eps": 0.3, "eps_step": 0.01, "max_iter": 100}),
+        AttackSpec("pgd_l2", {"norm": 2, "eps": 3.0, "eps_step": 0.1, "max_iter": 60}, "l2", "high"),
+        AttackSpec("ead", {"confidence": 0.0, "initial_const": 1.0, **EAD_STEPS}, "l1", "minimal"),
+        AttackSpec("ead_conf10", {"confidence": 10.0, "initial_const": 5.0, **EAD_STEPS}, "l1", "high"),
+        AttackSpec("jsma", {"theta": 1.0, "gamma": 0.1, "target": "random (ART)"}, "l0", "minimal"),
         AttackSpec(
-            "cw_l2_conf10",
-            {"confidence": 10.0, "max_iter": 50, "binary_search_steps": 3, "initial_const": 5.0, "learning_rate": 0.05},
+            "jsma_highconf",
+            {
+                "theta": 1.0,
+                "gamma": 0.1,
+                "then": "ART PGD-Linf eps 1, 40 steps, on JSMA's pixels and their 4-neighbours",
+            },
+            "l0",
+            "high",
+        ),
+        AttackSpec("square", {"norm": "inf", "eps": 0.3, "max_iter": 1000, "p_init": 0.8}, "score_bb", "minimal"),
+        AttackSpec(
+            "square_conf10",
+            {"norm": "inf", "eps": 0.3, "max_iter": 1000, "p_init": 0.8, "confidence": 10.0},
+            "score_bb",
+            "high",
+        ),
+        # Decision-based attacks see labels only, so they always end at the boundary: the second setting stops
+        # after two iterations, with the larger perturbation of an early gradient-estimate step.
+        AttackSpec("hopskipjump", {"norm": 2, "max_iter": 10, "max_eval": 1000, "init_eval": 100}, "decision_bb"),
+        AttackSpec(
+            "hopskipjump_short", {"norm": 2, "max_iter": 2, "max_eval": 1000, "init_eval": 100}, "decision_bb", "high"
         ),
     )
 }
+FAMILIES = ("linf", "l2", "l1", "l0", "score_bb", "decision_bb")
+
+
+def attacks_of(families: list[str] | None, table: dict[str, AttackSpec] | None = None) -> list[str]:
+    """The attacks of `families` (all of the table's when None), in the table's order."""
+    table = ATTACKS if table is None else table
+    known = {a.family for a in table.values()}
+    unknown = sorted(set(families or ()) - known)
+    if unknown:
+        raise ValueError(f"unknown attack families {unknown}; known: {', '.join(sorted(known))}")
+    return [n for n, a in table.items() if families is None or a.family in families]
 
 
 # Waveform attacks on the speaker model. Inputs are level-normalised to -30 dBFS (RMS 0.032 of full scale), so an
@@ -53,16 +108,19 @@ ATTACKS: dict[str, AttackSpec] = {
 AUDIO_ATTACKS: dict[str, AttackSpec] = {
     a.name: a
     for a in (
-        AttackSpec("fgsm", {"norm": "inf", "eps": 0.002}),
-        AttackSpec("pgd", {"norm": "inf", "eps": 0.001, "eps_step": 0.0001, "max_iter": 20}),
+        AttackSpec("fgsm", {"norm": "inf", "eps": 0.002}, "linf", "high"),
+        AttackSpec("pgd", {"norm": "inf", "eps": 0.001, "eps_step": 0.0001, "max_iter": 20}, "linf", "high"),
         AttackSpec(
             "pgd_targeted",
             {"norm": "inf", "eps": 0.002, "eps_step": 0.0002, "max_iter": 30, "target": "(label + 1) mod speakers"},
+            "targeted",
+            "high",
         ),
         # ART's CW spends most of its time in line searches: 10 iterations at a small step keep it to minutes.
         AttackSpec(
             "cw_l2",
             {"confidence": 0.0, "max_iter": 10, "binary_search_steps": 1, "initial_const": 1.0, "learning_rate": 0.001},
+            "l2",
         ),
     )
 }
@@ -73,11 +131,16 @@ def attack_table(modality: str) -> dict[str, AttackSpec]:
 
 
 def art_classifier(module, input_shape: tuple[int, ...], n_classes: int, value_range: tuple[float, float]):
-    """ART's PyTorchClassifier around a torch module that maps model inputs to logits."""
+    """ART's PyTorchClassifier around a torch module that maps model inputs to logits; inputs are cast to
+    float32 first (HopSkipJump draws its starting points in float64, which a float32 module refuses)."""
     import torch
     from art.estimators.classification import PyTorchClassifier
 
-    return PyTorchClassifier(
+    class Float32Classifier(PyTorchClassifier):
+        def predict(self, x: np.ndarray, batch_size: int = 128, training_mode: bool = False, **kwargs) -> np.ndarray:
+            return super().predict(np.asarray(x, np.float32), batch_size, training_mode, **kwargs)
+
+    return Float32Classifier(
         module,
         torch.nn.CrossEntropyLoss(),
         input_shape=input_shape,
@@ -165,13 +228,126 @@ def impersonation_targets(clf, x: np.ndarray) -> np.ndarray:
     return np.eye(n, dtype=np.float32)[impersonation_target(clf.predict(x).argmax(1), n)]
 
 
-def run_attack(name: str, clf, x: np.ndarray, seed: int = 0, table: dict[str, AttackSpec] = ATTACKS) -> np.ndarray:
-    from art.attacks.evasion import CarliniL2Method, DeepFool, FastGradientMethod
+def _jsma(clf, x: np.ndarray, p: dict) -> np.ndarray:
+    from art.attacks.evasion import SaliencyMapMethod
 
-    if name not in table:
-        raise ValueError(f"unknown attack {name!r}; known: {', '.join(table)}")
-    p = table[name].params
-    makers: dict[str, Callable[[], np.ndarray]] = {
+    return SaliencyMapMethod(clf, theta=p["theta"], gamma=p["gamma"], batch_size=128, verbose=False).generate(x)
+
+
+def _jsma_highconf(clf, x: np.ndarray, p: dict, seed: int) -> np.ndarray:
+    """JSMA's sparse pixel set, then PGD confined to those pixels (ART's `mask`) to drive the wrong class's
+    confidence up: an L0 attacker who keeps going once the label has flipped."""
+    from art.attacks.evasion import ProjectedGradientDescent
+    from scipy.ndimage import binary_dilation
+
+    sparse = _jsma(clf, x, p)
+    # JSMA saturates its pixels, so PGD gets them and their 4-neighbours: still a few dozen pixels of 784.
+    cross = np.zeros((1,) * (x.ndim - 2) + (3, 3), bool)
+    cross[..., 1, :] = cross[..., :, 1] = True
+    mask = binary_dilation(np.abs(sparse - x) > 1e-6, structure=cross).astype(np.float32)
+    lo, hi = clf.clip_values
+    np.random.seed(seed)
+    pgd = ProjectedGradientDescent(
+        clf,
+        norm=np.inf,
+        eps=float(hi - lo),
+        eps_step=0.05,
+        max_iter=40,
+        num_random_init=0,
+        batch_size=128,
+        verbose=False,
+    )
+    return pgd.generate(sparse, y=np.eye(clf.nb_classes, dtype=np.float32)[clf.predict(x).argmax(1)], mask=mask)
+
+
+def _square(clf, x: np.ndarray, p: dict, seed: int) -> np.ndarray:
+    """ART's Square attack (score-based black box); with `confidence` a success needs the best wrong logit to
+    beat the true one by that margin, so queries go on past the boundary."""
+    from art.attacks.evasion import SquareAttack
+
+    kappa = p.get("confidence", 0.0)
+
+    def margin(y_pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """True logit minus the best other (ART's own loss takes the second-highest logit, which is the true
+        class once the label has flipped, so it stops improving at the boundary)."""
+        true = y.argmax(1)
+        other = np.where(np.eye(y_pred.shape[1], dtype=bool)[true], -np.inf, y_pred).max(1)
+        return y_pred[np.arange(len(y)), true] - other
+
+    def beyond(y_pred: np.ndarray, y: np.ndarray) -> np.ndarray:
+        return margin(y_pred, y) < -kappa
+
+    np.random.seed(seed)
+    return SquareAttack(
+        clf,
+        norm=np.inf,
+        eps=p["eps"],
+        max_iter=p["max_iter"],
+        p_init=p["p_init"],
+        adv_criterion=beyond,
+        batch_size=128,
+        verbose=False,
+    ).generate(x, y=np.eye(clf.nb_classes, dtype=np.float32)[clf.predict(x).argmax(1)])
+
+
+def _art_makers(clf, x: np.ndarray, p: dict, seed: int) -> dict[str, Callable[[], np.ndarray]]:
+    from art.attacks.evasion import (
+        AutoProjectedGradientDescent,
+        CarliniL2Method,
+        DeepFool,
+        ElasticNet,
+        FastGradientMethod,
+        HopSkipJump,
+        ProjectedGradientDescent,
+    )
+
+    def cw() -> np.ndarray:
+        keys = ("confidence", "max_iter", "binary_search_steps", "initial_const", "learning_rate")
+        return CarliniL2Method(clf, **{k: p[k] for k in keys}, batch_size=128, verbose=False).generate(x)
+
+    def ead() -> np.ndarray:
+        keys = ("confidence", "max_iter", "binary_search_steps", "initial_const", "learning_rate", "beta")
+        return ElasticNet(
+            clf, **{k: p[k] for k in keys}, decision_rule=p["decision_rule"], batch_size=128, verbose=False
+        ).generate(x)
+
+    def apgd() -> np.ndarray:
+        return AutoProjectedGradientDescent(
+            clf,
+            norm=np.inf,
+            eps=p["eps"],
+            eps_step=p["eps_step"],
+            max_iter=p["max_iter"],
+            nb_random_init=1,
+            loss_type=p["loss"],
+            batch_size=128,
+            verbose=False,
+        ).generate(x)
+
+    def pgd_l2() -> np.ndarray:
+        return ProjectedGradientDescent(
+            clf,
+            norm=2,
+            eps=p["eps"],
+            eps_step=p["eps_step"],
+            max_iter=p["max_iter"],
+            num_random_init=0,
+            batch_size=128,
+            verbose=False,
+        ).generate(x)
+
+    def hsj() -> np.ndarray:
+        return HopSkipJump(
+            clf,
+            norm=2,
+            max_iter=p["max_iter"],
+            max_eval=p["max_eval"],
+            init_eval=p["init_eval"],
+            batch_size=128,
+            verbose=False,
+        ).generate(x)
+
+    return {
         "fgsm": lambda: FastGradientMethod(clf, norm=np.inf, eps=p["eps"], batch_size=128).generate(x),
         "pgd": lambda: _pgd(clf, x, p["eps"], p["eps_step"], p["max_iter"], seed),
         "pgd_highconf": lambda: _pgd(clf, x, p["eps"], p["eps_step"], p["max_iter"], seed),
@@ -182,16 +358,24 @@ def run_attack(name: str, clf, x: np.ndarray, seed: int = 0, table: dict[str, At
         "deepfool": lambda: DeepFool(
             clf, max_iter=p["max_iter"], epsilon=p["epsilon"], nb_grads=p["nb_grads"], batch_size=128, verbose=False
         ).generate(x),
+        "cw_l2": cw,
+        "cw_l2_conf10": cw,
+        "apgd_ce": apgd,
+        "apgd_dlr": apgd,
+        "pgd_l2": pgd_l2,
+        "ead": ead,
+        "ead_conf10": ead,
+        "jsma": lambda: _jsma(clf, x, p),
+        "jsma_highconf": lambda: _jsma_highconf(clf, x, p, seed),
+        "square": lambda: _square(clf, x, p, seed),
+        "square_conf10": lambda: _square(clf, x, p, seed),
+        "hopskipjump": hsj,
+        "hopskipjump_short": hsj,
     }
-    for cw in ("cw_l2", "cw_l2_conf10"):
-        makers[cw] = lambda: CarliniL2Method(
-            clf,
-            confidence=p["confidence"],
-            max_iter=p["max_iter"],
-            binary_search_steps=p["binary_search_steps"],
-            initial_const=p["initial_const"],
-            learning_rate=p["learning_rate"],
-            batch_size=128,
-            verbose=False,
-        ).generate(x)
-    return makers[name]().astype(np.float32)
+
+
+def run_attack(name: str, clf, x: np.ndarray, seed: int = 0, table: dict[str, AttackSpec] = ATTACKS) -> np.ndarray:
+    if name not in table:
+        raise ValueError(f"unknown attack {name!r}; known: {', '.join(table)}")
+    np.random.seed(seed)
+    return _art_makers(clf, x, table[name].params, seed)[name]().astype(np.float32)

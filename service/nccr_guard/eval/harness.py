@@ -18,7 +18,7 @@ from nccr_guard.datasets import load_calibration
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant, score_rows
 from nccr_guard.engine.sequential import replay
-from nccr_guard.eval.attacks import attack_succeeded, attack_table, correctly_classified, run_attack, spread
+from nccr_guard.eval.attacks import attack_table, correctly_classified, spread
 from nccr_guard.eval.baselines import baseline_scores
 from nccr_guard.eval.metrics import auroc, rate_above, threshold_at_fpr
 from nccr_guard.eval.report import write_report
@@ -35,6 +35,26 @@ def nccr_scores(det: Detector, xs: np.ndarray) -> tuple[dict[str, np.ndarray], n
         return out, None
     seq, passes = replay(det.variant, det.calib, acts, det.variant.sequential)
     return {**out, "nccr_seq": seq.score}, passes
+
+
+def successful(det: Detector, clf, split: str, n: int, seed: int, name: str, x0: np.ndarray):
+    """An attack's successful adversarial examples of the split's first-n correctly classified inputs (cached
+    beside the search's, eval.sequential.adversarial) and the position in `x0` of each one's clean input."""
+    from nccr_guard.eval.lofo import source_index
+    from nccr_guard.eval.sequential import adversarial
+
+    x_cached, out = adversarial(det, split, n, seed, [name])
+    if len(x_cached) != len(x0) or not np.array_equal(x_cached, x0):
+        raise RuntimeError(f"{name}: cached clean inputs differ from this run's; clear the adversarial cache")
+    xa = out[name]
+    return xa, source_index(x0, xa)
+
+
+def wrong_margin(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(n,) how far the best wrong class's logit beats the true class's: 0 at the boundary, the attack's
+    confidence beyond it."""
+    other = np.where(np.eye(logits.shape[1], dtype=bool)[y], -np.inf, logits).max(1)
+    return other - logits[np.arange(len(y)), y]
 
 
 def median_snr_db(x: np.ndarray, delta: np.ndarray) -> float:
@@ -85,7 +105,6 @@ def evaluate(
     unknown = [a for a in attacks if a not in table]
     if unknown:
         raise ValueError(f"unknown attacks {unknown}; known: {', '.join(table)}")
-    n_classes = len(det.manifest.labels)
     x_cal, _ = spread(*load_calibration(det.manifest, calib_n), calib_n or 1 << 30)
     thresholds = {k: threshold_at_fpr(v) for k, v in baseline_scores(det, x_cal).items()}
     thresholds["nccr"] = thresholds["nccr_seq"] = det.calib.threshold
@@ -114,21 +133,24 @@ def evaluate(
     raw_scores = {"clean": {k: v.tolist() for k, v in clean.items()}}
     for name in attacks:
         ta = time.perf_counter()
-        adv = run_attack(name, clf, x0, seed, table)
-        hit = attack_succeeded(name, clf.predict(adv).argmax(1), y0, n_classes)
-        xa = adv[hit]
+        xa, src = successful(det, clf, split, n, seed, name, x0)
+        logits = clf.predict(xa)
         nccr, passes = nccr_scores(det, xa)
         scores = {**nccr, **baseline_scores(det, xa)} if len(xa) else {k: np.zeros(0) for k in clean}
         if passes is not None:
             result["sequential"]["mean_rows"][name] = float(passes.mean())
-        delta = (xa - x0[hit]).reshape(len(xa), -1)
+        delta = (xa - x0[src]).reshape(len(xa), -1)
         result["attacks"][name] = {
             "params": table[name].params,
-            "success_rate": float(hit.mean()),
-            "n_adversarial": int(hit.sum()),
+            "family": table[name].family,
+            "strength": table[name].strength,
+            "success_rate": len(xa) / max(len(x0), 1),
+            "mean_wrong_margin": float(wrong_margin(logits, y0[src]).mean()) if len(xa) else None,
+            "mean_l0": float((np.abs(delta) > 1e-3).sum(1).mean()) if len(xa) else None,
+            "n_adversarial": len(xa),
             "mean_l2": float(np.linalg.norm(delta, axis=1).mean()) if len(xa) else None,
             "mean_linf": float(np.abs(delta).max(1).mean()) if len(xa) else None,
-            "median_snr_db": median_snr_db(x0[hit], delta) if len(xa) else None,
+            "median_snr_db": median_snr_db(x0[src], delta) if len(xa) else None,
             "seconds": round(time.perf_counter() - ta, 1),
             "detectors": detector_metrics(clean, scores, thresholds),
         }
@@ -137,7 +159,7 @@ def evaluate(
             json.dumps(
                 {
                     "attack": name,
-                    "n_adversarial": int(hit.sum()),
+                    "n_adversarial": len(xa),
                     **{d: round(m["auroc"], 4) for d, m in result["attacks"][name]["detectors"].items()},
                 }
             ),

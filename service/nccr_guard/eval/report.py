@@ -37,8 +37,10 @@ def _md(result: dict) -> str:
         f"Clean inputs: {result['n_clean']} correctly classified (accuracy {result['clean_accuracy']:.3f}). "
         "Adversarial: successful ones only. TPR at the threshold fixed on the calib split's clean data (5 % FPR).",
         "",
-        f"| attack | success | n | {size} | mean L∞ | " + " | ".join(f"{d} AUROC / TPR" for d in names) + " |",
-        "|---" * (5 + len(names)) + "|",
+        f"| attack | family / strength | success | n | {size} | mean L∞ | wrong-class margin | "
+        + " | ".join(f"{d} AUROC / TPR" for d in names)
+        + " |",
+        "|---" * (7 + len(names)) + "|",
     ]
     for name, a in result["attacks"].items():
         cells = []
@@ -48,14 +50,21 @@ def _md(result: dict) -> str:
         key = "median_snr_db" if audio else "mean_l2"
         l2 = f"{a[key]:.2f}" if a.get(key) is not None else "–"
         li = f"{a['mean_linf']:.4f}" if a["mean_linf"] is not None else "–"
+        wm = f"{a['mean_wrong_margin']:.1f}" if a.get("mean_wrong_margin") is not None else "–"
+        fam = f"{a.get('family', '–')} / {a.get('strength', '–')}"
         lines.append(
-            f"| {name} | {a['success_rate']:.2f} | {a['n_adversarial']} | {l2} | {li} | " + " | ".join(cells) + " |"
+            f"| {name} | {fam} | {a['success_rate']:.2f} | {a['n_adversarial']} | {l2} | {li} | {wm} | "
+            + " | ".join(cells)
+            + " |"
         )
     fpr = {d: next(iter(result["attacks"].values()))["detectors"][d]["fpr"] for d in names} if result["attacks"] else {}
     lines += [
         "",
         "False-positive rate on this split's clean inputs at the calib threshold: "
         + ", ".join(f"{d} {v:.3f}" for d, v in fpr.items()),
+        "",
+        "Worst attack per detector (lowest AUROC): "
+        + ", ".join(f"{d} {w[1]} ({w[0]:.3f})" for d, w in worst(result, names).items()),
     ]
     if seq := result.get("sequential"):
         rows = ", ".join(f"{k} {v:.1f}" for k, v in seq["mean_rows"].items())
@@ -65,6 +74,17 @@ def _md(result: dict) -> str:
             f"the same noise copies. Mean rows per verdict (fixed K: {seq['fixed_rows']}): {rows}.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def worst(result: dict, names: list[str]) -> dict[str, tuple[float, str]]:
+    """Per detector, (AUROC, attack) of the attack it does worst on: the number a user facing unknown attacks
+    should read."""
+    out = {}
+    for d in names:
+        scored = [(a["detectors"][d]["auroc"], n) for n, a in result["attacks"].items() if d in a["detectors"]]
+        if scored:
+            out[d] = min(scored)
+    return out
 
 
 def _roc(clean: np.ndarray, adv: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
