@@ -10,7 +10,8 @@ from tqdm import tqdm
 from nccr_guard.datasets import calibration_splits, load_calibration, load_folder
 from nccr_guard.detector import Detector
 from nccr_guard.engine import Calibration, fit_calibration, get_variant
-from nccr_guard.engine.calibration import model_nccr
+from nccr_guard.engine.calibration import model_nccr, set_combiner
+from nccr_guard.engine.score import raw_components
 from nccr_guard.manifest import Manifest, weight_hashes
 
 
@@ -63,11 +64,23 @@ def calibrate(
         "model": det.manifest.name,
     }
     calib = fit_calibration(det.variant, half_a, half_b, len(det.manifest.labels), target_fpr, meta)
+    if det.variant.combiner == "logistic":
+        fit_combiner(det, calib, half_b, seed)
     if det.variant.robustness_rows is not None:
         calib.robustness = float(model_level(det, calib, xs).mean())
     if write:
         calib.save(det.manifest.calibration_path)
     return calib
+
+
+def fit_combiner(det: Detector, calib: Calibration, half_b: dict[str, np.ndarray], seed: int) -> None:
+    """Fit the logistic combiner's weights on the dev split's clean, shifted and attacked inputs
+    (eval/combiner_fit.py: runs ART attacks, cached), then fix the threshold on clean half B with them."""
+    from nccr_guard.eval.combiner_fit import fit_weights
+
+    w, b, fitted_on = fit_weights(det, calib, seed=seed)
+    set_combiner(calib, raw_components(det.variant, calib, half_b)[0], w, b)
+    calib.meta["combiner"] = fitted_on
 
 
 def model_level(det: Detector, calib: Calibration, xs: np.ndarray) -> np.ndarray:

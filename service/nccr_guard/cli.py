@@ -133,6 +133,7 @@ def cmd_score(args: argparse.Namespace) -> int:
                     "score": round(v.score, 6),
                     "threshold": round(v.threshold, 6),
                     "p_value": round(v.p_value, 6),
+                    "ood": v.ood,
                     "prediction": {"index": v.index, "label": v.label, "confidence": round(v.confidence, 6)},
                     "passes": v.passes,
                 }

@@ -18,6 +18,7 @@ from nccr_guard.backends import Backend, make_backend, merge_rows
 from nccr_guard.backends.onnx_verdict import VerdictGraph, verdict_graph
 from nccr_guard.engine import Calibration, Scores, Variant, build_batch, get_variant, score_rows
 from nccr_guard.engine.perturb import LazyRows
+from nccr_guard.engine.score import ood_spread
 from nccr_guard.engine.sequential import Schedule, bounded_scores, layout, max_copies, rounds, settled
 from nccr_guard.engine.variants import parse_schedules
 from nccr_guard.manifest import Manifest, ManifestError, load_manifest, weight_hashes
@@ -44,6 +45,7 @@ class Verdict:
     passes: int
     raw: Sequence[float] = ()  # each component's raw value, in the order of `names`
     names: Sequence[str] = ()
+    ood: bool = False  # the input's instability profile is unlike the clean calibration data's (score.ood_spread)
 
     @property
     def components(self) -> dict[str, float]:
@@ -140,6 +142,11 @@ class Detector:
             calib = Calibration.load(manifest.calibration_path)
             check_hashes(manifest, calib, be.name)
             variant = get_variant(calib.variant)
+            if variant.combiner == "logistic" and calib.weights is None:
+                raise ManifestError(
+                    f"{manifest.calibration_path}: {variant.name} needs fitted combiner weights; recalibrate with "
+                    f"`nccr-guard calibrate --model {folder}`"
+                )
         k = k or manifest.k or (calib.meta.get("k") if calib else None)
         if k:
             variant = variant.with_k(int(k))
@@ -322,6 +329,8 @@ class Detector:
         thr, names, labels = self.calib.threshold, self.variant.component_names, self.manifest.labels
         score, pred, conf = s.score.tolist(), s.prediction.tolist(), s.confidence.tolist()
         pv, raw = self.calib.p_values(score), s.raw.tolist()
+        t_ood = self.calib.ood_threshold
+        ood = (ood_spread(s.raw, self.calib) > t_ood).tolist() if t_ood < np.inf else [False] * len(score)
         return [
             Verdict(
                 "adversarial" if score[i] > thr else "clean",
@@ -334,6 +343,7 @@ class Detector:
                 n,
                 raw[i],
                 names,
+                ood[i],
             )
             for i, n in zip(which, passes, strict=True)
             for k in (pred[i],)

@@ -93,6 +93,8 @@ def verdict_graph(
     """The graph spec for `variant` on inputs of `dims` dimensions, or None where the graph cannot express it
     (noise copies, other squeezers, a median filter before a bit-depth squeeze or of a 1-D signal, components that
     read more than one row or a hidden layer, a class selection)."""
+    if variant.combiner != "max" or calib.weights is not None:  # the graph takes the max of the z-scores
+        return None
     families = [p.family for p in variant.perturbations]
     if any(f not in ("bitdepth", "median") for f in families) or families != sorted(families, key="median".__eq__):
         return None

@@ -18,11 +18,12 @@ import numpy as np
 from nccr_guard.engine.perturb import row_groups
 from nccr_guard.engine.score import (
     EPS,
+    combine,
     component_raw,
+    ood_spread,
     raw_components,
     relative_margin,
     shared_margin,
-    standardise,
     view,
 )
 from nccr_guard.engine.variants import Variant
@@ -43,6 +44,11 @@ class Calibration:
     clean_scores: np.ndarray  # sorted combined scores of clean half B, for p-values
     robustness: float  # model-level NCCR: mean robustness component over clean data
     meta: dict = field(default_factory=dict)
+    # The logistic combiner's fitted weights over the clipped z-scores and its bias; None: the max combiner.
+    weights: np.ndarray | None = None
+    bias: float = 0.0
+    # The verdict's `ood` flag: an input whose z-score spread (combiner.spread) exceeds this is unlike clean data.
+    ood_threshold: float = float("inf")
 
     def p_value(self, score: np.ndarray | float) -> np.ndarray:
         """Share of clean calibration inputs scoring at least as high (with the +1 of a conformal p-value)."""
@@ -77,6 +83,8 @@ class Calibration:
             "threshold": self.threshold,
             "target_fpr": self.target_fpr,
             "robustness": self.robustness,
+            "bias": self.bias,
+            "ood_threshold": self.ood_threshold,
             "index": index,
             **self.meta,
         }
@@ -86,6 +94,7 @@ class Calibration:
             comp_sigma=self.comp_sigma,
             clean_scores=self.clean_scores,
             meta=np.array(json.dumps(meta, sort_keys=True)),
+            **({"weights": self.weights} if self.weights is not None else {}),
             **arrays,
         )
 
@@ -102,6 +111,9 @@ class Calibration:
                 threshold=float(meta.pop("threshold")),
                 target_fpr=float(meta.pop("target_fpr")),
                 robustness=float(meta.pop("robustness")),
+                weights=z["weights"] if "weights" in z.files else None,
+                bias=float(meta.pop("bias", 0.0)),
+                ood_threshold=float(meta.pop("ood_threshold", float("inf"))),
                 comp_mu=z["comp_mu"],
                 comp_sigma=z["comp_sigma"],
                 clean_scores=z["clean_scores"],
@@ -181,10 +193,8 @@ def fit_calibration(
     logs = np.log(raw + EPS)
     calib.comp_mu = logs.mean(0)
     calib.comp_sigma = logs.std(0) + 1e-3
-    scores = np.sort(standardise(raw, calib.comp_mu, calib.comp_sigma))
-    calib.clean_scores = scores
-    calib.threshold = float(np.quantile(scores, 1.0 - target_fpr, method="higher"))
     calib.target_fpr = target_fpr
+    set_scores(calib, raw)
     calib.robustness = (  # with rows of its own, the caller forwards them (calibrate.model_level)
         float(np.concatenate([model_nccr(variant, calib, a) for a in (acts_a, acts_b)]).mean())
         if variant.robustness_rows is None
@@ -202,6 +212,26 @@ def fit_calibration(
     ]
     calib.meta = {**(meta or {}), "copy_mean": copy_mean, "near_flip": near_flips(variant, acts_b)}
     return calib
+
+
+# Share of clean calibration inputs whose z-score spread is called out of distribution: the `ood` flag's own
+# false-alarm rate on clean data (docs/nccr.md, "Out-of-distribution inputs").
+OOD_QUANTILE = 0.99
+
+
+def set_scores(calib: Calibration, raw_b: np.ndarray) -> None:
+    """The score distribution of clean half B (`raw_b`: its raw components) under the calibration's combiner:
+    sorted clean scores, the verdict threshold at the target FPR, the `ood` threshold."""
+    scores = np.sort(combine(raw_b, calib))
+    calib.clean_scores = scores
+    calib.threshold = float(np.quantile(scores, 1.0 - calib.target_fpr, method="higher"))
+    calib.ood_threshold = float(np.quantile(ood_spread(raw_b, calib), OOD_QUANTILE, method="higher"))
+
+
+def set_combiner(calib: Calibration, raw_b: np.ndarray, weights: np.ndarray, bias: float) -> None:
+    """Install a fitted logistic combiner and re-derive the threshold and p-values from clean half B with it."""
+    calib.weights, calib.bias = np.asarray(weights, np.float64), float(bias)
+    set_scores(calib, raw_b)
 
 
 # Share of clean copies whose margin counts as a near flip: each clean copy drawn is one with this chance, and

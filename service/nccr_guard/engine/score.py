@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from nccr_guard.engine.combiner import linear, spread, zscores
 from nccr_guard.engine.variants import MARGIN_MEASURES, Component, Variant
 
 if TYPE_CHECKING:
@@ -158,6 +159,20 @@ def standardise(raw: np.ndarray, mu: np.ndarray, sigma: np.ndarray) -> np.ndarra
     return ((np.log(raw + EPS) - mu) / sigma).max(axis=-1)
 
 
+def combine(raw: np.ndarray, calib: Calibration) -> np.ndarray:
+    """(B, n) raw components -> (B,) score, by the calibration's combiner (engine/combiner.py): the max of the
+    z-scores, or the fitted weighted sum of the clipped z-scores."""
+    if calib.weights is None:
+        return standardise(raw, calib.comp_mu, calib.comp_sigma)
+    return linear(zscores(raw, calib.comp_mu, calib.comp_sigma), calib.weights, calib.bias)
+
+
+def ood_spread(raw: np.ndarray, calib: Calibration) -> np.ndarray:
+    """(B,) how far each input's whole instability profile lies from clean data's (combiner.spread); above
+    `calib.ood_threshold` the input is unlike the clean data the detector was calibrated on."""
+    return spread(zscores(raw, calib.comp_mu, calib.comp_sigma))
+
+
 def confidence(acts: dict[str, np.ndarray], pred: np.ndarray) -> np.ndarray:
     """(B,) softmax probability of each original row's predicted class."""
     probs = softmax(acts["logits"][:, 0].astype(np.float64))
@@ -168,7 +183,7 @@ def score_rows(variant: Variant, calib: Calibration, acts: dict[str, np.ndarray]
     """The full per-input verdict material for a batch of inputs' rows."""
     raw, pred = raw_components(variant, calib, acts)
     return Scores(
-        score=standardise(raw, calib.comp_mu, calib.comp_sigma),
+        score=combine(raw, calib),
         raw=raw,
         prediction=pred,
         confidence=confidence(acts, pred),

@@ -6,7 +6,6 @@ one attack, fgsm by default). The test split is never touched here: `nccr-guard 
 
 from __future__ import annotations
 
-import itertools
 import json
 import time
 from pathlib import Path
@@ -16,17 +15,15 @@ import numpy as np
 from nccr_guard.calibrate import activations
 from nccr_guard.datasets import load_split
 from nccr_guard.detector import Detector
-from nccr_guard.engine import Component, Perturbation, Variant, fit_calibration, get_variant
+from nccr_guard.engine import Perturbation, Variant, fit_calibration, get_variant
 from nccr_guard.engine.perturb import RANDOM_FAMILIES
 from nccr_guard.engine.score import EPS, raw_components
+from nccr_guard.engine.variants import IMAGE_NOISE, IMAGE_SQUEEZE, every_component
 from nccr_guard.eval.attacks import attack_succeeded, attack_table, correctly_classified, run_attack
 from nccr_guard.eval.metrics import auroc, rate_above, threshold_at_fpr
 
 NOISE = {
-    "image": (
-        *(Perturbation("gaussian", s, 12) for s in (0.02, 0.05, 0.1, 0.2)),
-        *(Perturbation("uniform", s, 12) for s in (0.1, 0.2)),
-    ),
+    "image": IMAGE_NOISE,
     # audio: noise at an SNR relative to the clip, time shifts (5 and 25 ms at 16 kHz), gain jitter
     "audio": (
         *(Perturbation("snr", db, 8) for db in (20, 30, 40)),
@@ -35,22 +32,15 @@ NOISE = {
     ),
 }
 SQUEEZE = {
-    "image": (*(Perturbation("bitdepth", b) for b in (1, 2, 3)), *(Perturbation("median", s) for s in (2, 3))),
+    "image": IMAGE_SQUEEZE,
     "audio": (*(Perturbation("bitdepth", b) for b in (8, 10, 12)), Perturbation("median", 3)),
 }
 
 
 def candidate_variant(layers: list[str], modality: str = "image") -> Variant:
-    comps = []
-    noise, squeeze = NOISE[modality], SQUEEZE[modality]
-    for p in (*noise, *squeeze):
-        reduces = ("mean", "max") if p in noise else ("mean",)
-        for layer, measure, sel, red in itertools.product(
-            [*layers, "logits", "*"], ("flip", "change"), ("all", "class"), reduces
-        ):
-            comps.append(Component(p.key, layer, measure, sel, red))
-        comps += [Component(p.key, "logits", m, "all", "mean") for m in ("pred_flip", "margin", "margin_change")]
-    return Variant("search", (*noise, *squeeze), tuple(comps), robustness=comps[0])
+    perturbations = (*NOISE[modality], *SQUEEZE[modality])
+    comps = every_component(perturbations, [*layers, "logits", "*"])
+    return Variant("search", perturbations, comps, robustness=comps[0])
 
 
 def family(key: str) -> str:

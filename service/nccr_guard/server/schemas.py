@@ -26,6 +26,11 @@ class Detection(BaseModel):
     score: float = Field(description="combined standardised NCCR; above `threshold` means adversarial")
     threshold: float
     p_value: float = Field(description="share of clean calibration inputs scoring at least as high")
+    ood: bool = Field(
+        False,
+        description="the input's instability profile is unlike the clean calibration data's (blank, noise, not the "
+        "kind of input the model was built for): the prediction and the verdict are unreliable",
+    )
     prediction: Prediction
     passes: int = Field(description="forward passes (rows) spent on this input")
     timings_ms: TimingsMs

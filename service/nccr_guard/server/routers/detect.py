@@ -175,6 +175,7 @@ async def _detect_routed(
                 score=round(v.score, d),
                 threshold=round(v.threshold, d),
                 p_value=round(v.p_value, d),
+                ood=v.ood,
                 prediction=Prediction(index=v.index, label=v.label, confidence=round(v.confidence, d)),
                 passes=v.passes,
                 timings_ms=TimingsMs(

@@ -1,0 +1,159 @@
+"""Benign distortions of clean uploads and out-of-distribution inputs, for false-alarm studies.
+
+Uploads in production are re-encoded, resized, noisy and slightly misaligned; none of that makes them
+adversarial. Each shift maps a batch (n, 1, H, W) in [0, 1] to the same shape, deterministically given `rng`.
+The set is named in every report that uses it (SHIFTS' keys). `CALIBRATION_SHIFTS` are the ones a calibration
+may see; `HELD_OUT_SHIFTS` are never used to fit anything, so a report shows whether the threshold rule carries
+over to distortions it was not fitted on.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+
+import numpy as np
+from scipy import ndimage
+
+Shift = Callable[[np.ndarray, np.random.Generator], np.ndarray]
+
+
+def _per_image(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    def run(xs: np.ndarray) -> np.ndarray:
+        return np.stack([fn(x[0])[None] for x in xs])
+
+    return run
+
+
+def rotate(deg: float) -> Shift:
+    """Rotation by ±`deg` degrees (sign drawn per image), bilinear, same canvas."""
+
+    def shift(xs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        signs = rng.choice([-1.0, 1.0], len(xs))
+        return np.stack(
+            [
+                ndimage.rotate(x[0], s * deg, reshape=False, order=1, mode="constant")[None]
+                for x, s in zip(xs, signs, strict=True)
+            ]
+        )
+
+    return shift
+
+
+def translate(px: int) -> Shift:
+    """A shift by `px` pixels in a direction drawn per image (up, down, left or right)."""
+
+    def shift(xs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        steps = [(px, 0), (-px, 0), (0, px), (0, -px)]
+        picks = rng.integers(0, 4, len(xs))
+        return np.stack(
+            [ndimage.shift(x[0], steps[i], order=0, mode="constant")[None] for x, i in zip(xs, picks, strict=True)]
+        )
+
+    return shift
+
+
+def blur(sigma: float) -> Shift:
+    return lambda xs, rng: _per_image(lambda a: ndimage.gaussian_filter(a, sigma))(xs)
+
+
+def noise(sigma: float) -> Shift:
+    return lambda xs, rng: xs + rng.standard_normal(xs.shape).astype(np.float32) * sigma
+
+
+def down_up(factor: int) -> Shift:
+    """Down-scale by `factor` and back (bilinear): a thumbnail blown up again."""
+
+    def once(a: np.ndarray) -> np.ndarray:
+        small = ndimage.zoom(a, 1 / factor, order=1)
+        return ndimage.zoom(small, np.array(a.shape) / np.array(small.shape), order=1)
+
+    return lambda xs, rng: _per_image(once)(xs)
+
+
+def background(level: float) -> Shift:
+    """A grey background: dark pixels lifted to `level`, strokes kept (x -> level + (1 - level) x)."""
+    return lambda xs, rng: level + (1.0 - level) * xs
+
+
+def contrast(gain: float) -> Shift:
+    """Fainter strokes: x -> gain * x (a scan or photo with less contrast)."""
+    return lambda xs, rng: gain * xs
+
+
+def jpeg(quality: int) -> Shift:
+    """A JPEG re-encode at `quality`, as many upload paths do."""
+    from PIL import Image
+
+    def once(a: np.ndarray) -> np.ndarray:
+        buf = io.BytesIO()
+        Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8), "L").save(buf, "JPEG", quality=quality)
+        return np.asarray(Image.open(buf), np.float32) / 255.0
+
+    return lambda xs, rng: _per_image(once)(xs)
+
+
+def zoom_out(scale: float) -> Shift:
+    """The digit drawn smaller on the same canvas (scale < 1), centred."""
+
+    def once(a: np.ndarray) -> np.ndarray:
+        small = ndimage.zoom(a, scale, order=1)
+        out = np.zeros_like(a)
+        top, left = ((np.array(a.shape) - small.shape) // 2).tolist()
+        out[top : top + small.shape[0], left : left + small.shape[1]] = small
+        return out
+
+    return lambda xs, rng: _per_image(once)(xs)
+
+
+SHIFTS: dict[str, Shift] = {
+    "rotate_10": rotate(10),
+    "rotate_15": rotate(15),
+    "blur_0.7": blur(0.7),
+    "translate_2px": translate(2),
+    "noise_0.1": noise(0.1),
+    "down_up_2x": down_up(2),
+    "grey_background_0.3": background(0.3),
+    "jpeg_75": jpeg(75),
+    "contrast_0.7": contrast(0.7),
+    "zoom_out_0.8": zoom_out(0.8),
+    "noise_0.05": noise(0.05),
+}
+HELD_OUT_SHIFTS = ("rotate_15", "zoom_out_0.8", "noise_0.05")
+CALIBRATION_SHIFTS = tuple(k for k in SHIFTS if k not in HELD_OUT_SHIFTS)
+
+
+def apply(name: str, xs: np.ndarray, seed: int, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+    """Shift `name` of a batch (n, 1, H, W), clipped to the value range, float32."""
+    out = SHIFTS[name](xs.astype(np.float32), np.random.default_rng(seed))
+    return np.clip(out, *value_range).astype(np.float32)
+
+
+def ood_inputs(n: int, shape: tuple[int, ...], seed: int) -> dict[str, np.ndarray]:
+    """Inputs that are no digit at all: blank, uniform grey, uniform noise, smooth noise blobs, and letters."""
+    rng = np.random.default_rng(seed)
+    blobs = np.stack([ndimage.gaussian_filter(rng.random(shape[-2:]), 2.0)[None] for _ in range(n)])
+    blobs = (blobs - blobs.min()) / (np.ptp(blobs) + 1e-9)
+    return {
+        "blank": np.zeros((n, *shape), np.float32),
+        "grey": np.full((n, *shape), 0.5, np.float32),
+        "uniform_noise": rng.random((n, *shape)).astype(np.float32),
+        "blobs": blobs.astype(np.float32),
+        "letters": letters(n, shape[-2:], rng),
+    }
+
+
+def letters(n: int, size: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """(n, 1, H, W) capital letters in PIL's bundled font, light on dark as MNIST draws digits."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default(size=int(size[0] * 0.8))
+    out = []
+    for _ in range(n):
+        ch = "ABCDEFGHJKLMNPQRTUVWXYZ"[int(rng.integers(0, 23))]
+        img = Image.new("L", size[::-1], 0)
+        draw = ImageDraw.Draw(img)
+        left, top, right, bottom = draw.textbbox((0, 0), ch, font=font)
+        draw.text(((size[1] - right - left) / 2, (size[0] - bottom - top) / 2), ch, fill=255, font=font)
+        out.append(np.asarray(img, np.float32)[None] / 255.0)
+    return np.stack(out).astype(np.float32)
