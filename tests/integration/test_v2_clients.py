@@ -1,9 +1,11 @@
-"""Open Inference Protocol (KServe v2) conformance with a real client: NVIDIA's `tritonclient.http` (the
-geventhttpclient client, which sends a JSON body with no Content-Type, and the asyncio client, which declares it
-`application/octet-stream`) against a real `nccr-guard serve --api-key` on 127.0.0.1, in JSON and binary tensor
-modes: server live / ready / metadata, model metadata and ready (version-less and for the advertised version),
-infer, and the error answers (status codes and the `{"error": ...}` body the protocol names, which the client
-turns into `InferenceServerException`)."""
+"""Open Inference Protocol (KServe v2) conformance with real clients against a real `nccr-guard serve --api-key`
+on 127.0.0.1, in JSON and binary tensor modes: NVIDIA's `tritonclient.http` (the geventhttpclient client, which
+sends a JSON body with no Content-Type, and the asyncio client, which declares it `application/octet-stream`) for
+server live / ready / metadata, model metadata and ready (version-less and for the advertised version), infer,
+and the error answers (status codes and the `{"error": ...}` body the protocol names, which the client turns into
+`InferenceServerException`); and KServe's Python SDK (`kserve.InferenceRESTClient`). The SDK installs beside the
+pinned torch 2.13.0+cpu and numpy (kserve 0.21.0 resolves with torch 2.13.0+cpu and numpy 2.4.6); it pins
+pandas<3 and protobuf<7, which the rest of the dev extra accepts."""
 
 from __future__ import annotations
 
@@ -145,6 +147,40 @@ def test_json_body_whatever_its_content_type(keyed, mnist_test, content_type):
         # Not JSON at all, declared octet-stream: the client's error, in the protocol's error body.
         r = c.post("/v2/models/mnist/infer", content=b"\x00\x01not json", headers={**headers, "content-type": "x/y"})
         assert r.status_code == 422 and set(r.json()) == {"error"}
+
+
+def test_kserve_sdk_rest_client(keyed, mnist_test):
+    """KServe's Python SDK (`kserve.InferenceRESTClient`, v2 protocol), which sends a JSON body as
+    `application/json` and a binary one as `application/octet-stream` with the binary header: health, model ready,
+    infer in both modes, and an error as the SDK raises it."""
+    try:
+        import httpx
+        from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+    except ImportError as e:  # the dev extra installs it
+        pytest.fail(f"the KServe SDK is not installed ({e}): make install")
+    x = np.ascontiguousarray(mnist_test[0][10:13])
+
+    async def run() -> list[dict]:
+        async with InferenceRESTClient(RESTConfig(protocol="v2", retries=0, timeout=30)) as c:
+            assert await c.is_server_live(keyed.url) and await c.is_server_ready(keyed.url)
+            assert await c.is_model_ready(keyed.url, "mnist", headers=auth())
+            assert not await c.is_model_ready(keyed.url, "mnist")  # no key: 401, not ready
+            answers = []
+            for binary in (False, True):
+                tensor = InferInput("input", list(x.shape), "FP32")
+                tensor.set_data_from_numpy(x, binary_data=binary)
+                r = await c.infer(keyed.url, InferRequest("mnist", [tensor], request_id="k1"), "mnist", auth())
+                assert r.id == "k1" and r.model_name == "mnist"
+                answers.append({o.name: o.as_numpy().tolist() for o in r.outputs})
+            with pytest.raises(httpx.HTTPStatusError) as e:
+                await c.infer(keyed.url, InferRequest("nope", [tensor]), "nope", auth())
+            assert e.value.response.status_code == 404 and "no model named 'nope'" in str(e.value)
+            return answers
+
+    as_json, as_binary = asyncio.run(run())
+    reference = _reference(keyed, x)
+    verdicts = [v.decode() if isinstance(v, bytes) else v for v in as_json["verdict"]]
+    assert {**as_json, "verdict": verdicts} == reference and as_binary == as_json
 
 
 def test_tritonclient_errors(triton, mnist_test):
