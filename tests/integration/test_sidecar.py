@@ -17,6 +17,8 @@ class Upstream:
     def __init__(self, status: int = 200) -> None:
         self.bodies: list[bytes] = []
         self.headers: list[dict] = []
+        self.paths: list[str] = []
+        self.raw_headers: list[list[tuple[str, str]]] = []
         outer = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -24,6 +26,8 @@ class Upstream:
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 outer.bodies.append(body)
                 outer.headers.append({k.lower(): v for k, v in self.headers.items()})
+                outer.raw_headers.append([(k.lower(), v) for k, v in self.headers.items()])
+                outer.paths.append(self.path)
                 out = json.dumps({"label": "from-upstream", "bytes": len(body)}).encode()
                 self.send_response(status)
                 self.send_header("content-type", "application/json")
@@ -119,4 +123,46 @@ def test_tag_mode_forwards_with_headers_and_upstream_failures_map(tmp_path, atta
     finally:
         s.stop()
         dead.stop()
+        up.close()
+
+
+def test_forwards_authorization_custom_headers_and_query_but_not_its_own_key(tmp_path, digit_pngs):
+    """The upstream gets the client's Authorization, cookies, custom and repeated headers and the query string
+    (after the upstream URL's own); never this server's key (X-API-Key, or a bearer token carrying it), nor
+    hop-by-hop headers, those the Connection header names included."""
+    up = Upstream()
+    s = start_server(tmp_path, "--upstream", up.url + "?tenant=a", "--api-key", "sidecar-key")
+    try:
+        png = next(p.read_bytes() for p, label in digit_pngs[:20] if label == 1)
+        with s.client() as c:
+            headers = [
+                ("content-type", "image/png"),
+                ("x-api-key", "sidecar-key"),
+                ("authorization", "Bearer upstream-token"),
+                ("cookie", "session=s1"),
+                ("x-custom", "one"),
+                ("x-custom", "two"),
+                ("connection", "keep-alive, x-hop"),
+                ("x-hop", "dropped"),
+            ]
+            r = c.post("/v1/guard?model=mnist&trace=on", content=png, headers=headers)
+            assert "x-nccr-verdict" in r.headers, (r.status_code, r.text)
+            if r.headers["x-nccr-verdict"] != "clean":
+                pytest.skip("this held-out digit scored adversarial")  # the forwarding is what is tested here
+            assert r.status_code == 200 and r.json()["label"] == "from-upstream"
+            assert up.paths[-1] == "/classify?tenant=a&model=mnist&trace=on"
+            got = up.headers[-1]
+            assert got["authorization"] == "Bearer upstream-token" and got["cookie"] == "session=s1"
+            assert [v for k, v in up.raw_headers[-1] if k == "x-custom"] == ["one", "two"]
+            assert "x-api-key" not in got and "x-hop" not in got and got["x-nccr-verdict"] == "clean"
+            assert up.bodies[-1] == png
+
+            r = c.post(
+                "/v1/guard", content=png, headers={"content-type": "image/png", "authorization": "Bearer sidecar-key"}
+            )
+            assert r.status_code == 200 and up.paths[-1] == "/classify?tenant=a"
+            assert "authorization" not in up.headers[-1]  # the bearer token was this server's key
+            assert c.post("/v1/guard", content=png, headers={"content-type": "image/png"}).status_code == 401
+    finally:
+        s.stop()
         up.close()

@@ -26,13 +26,18 @@ def deadline(request: Request) -> float:
 
 
 def check_key(request: Request, service: Service) -> None:
-    """Bearer token or X-API-Key, compared in constant time; no key configured means open."""
+    """X-API-Key or a bearer token, either one, compared in constant time; no key configured means open. Either
+    is enough, so a client of the sidecar can send this server's key as X-API-Key and its own bearer token for
+    the upstream (routers/guard.py forwards the one that is not this server's key)."""
     key = service.settings.api_key
     if not key:
         return
     auth = request.headers.get("authorization", "")
-    given = auth[7:] if auth.lower().startswith("bearer ") else request.headers.get("x-api-key", "")
-    if not hmac.compare_digest(given.encode(), key.encode()):
+    bearer = auth[7:] if auth[:7].lower() == "bearer " else ""
+    given = request.headers.get("x-api-key", "")
+    # Both compared, so the time taken does not tell which one matched.
+    ok = hmac.compare_digest(given.encode(), key.encode()) | hmac.compare_digest(bearer.encode(), key.encode())
+    if not ok:
         raise InputError("missing or wrong API key", 401, "unauthorized")
 
 

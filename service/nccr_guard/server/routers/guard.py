@@ -1,5 +1,11 @@
 """Sidecar mode: POST /v1/guard scores the upload, then forwards the unchanged request to the upstream
-classifier (clean, or any verdict with on_adversarial=tag) and returns its answer with X-NCCR-* headers."""
+classifier (clean, or any verdict with on_adversarial=tag) and returns its answer with X-NCCR-* headers.
+
+Forwarded: the body byte for byte, the query string (after the upstream URL's own), and every request header
+but the hop-by-hop ones (RFC 9110 7.6.1, those the Connection header names included), Host and Content-Length
+(httpx sets both for the upstream), and the credential this server checked itself (X-API-Key, or an
+`Authorization: Bearer` carrying this server's key), which is never the upstream's to see. So `Authorization`,
+cookies and custom headers reach the upstream as the client sent them."""
 
 from __future__ import annotations
 
@@ -16,8 +22,38 @@ from nccr_guard.server.uploads import read_body, read_uploads
 
 router = APIRouter(prefix="/v1", tags=["guard"], dependencies=[Authorized])
 
-FORWARD_HEADERS = ("content-type", "accept", "x-request-id", "traceparent", "tracestate", "user-agent")
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
+NOT_FORWARDED = {
+    *("connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer", "upgrade"),
+    *("proxy-authorization", "proxy-authenticate", "host", "content-length", "expect"),
+}
+
+
+def forwarded_headers(request: Request, api_key: str | None) -> list[tuple[str, str]]:
+    """The request's headers as the upstream gets them (the module docstring says which are left out); repeated
+    headers stay repeated, in order."""
+    named = {h.strip().lower() for v in request.headers.getlist("connection") for h in v.split(",")}
+    out = []
+    for k, v in request.headers.items():
+        key = k.lower()
+        if key in NOT_FORWARDED or key in named:
+            continue
+        if api_key and (key == "x-api-key" or (key == "authorization" and v[7:] == api_key and _bearer(v))):
+            continue  # this server's own credential
+        out.append((key, v))
+    return out
+
+
+def _bearer(value: str) -> bool:
+    return value[:7].lower() == "bearer "
+
+
+def upstream_url(upstream: str, request: Request) -> httpx.URL:
+    """The upstream URL with the request's query string after its own."""
+    url, query = httpx.URL(upstream), request.url.query.encode()
+    if not query:
+        return url
+    return url.copy_with(query=url.query + b"&" + query if url.query else query)
 
 
 class _Replay:
@@ -47,11 +83,11 @@ async def guard(request: Request, service: ServiceDep) -> Response:
     tags = {"X-NCCR-Verdict": det.verdict, "X-NCCR-Score": f"{det.score:g}", "X-NCCR-Model": det.model}
     if det.verdict == "adversarial" and s.on_adversarial == "block":
         return JSONResponse(det.model_dump(), 422, headers=tags)
-    headers = {k: v for k, v in request.headers.items() if k.lower() in FORWARD_HEADERS}
-    headers.update(tags)
+    headers = [(k, v) for k, v in forwarded_headers(request, s.api_key) if k not in {t.lower() for t in tags}]
+    headers += list(tags.items())
     start = time.monotonic()
     try:
-        up = await service.upstream.post(s.upstream, content=body, headers=headers)
+        up = await service.upstream.post(upstream_url(s.upstream, request), content=body, headers=headers)
     except httpx.TimeoutException:
         return JSONResponse({"error": f"upstream timed out after {s.upstream_timeout_s}s"}, 504, headers=tags)
     except httpx.HTTPError as e:
