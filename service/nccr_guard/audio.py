@@ -1,8 +1,9 @@
 """Decode untrusted audio uploads into the model's fixed-length waveform.
 
-WAV, FLAC and OGG through libsndfile (`soundfile`); the header is checked against the limits before any samples
-are read, so a header that claims hours of audio costs nothing. Then: mono mixdown, polyphase resampling to the
-model's rate (scipy), level normalisation to the model's dBFS, crop / zero-pad to the model's length.
+WAV, FLAC, OGG and MP3 through libsndfile (`soundfile`; MP3 from libsndfile 1.1 on); the header is checked
+against the limits before any samples are read, so a header that claims hours of audio costs nothing. Then: mono
+mixdown, polyphase resampling to the model's rate (scipy), level normalisation to the model's dBFS, crop /
+zero-pad to the model's length.
 """
 
 from __future__ import annotations

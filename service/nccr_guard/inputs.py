@@ -38,7 +38,7 @@ def sniff_modality(data: bytes, content_type: str | None = None) -> str:
     """'image' or 'audio' from magic bytes (trusted over the declared content type)."""
     if data.startswith(b"RIFF") and data[8:12] == b"WEBP":
         return "image"
-    if data.startswith(AUDIO_MAGIC):
+    if data.startswith(AUDIO_MAGIC) or is_mp3(data):
         return "audio"
     if data.startswith(IMAGE_MAGIC):
         return "image"
@@ -46,10 +46,18 @@ def sniff_modality(data: bytes, content_type: str | None = None) -> str:
         raise InputError("empty upload")
     ct = (content_type or "").split(";")[0].strip()
     raise InputError(
-        f"unsupported file type (content type {ct or 'unknown'}; expected PNG, JPEG, WAV, FLAC or OGG)",
+        f"unsupported file type (content type {ct or 'unknown'}; expected PNG, JPEG, WAV, FLAC, OGG or MP3)",
         415,
         "bad_input",
     )
+
+
+def is_mp3(data: bytes) -> bool:
+    """An ID3v2 tag, or an MPEG audio frame header: 11 sync bits and a layer (the two bits after the version;
+    00 is reserved, which also leaves out AAC's ADTS frames). A JPEG's FF D8 has no sync there."""
+    if data.startswith(b"ID3"):
+        return True
+    return len(data) >= 2 and data[0] == 0xFF and data[1] & 0xE0 == 0xE0 and (data[1] >> 1) & 3 != 0
 
 
 def png_size(data: bytes) -> tuple[int, int] | None:

@@ -47,6 +47,26 @@ def test_held_out_speakers_are_identified_over_http(server, held_out_clips):
         assert r.status_code == 200 and r.json()["prediction"]["label"] == held_out_clips[0][1]
 
 
+def test_mp3_uploads_go_to_the_speaker_model(server, held_out_clips):
+    """Held-out clips as MP3 (libsndfile's encoder), sent without a model: told apart as audio by their bytes and
+    identified as their WAVs are."""
+    import io
+
+    import soundfile as sf
+
+    with server.client() as c:
+        correct = 0
+        for data, speaker in held_out_clips:
+            wav, rate = sf.read(io.BytesIO(data), dtype="float32")
+            buf = io.BytesIO()
+            sf.write(buf, wav, rate, format="MP3")
+            r = c.post("/v1/detect", files={"file": ("clip.mp3", buf.getvalue(), "audio/mpeg")})
+            assert r.status_code == 200, r.text
+            assert r.json()["model"] == "speaker" and r.json()["verdict"] in ("clean", "adversarial")
+            correct += r.json()["prediction"]["label"] == speaker
+        assert correct >= len(held_out_clips) - 1
+
+
 def test_cli_scores_a_clip(tmp_path, held_out_clips):
     clip = tmp_path / "clip.wav"
     clip.write_bytes(held_out_clips[3][0])

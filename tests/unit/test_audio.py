@@ -56,10 +56,27 @@ def test_stereo_is_mixed_down() -> None:
     np.testing.assert_allclose(stereo, mono, atol=1e-6)
 
 
-@pytest.mark.parametrize("fmt,subtype", [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("WAV", "FLOAT")])
+@pytest.mark.parametrize(
+    "fmt,subtype",
+    [("WAV", "PCM_16"), ("FLAC", "PCM_16"), ("OGG", "VORBIS"), ("WAV", "FLOAT"), ("MP3", "MPEG_LAYER_III")],
+)
 def test_formats(fmt: str, subtype: str) -> None:
     x = decode(encode_wav(tone(22050, freq=700.0), 22050, subtype, fmt), SPEAKER)
     assert x.shape == (1, 48000) and abs(peak_hz(x[0, :30000]) - 700.0) < 3.0
+
+
+def test_mp3_is_told_by_its_tag_or_frame_header() -> None:
+    """An ID3 tag or an MPEG audio frame sync with a layer is audio; a JPEG's FF D8 and AAC's ADTS sync are not.
+    A file that only starts like an MP3 is a 400, not a 415."""
+    from nccr_guard.inputs import is_mp3, sniff_modality
+
+    mp3 = encode_wav(tone(16000), 16000, "MPEG_LAYER_III", "MP3")
+    assert is_mp3(mp3) and sniff_modality(mp3) == "audio"
+    assert is_mp3(b"\xff\xfb\x90\x64") and is_mp3(b"ID3\x04\x00")
+    assert not is_mp3(b"\xff\xd8\xff\xe0") and not is_mp3(b"\xff\xf1\x50\x80") and not is_mp3(b"\xff")
+    with pytest.raises(InputError) as e:
+        decode(b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(200), SPEAKER)
+    assert e.value.status == 400
 
 
 def test_long_clips_are_cropped() -> None:
