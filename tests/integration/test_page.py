@@ -139,6 +139,8 @@ def test_page_scores_an_uploaded_digit(page, served, digit_pngs, tmp_path):
     assert float(page.text_content("#threshold")) == pytest.approx(expected["threshold"], rel=1e-3)
     assert float(page.text_content("#p-value")) == pytest.approx(expected["p_value"], rel=1e-2, abs=1e-3)
     assert "ms total" in page.text_content("#timings") and " of " in page.text_content("#passes")
+    if "ood" in expected:  # shown when the answer has it
+        assert page.text_content("#ood") == ("yes" if expected["ood"] else "no") and page.is_visible("#ood-row")
     assert "margin" in page.text_content("#components")  # the variant's component names, from its card
     assert page.is_visible("#preview img")
     shot = tmp_path / "page-upload.png"

@@ -106,6 +106,8 @@ function show(r) {
   $("score").textContent = fmt(r.score);
   $("threshold").textContent = fmt(r.threshold);
   $("p-value").textContent = fmt(r.p_value, 3);
+  $("ood-row").hidden = !("ood" in r);
+  $("ood").textContent = r.ood ? "yes" : "no";
   const p = r.prediction;
   $("prediction").textContent = `${p.label} (class ${p.index}), ${(p.confidence * 100).toFixed(1)} %`;
   const card = cardOf(r.model);
