@@ -126,6 +126,8 @@ AUDIO_CASES = [
     Case("WAV, 8 channels (mixed down)", lambda: encode_wav(np.stack([_tone()] * 8, 1)), "audio/wav", 200),
     Case("FLAC, 48 kHz", lambda: encode_wav(_tone(48000), 48000, fmt="FLAC"), "audio/flac", 200),
     Case("OGG Vorbis, 22.05 kHz", lambda: encode_wav(_tone(22050), 22050, "VORBIS", "OGG"), "audio/ogg", 200),
+    Case("MP3, 16 kHz", lambda: encode_wav(_tone(), 16000, "MPEG_LAYER_III", "MP3"), "audio/mpeg", 200),
+    Case("ID3 tag, then garbage", lambda: b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(300), "audio/mpeg", 400),
     Case("WAV with zero samples", lambda: encode_wav(np.zeros(0, np.float32)), "audio/wav", 400),
     Case("float WAV with a NaN sample", lambda: encode_wav(_tone(poison=np.nan), subtype="FLOAT"), "audio/wav", 400),
     Case("float WAV with an Inf sample", lambda: encode_wav(_tone(poison=np.inf), subtype="FLOAT"), "audio/wav", 400),
@@ -160,6 +162,25 @@ KSERVE_CASES = [
     Case("KServe v2: inputs not a list", kserve('{"inputs": 3}', raw=True), "application/json", 422, False, V2),
     Case("KServe v2: not JSON", lambda: b"\x89PNG", "application/json", 400, False, V2),
     Case("KServe v2: unknown model", kserve(_t([1, 28, 28])), "application/json", 404, False, "/v2/models/nope/infer"),
+    Case("KServe v2: JSON declared octet-stream", kserve(_t([1, 28, 28])), "application/octet-stream", 200, False, V2),
+    Case("KServe v2: JSON declared text/plain", kserve(_t([1, 28, 28])), "text/plain", 200, False, V2),
+    Case(
+        "KServe v2: version 1",
+        kserve(_t([1, 28, 28])),
+        "application/json",
+        200,
+        False,
+        "/v2/models/mnist/versions/1/infer",
+    ),
+    Case(
+        "KServe v2: unknown version",
+        kserve(_t([1, 28, 28])),
+        "application/json",
+        404,
+        False,
+        "/v2/models/mnist/versions/2/infer",
+    ),
+    Case("KServe v2: PNG declared octet-stream", PNG, "application/octet-stream", 400, False, V2),
 ]
 
 CASES = [

@@ -45,3 +45,25 @@ def test_memory_returns_to_baseline_after_the_corpus(server):
                 send(c, case)
         after = rss_mb(server.proc.pid)
     assert after < warm * 1.05 + 10, (warm, after)
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/", 200),
+        ("/assets/app.js", 200),
+        ("/docs-assets/swagger-ui-bundle.js", 200),
+        ("/assets/../../../pyproject.toml", 404),
+        ("/assets/%2e%2e/%2e%2e/config.py", 404),
+        ("/docs-assets/..%2f..%2fcore.py", 404),
+        ("/assets/", 404),
+        ("/assets/nope.js", 404),
+        ("/v2/models/mnist/versions/%00/ready", 404),
+        ("/v2/models/mnist/versions/1", 200),
+    ],
+)
+def test_page_and_asset_paths(server, path, expected):
+    """The page's routes and static folders answer what they hold and nothing outside them, never a 5xx."""
+    with server.client() as c:
+        r = c.get(path)
+        assert r.status_code == expected, (path, r.status_code, r.text[:200])
