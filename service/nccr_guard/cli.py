@@ -206,6 +206,13 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_lofo(args: argparse.Namespace) -> int:
+    from nccr_guard.eval.lofo import study
+
+    study(args.model, n=args.n, seed=args.seed, out=args.out)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="nccr-guard", description="Detect adversarial inputs by neuron cover change rate."
@@ -322,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("reports/search"))
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser(
+        "lofo",
+        help="leave-one-family-out search on the dev split: each method judged by the attack family it never saw",
+    )
+    _add_model_flags(p, backend=False)
+    p.add_argument("--n", type=int, default=200, help="dev inputs to attack (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("reports/search/lofo"))
+    p.set_defaults(func=cmd_lofo)
     return ap
 
 

@@ -37,6 +37,29 @@ def nccr_scores(det: Detector, xs: np.ndarray) -> tuple[dict[str, np.ndarray], n
     return {**out, "nccr_seq": seq.score}, passes
 
 
+def false_alarms(det: Detector, x0: np.ndarray, thresholds: dict, seed: int) -> tuple[dict, dict]:
+    """Per benign shift of the clean inputs (eval.shifts: whether the combiner's fit saw it or not) and per
+    out-of-distribution input kind: the share each detector flags at its threshold, and the share NCCR marks
+    `ood`. A shift is no attack: every flag there is a false alarm."""
+    from nccr_guard.engine.score import ood_spread
+    from nccr_guard.eval import shifts
+
+    def rates(xs: np.ndarray) -> dict[str, float]:
+        s = score_rows(det.variant, det.calib, activations(det, xs, desc="shift"))
+        out = {"nccr": rate_above(s.score, thresholds["nccr"])}
+        out |= {k: rate_above(v, thresholds[k]) for k, v in baseline_scores(det, xs).items()}
+        return out | {"nccr_ood": float(np.mean(ood_spread(s.raw, det.calib) > det.calib.ood_threshold))}
+
+    vr = tuple(det.manifest.input.range)
+    benign = {
+        name: {**rates(shifts.apply(name, x0, seed + 1000 + i, vr)), "fitted": name in shifts.CALIBRATION_SHIFTS}
+        for i, name in enumerate(shifts.SHIFTS)
+    }
+    benign["none"] = {**rates(x0), "fitted": True}
+    ood = {k: rates(v) for k, v in shifts.ood_inputs(50, x0.shape[1:], seed).items()}
+    return benign, ood
+
+
 def successful(det: Detector, clf, split: str, n: int, seed: int, name: str, x0: np.ndarray):
     """An attack's successful adversarial examples of the split's first-n correctly classified inputs (cached
     beside the search's, eval.sequential.adversarial) and the position in `x0` of each one's clean input."""
@@ -165,6 +188,8 @@ def evaluate(
             ),
             flush=True,
         )
+    if det.manifest.modality == "image":
+        result["benign_shifts"], result["ood_inputs"] = false_alarms(det, x0, thresholds, seed)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_report(result, raw_scores, out)
     return result

@@ -66,6 +66,26 @@ def _md(result: dict) -> str:
         "Worst attack per detector (lowest AUROC): "
         + ", ".join(f"{d} {w[1]} ({w[0]:.3f})" for d, w in worst(result, names).items()),
     ]
+    if shifted := result.get("benign_shifts"):
+        cols = [d for d in names if d in next(iter(shifted.values()))] + ["nccr_ood"]
+        lines += [
+            "",
+            "## False alarms on benign shifts and out-of-distribution inputs",
+            "",
+            "Share of this split's clean inputs each detector flags after a benign shift, at its calib-fixed "
+            "threshold (goal <= 0.10 for every shift); `nccr_ood`: share NCCR marks out of distribution. "
+            "Shifts marked * were among the negatives the logistic combiner was fitted on (on dev inputs); "
+            "the others it never saw.",
+            "",
+            "| shift | " + " | ".join(cols) + " |",
+            "|---" * (1 + len(cols)) + "|",
+        ]
+        for name, r in shifted.items():
+            mark = "*" if r.get("fitted") else ""
+            lines.append(f"| {name}{mark} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
+        lines += ["", "| not an input | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
+        for name, r in result["ood_inputs"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
     if seq := result.get("sequential"):
         rows = ", ".join(f"{k} {v:.1f}" for k, v in seq["mean_rows"].items())
         lines += [
