@@ -33,6 +33,8 @@ class Scores:
 def view(acts: dict[str, np.ndarray], key: str) -> np.ndarray:
     """(B, R, N) activations for a layer key; '*' concatenates every layer (logits last), 'last' is the deepest
     watched layer before the logits (so a variant can name it without knowing the model), 'probs' the softmax."""
+    if key in acts:  # a layer, or a view raw_components has already built for this batch
+        return acts[key]
     if key == "probs":
         return softmax(acts["logits"].astype(np.float64)).astype(np.float32)
     if key == "last":
@@ -139,6 +141,8 @@ def raw_components(variant: Variant, calib: Calibration, acts: dict[str, np.ndar
         # C order, as np.stack gave: calibration's mean over inputs sums in memory order (last bits differ)
         return margin_moves(m, cols, measure).astype(np.float64, order="C"), pred
     groups = variant.groups
+    # each derived view ('*', 'probs', 'last') once per batch, not once per component that reads it
+    acts = acts | {k: view(acts, k) for k in {c.layer for c in variant.components} if k not in acts}
     raw = np.stack(
         [
             reduce_copies(c, component_copies(c, acts, calib, groups[c.perturbation], pred, m))
