@@ -83,8 +83,8 @@ async def guard(request: Request, service: ServiceDep) -> Response:
     tags = {"X-NCCR-Verdict": det.verdict, "X-NCCR-Score": f"{det.score:g}", "X-NCCR-Model": det.model}
     if det.verdict == "adversarial" and s.on_adversarial == "block":
         return JSONResponse(det.model_dump(), 422, headers=tags)
-    headers = [(k, v) for k, v in forwarded_headers(request, s.api_key) if k not in {t.lower() for t in tags}]
-    headers += list(tags.items())
+    ours = {t.lower() for t in tags}  # a client's own X-NCCR-* headers are replaced, not passed on beside ours
+    headers = [(k, v) for k, v in forwarded_headers(request, s.api_key) if k not in ours] + list(tags.items())
     start = time.monotonic()
     try:
         up = await service.upstream.post(upstream_url(s.upstream, request), content=body, headers=headers)
