@@ -158,7 +158,13 @@ class Detector:
                 raise ManifestError(
                     f"--sequential-schedule names {manifest.name}, whose variant {variant.name} draws no noise copies"
                 )
-        if schedule is not None and max_copies(variant) > 0:
+            if named and variant.combiner != "max":
+                raise ManifestError(
+                    f"--sequential-schedule names {manifest.name}, whose variant {variant.name} combines its "
+                    "readings by a weighted sum, which no sequential schedule stops"
+                )
+        # a schedule for every model passes over the variants it cannot stop (no noise copies, a weighted sum)
+        if schedule is not None and max_copies(variant) > 0 and variant.combiner == "max":
             variant = variant.with_schedule(schedule)
         if calib and calib.meta.get("k") and int(calib.meta["k"]) != int(k or 0):
             log.warning("K=%s differs from the calibrated K=%s: the false-positive rate may drift", k, calib.meta["k"])

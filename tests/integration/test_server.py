@@ -12,7 +12,7 @@ import pytest
 
 from tests.conftest import MNIST, request_parts, start_server
 
-FIELDS = {"model", "modality", "verdict", "score", "threshold", "p_value", "prediction", "passes", "timings_ms"}
+FIELDS = {"model", "modality", "verdict", "score", "threshold", "p_value", "ood", "prediction", "passes", "timings_ms"}
 
 
 def assert_healthy(c) -> None:

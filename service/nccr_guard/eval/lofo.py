@@ -311,13 +311,14 @@ def study(model: Path, n: int = 200, seed: int = 0, out: Path = Path("reports/se
         GreedyMax(2),
         GreedyMax(4),
         *(Logistic(1000, c) for c in (10.0, 100.0, 1000.0)),
+        *(SparseLogistic(k) for k in (12, 24, 48)),
     ]
     rows = lofo(d, methods, attacks)
     clean_f, shift_f, adv_f = split_rows(d, 0)
     neg = np.concatenate([clean_f, *(shift_f[s] for s in shifts.CALIBRATION_SHIFTS)])
     for m, r in zip(methods, rows, strict=True):
         fitted = m.fit(neg, {a: v for a, v in adv_f.items() if len(v)})
-        r["all_families"] = scored(fitted, d, attacks)
+        r["all_families"] = {**scored(fitted, d, attacks), "picked": _picked(fitted, d)}
     rows.append(fs_row(d, attacks))
     result = {
         "model": str(model),
