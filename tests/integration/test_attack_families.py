@@ -17,8 +17,8 @@ SMALL = {
     "apgd_ce": {"max_iter": 10},
     "apgd_dlr": {"max_iter": 10},
     "pgd_l2": {"max_iter": 20},
-    "ead": {"max_iter": 5, "binary_search_steps": 1},
-    "ead_conf10": {"max_iter": 5, "binary_search_steps": 1},
+    "ead": {"max_iter": 10, "binary_search_steps": 1},
+    "ead_conf10": {"max_iter": 10, "binary_search_steps": 1},
     "jsma": {},
     "jsma_highconf": {},
     "square": {"max_iter": 200},
@@ -29,7 +29,7 @@ SMALL = {
 
 @pytest.fixture(scope="module")
 def digits(detector):
-    clf, x, y, _ = correctly_classified(detector, "test", 4)
+    clf, x, y, _ = correctly_classified(detector, "test", 6)
     return clf, x, y
 
 
