@@ -24,6 +24,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from nccr_guard.engine.score import raw_components
 from nccr_guard.eval import shifts
 from nccr_guard.eval.attacks import ATTACKS
 from nccr_guard.eval.baselines import feature_squeezing
+from nccr_guard.eval.combiner_fit import z_of
 from nccr_guard.eval.metrics import auroc, rate_above
 from nccr_guard.eval.report import machine
 from nccr_guard.eval.search import candidate_variant
@@ -50,7 +52,6 @@ class Data:
 
     names: list[str]
     calib_b: np.ndarray
-    calib_shift: dict[str, np.ndarray]
     clean: np.ndarray
     shift: dict[str, np.ndarray]
     attack: dict[str, np.ndarray]
@@ -71,7 +72,7 @@ def source_index(x0: np.ndarray, adv: np.ndarray) -> np.ndarray:
     return d.argmin(1)
 
 
-def collect(model: Path, n: int, seed: int, attacks: list[str], n_shift_calib: int = 150) -> Data:
+def collect(model: Path, n: int, seed: int, attacks: list[str]) -> Data:
     det = Detector.load(model, backend="torch", device="cpu", seed=seed, calibrated=False, truncate=False)
     x0, advs = adversarial(det, "dev", n, seed, attacks)
     det.variant = variant = candidate_variant(det.manifest.watch, det.manifest.modality)
@@ -82,16 +83,11 @@ def collect(model: Path, n: int, seed: int, attacks: list[str], n_shift_calib: i
     vr = tuple(det.manifest.input.range)
 
     def z(xs: np.ndarray, desc: str) -> np.ndarray:
-        raw, _ = raw_components(variant, calib, activations(det, xs, desc=desc))
-        return zscores(raw, calib.comp_mu, calib.comp_sigma)
+        return z_of(det, calib, xs, desc)
 
-    xb = xc[1::2][:n_shift_calib]
     fs = {"calib_b": feature_squeezing(det, xc[1::2]), "clean": feature_squeezing(det, x0)}
-    calib_shift, shift = {}, {}
+    shift = {}
     for i, s in enumerate(shifts.SHIFTS):
-        if s in shifts.CALIBRATION_SHIFTS:
-            xs = shifts.apply(s, xb, seed + i, vr)
-            calib_shift[s], fs[f"calib_shift:{s}"] = z(xs, s), feature_squeezing(det, xs)
         xs = shifts.apply(s, x0, seed + 100 + i, vr)
         shift[s], fs[f"shift:{s}"] = z(xs, s), feature_squeezing(det, xs)
     for a, xa in advs.items():
@@ -100,7 +96,6 @@ def collect(model: Path, n: int, seed: int, attacks: list[str], n_shift_calib: i
     return Data(
         names=list(variant.component_names),
         calib_b=zb,
-        calib_shift=calib_shift,
         clean=z(x0, "dev clean"),
         shift=shift,
         attack={a: z(xa, a) for a, xa in advs.items()},
@@ -110,16 +105,14 @@ def collect(model: Path, n: int, seed: int, attacks: list[str], n_shift_calib: i
     )
 
 
-class Method:
+class Method(Protocol):
     """A formulation fitted on some data: `fit` picks or learns, `score` maps z-scores to one score per row."""
 
     name: str
 
-    def fit(self, neg: np.ndarray, pos: dict[str, np.ndarray]) -> Method:  # pragma: no cover - interface
-        raise NotImplementedError
+    def fit(self, neg: np.ndarray, pos: dict[str, np.ndarray]) -> Method: ...
 
-    def score(self, zs: np.ndarray) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
+    def score(self, zs: np.ndarray) -> np.ndarray: ...
 
 
 class GreedyMax(Method):
