@@ -11,10 +11,11 @@ RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 # torch first, from the CPU wheel index, so nothing resolves a CUDA build.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
+# A C compiler for the one dependency without a wheel (webrtcvad, via resemblyzer); this stage is not shipped.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 COPY pyproject.toml README.md ./
 COPY service/nccr_guard/__init__.py service/nccr_guard/__init__.py
-# The speaker model's encoder weights ship in resemblyzer (Apache-2.0); only its files are needed, not its deps.
-RUN pip install ".[cpu]" && pip install --no-deps resemblyzer==0.1.4 && pip uninstall -y nccr-guard
+RUN pip install ".[cpu]" && pip uninstall -y nccr-guard
 
 FROM nvidia/cuda:12.6.3-cudnn-runtime-ubuntu24.04 AS gpu-deps
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 DEBIAN_FRONTEND=noninteractive
@@ -26,7 +27,10 @@ ENV PATH=/opt/venv/bin:$PATH
 RUN pip install torch==2.13.0
 COPY pyproject.toml README.md ./
 COPY service/nccr_guard/__init__.py service/nccr_guard/__init__.py
-RUN pip install ".[gpu]" && pip install --no-deps resemblyzer==0.1.4 && pip uninstall -y nccr-guard
+# The gpu image is built on this stage: the compiler webrtcvad (via resemblyzer) needs leaves in the same layer.
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev python3.11-dev \
+    && pip install ".[gpu]" && pip uninstall -y nccr-guard \
+    && apt-get purge -y --auto-remove gcc libc6-dev python3.11-dev && rm -rf /var/lib/apt/lists/*
 
 FROM ${PYTHON_IMAGE} AS cpu
 RUN apt-get update && apt-get install -y --no-install-recommends libsndfile1 curl \
