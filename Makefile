@@ -9,7 +9,7 @@ EXTRAS ?= cpu,dev
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: install tools serve test lint eval search bench soak fuzz clean models
+.PHONY: install tools serve test lint docs eval search bench soak fuzz clean models
 
 $(BIN)/.installed: pyproject.toml
 	@command -v $(PY) >/dev/null || { echo "need $(PY)"; exit 1; }
@@ -54,12 +54,16 @@ KERNEL_TESTS := $(addprefix tests/unit/test_,fused.py graphs.py engine.py torch_
 KERNEL_ENV := ATEN_CPU_CAPABILITY=default ONEDNN_MAX_CPU_ISA=SSE41 MKL_ENABLE_INSTRUCTIONS=SSE4_2 OMP_NUM_THREADS=1
 
 test: install tools
-	$(BIN)/ruff check service tests bench models deploy
+	$(BIN)/ruff check service tests bench models deploy docs
 	$(BIN)/python -m pytest -q --durations=25 tests
 	$(KERNEL_ENV) $(BIN)/python -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
 
 lint: install
-	$(BIN)/ruff check service tests bench models deploy
+	$(BIN)/ruff check service tests bench models deploy docs
+
+# docs/configuration.md from the Settings class (a test checks that the committed page matches).
+docs: install
+	$(BIN)/python docs/make_configuration.py
 
 models: install tools
 	$(BIN)/python models/mnist/train.py

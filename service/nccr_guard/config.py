@@ -27,8 +27,8 @@ def default_models() -> list[Path]:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NCCR_GUARD_", extra="ignore")
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="address to listen on (0.0.0.0: every interface, as in the images)")
+    port: int = Field(8000, description="port to listen on")
     root_path: str = Field(
         "",
         description="the path prefix a reverse proxy serves this under and strips before forwarding (e.g. /guard): "
@@ -48,8 +48,7 @@ class Settings(BaseSettings):
         1,
         ge=1,
         le=64,
-        description="server processes, each loading the models, on one port (SO_REUSEPORT); on 2 CPU cores 2 "
-        "served 1.2-1.4x the MNIST verdicts/s of 1 at ~1.8x the memory (docs/performance.md)",
+        description="server processes, each loading the models, on one port (SO_REUSEPORT; docs/performance.md)",
     )
     worker_timeout_s: float = Field(
         30.0,
@@ -63,8 +62,12 @@ class Settings(BaseSettings):
         "after its response (at most one per 0.2 s), so that the kernel's hash re-spreads few long-lived "
         "keep-alive connections",
     )
-    backend: Literal["torch", "onnx", "auto"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    backend: Literal["torch", "onnx", "auto"] = Field(
+        "auto",
+        description="auto: ONNX Runtime on the CPU where the model folder has an ONNX file, else torch; a model "
+        "without the named backend's weights is served on the other one",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: the GPU if torch sees one")
     half: bool = Field(False, description="half precision on CUDA (torch backend)")
     cuda_graphs: bool = Field(
         True,
@@ -75,12 +78,25 @@ class Settings(BaseSettings):
     max_delay_ms: float = Field(-1.0, description="batch gathering window; <0 = per-device default")
     max_queue: int = Field(256, ge=1, description="queued requests per model before 503")
     max_connections: int = Field(1024, ge=1, description="concurrent connections before uvicorn answers 503")
-    request_timeout_s: float = Field(10.0, gt=0)
-    api_key: str | None = None
+    request_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="from the moment a request reaches the app: reading its body, decoding and waiting for the "
+        "verdict; past it 504",
+    )
+    api_key: str | None = Field(
+        None,
+        description="the key the API asks for, as X-API-Key or Authorization: Bearer (not the page and docs, nor "
+        "health and metrics with --open-health); none: no key",
+    )
     open_health: bool = Field(True, description="health and metrics need no API key")
-    upstream: str | None = None
-    upstream_timeout_s: float = Field(10.0, gt=0)
-    on_adversarial: Literal["block", "tag"] = "block"
+    upstream: str | None = Field(
+        None, description="sidecar mode: the classifier URL that POST /v1/guard forwards a scored request to"
+    )
+    upstream_timeout_s: float = Field(10.0, gt=0, description="how long the upstream has to answer; past it 504")
+    on_adversarial: Literal["block", "tag"] = Field(
+        "block", description="sidecar mode: block answers an adversarial input 422; tag forwards it too"
+    )
     k: int | None = Field(None, ge=1, le=256, description="override the variant's noise copies")
     sequential: bool = Field(
         True,
@@ -114,13 +130,13 @@ class Settings(BaseSettings):
     )
     gc_freeze: bool = Field(
         True,
-        description="after start-up, exempt the objects alive then (models, libraries) from garbage collection: "
-        "full collections then pause the server for milliseconds instead of 50-250 ms",
+        description="after start-up, exempt the objects alive then (models, libraries) from garbage collection, "
+        "so that a full collection pauses the server for milliseconds (docs/performance.md)",
     )
-    seed: int = 0
-    max_upload_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = 4096 * 4096
-    max_audio_s: float = Field(30.0, description="audio duration cap (for audio models; none is embedded yet)")
+    seed: int = Field(0, description="seed of the perturbations' random copies")
+    max_upload_bytes: int = Field(10 * 1024 * 1024, description="largest request body; beyond it 413")
+    max_pixels: int = Field(4096 * 4096, description="largest image, width x height; beyond it 413")
+    max_audio_s: float = Field(30.0, description="longest audio clip, in seconds; beyond it 413")
     drain_s: float = Field(10.0, ge=0, description="grace period for queued work on SIGTERM")
     drain_quiet_s: float = Field(
         0.5,
