@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tests.conftest import free_port, start_server, to_png
+from tests.conftest import MNIST, free_port, start_server, to_png
 
 
 class Upstream:
@@ -166,3 +166,22 @@ def test_forwards_authorization_custom_headers_and_query_but_not_its_own_key(tmp
     finally:
         s.stop()
         up.close()
+
+
+def test_forwarding_writes_no_line_of_httpx_into_the_json_log(tmp_path, digit_pngs):
+    """httpx logs one INFO line per request it sends ('HTTP Request: POST ... "HTTP/1.1 200 OK"'), which the access
+    log says already and which broke the JSON log's format; the server's log is JSON lines only, none of httpx."""
+    up = Upstream()
+    s = start_server(tmp_path, "--upstream", up.url, "--models", str(MNIST), stdout_pipe=True)
+    try:
+        with s.client() as c:
+            for p, _ in digit_pngs[:3]:
+                r = c.post("/v1/guard", content=p.read_bytes(), headers={"content-type": "image/png"})
+                assert r.status_code in (200, 422)
+        assert up.bodies  # at least one was forwarded
+    finally:
+        s.stop_cleanly()
+        up.close()
+    records = [json.loads(line) for line in s.log.read_text().splitlines()]  # stderr: the service log
+    assert records and not [r for r in records if r["logger"].startswith(("httpx", "httpcore"))]
+    assert not [r for r in records if "HTTP Request" in r["msg"]]

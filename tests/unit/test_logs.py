@@ -157,3 +157,22 @@ def test_no_access_log_starts_no_writer_thread():
     on, off = (subprocess.run([sys.executable, "-c", code, a], capture_output=True, text=True) for a in ("on", "off"))
     assert on.stdout.strip() == "['MainThread', 'access-log'] 0", on.stderr
     assert off.stdout.strip() == "['MainThread'] 0", off.stderr
+
+
+def test_service_log_lines_are_json_whatever_the_message_holds():
+    """A message with quotes, backslashes and a newline (a library's, a path's) and a traceback each stay one line
+    that parses; before, the JSON was a format string, and such a message broke its line."""
+    from nccr_guard.server.logs import JsonFormatter
+
+    record = logging.LogRecord(
+        "httpx", logging.INFO, __file__, 1, 'HTTP Request: POST %s "HTTP/1.1 200 OK"', ("u",), None
+    )
+    assert json.loads(JsonFormatter().format(record))["msg"] == 'HTTP Request: POST u "HTTP/1.1 200 OK"'
+    try:
+        raise ValueError('a "quoted"\nreason \\')
+    except ValueError:
+        record = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", (), sys.exc_info())
+    line = JsonFormatter().format(record)
+    assert "\n" not in line
+    out = json.loads(line)
+    assert out["level"] == "ERROR" and out["logger"] == "x" and "ValueError" in out["exc"] and "ts" in out

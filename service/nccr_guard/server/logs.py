@@ -101,16 +101,40 @@ def access_log_dropped() -> int:
     return _access.dropped_total if _access is not None else 0
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: ts, level, logger, msg, and `exc` with the traceback if there is one. Every
+    line parses whatever the message holds (quotes, newlines: a library's message, a path), and a traceback stays
+    inside its record's line instead of following it as plain text."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {
+            "ts": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        elif record.exc_text:
+            out["exc"] = record.exc_text
+        return json.dumps(out)
+
+
+# Libraries whose INFO lines would repeat the access log: httpx writes one per upstream request of the sidecar.
+QUIET = ("httpx", "httpcore")
+
+
 def configure_logging(json_logs: bool, access_log: bool = True, max_lines: int = MAX_LINES) -> None:
     """Service logs on stderr in `json_logs`' format; with `access_log`, the access log's writer on stdout, holding
     at most `max_lines` unwritten. Without it no writer thread runs (it would wake every `FLUSH_S` for nothing)."""
     global _access
-    fmt = (
-        '{"ts":"%(asctime)s","level":"%(levelname)s","logger":"%(name)s","msg":"%(message)s"}'
-        if json_logs
-        else "%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.basicConfig(level=logging.INFO, format=fmt, stream=sys.stderr)
+    handler = logging.StreamHandler(sys.stderr)
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    handler.setFormatter(JsonFormatter() if json_logs else logging.Formatter(fmt))
+    logging.basicConfig(level=logging.INFO, handlers=[handler])
+    for name in QUIET:  # their warnings and errors still come through
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.captureWarnings(True)  # a library's warnings.warn as a record of the log (py.warnings), not raw stderr
     if _access is not None or not access_log:  # configured already in this process, or not wanted
         return
     _access = LineBuffer(sys.stdout, max_lines=max_lines)

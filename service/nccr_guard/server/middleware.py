@@ -14,7 +14,6 @@ import os
 import time
 import uuid
 
-from starlette._utils import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nccr_guard.server.state import Service
@@ -96,6 +95,16 @@ class ServiceMiddleware:
                         }
                     )
                 )
+
+
+def get_route_path(scope: Scope) -> str:
+    """The path the routes match: without the `root_path` prefix (--root-path) where the path starts with it, as
+    Starlette's router strips it."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if not root or not path.startswith(root):
+        return path
+    rest = path[len(root) :]
+    return rest if not rest or rest.startswith("/") else path
 
 
 async def _json(send: Send, status: int, body: dict, extra: list[tuple[bytes, bytes]] | None = None) -> None:
