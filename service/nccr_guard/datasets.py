@@ -10,7 +10,8 @@ import numpy as np
 from nccr_guard.inputs import InputError, Limits, decode
 from nccr_guard.manifest import Manifest, ManifestError
 
-SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".wav", ".flac", ".ogg"}
+# The files a data folder's inputs are read from: what `inputs.decode` takes (Pillow's images, libsndfile's audio).
+SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".wav", ".flac", ".ogg", ".mp3"}
 
 
 def mnist_arrays() -> tuple[np.ndarray, np.ndarray]:

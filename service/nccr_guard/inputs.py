@@ -46,7 +46,8 @@ def sniff_modality(data: bytes, content_type: str | None = None) -> str:
         raise InputError("empty upload")
     ct = (content_type or "").split(";")[0].strip()
     raise InputError(
-        f"unsupported file type (content type {ct or 'unknown'}; expected PNG, JPEG, WAV, FLAC, OGG or MP3)",
+        f"unsupported file type (content type {ct or 'unknown'}; expected an image: PNG, JPEG, GIF, BMP, WebP, "
+        "TIFF, or audio: WAV, FLAC, OGG, MP3)",
         415,
         "bad_input",
     )
