@@ -1,11 +1,11 @@
 """A whole verdict of the nccr-v3 kind as one torch function on the model's device: inputs in; rows, forward
 and scores out, as one (B, 3 + components) float64 tensor.
 
-Why: on a GPU the engine around a graphed forward cost 4-5x the forward itself (docs/performance.md, GPU:
+Why: on a GPU the engine around a graphed forward cost 4-5x the forward itself (docs/decisions/002-one-graph-verdict.md:
 0.23x of a bare forward at 32 MNIST inputs): the rows as a handful of small kernels, a device-to-host copy
 (and synchronisation) per output, numpy scoring and the Python between them. As one function, a CUDA graph
 (backends/graphs.py) captures rows, forward and scoring together, and one small tensor crosses to the host:
-on the H200 0.66-0.70x of the bare forward at 1-32 inputs, 3.4-5.0x the numpy engine's rate (session 21).
+on the H200 0.66-0.70x of the bare forward at 1-32 inputs, 3.4-5.0x the numpy engine's rate.
 It is backends/onnx_verdict.py's graph in torch, built from the same `VerdictGraph` spec and repeating the
 numpy engine's float32 operations in the same order (engine/score.py), so margin components come out bit for bit
 on the CPU (a `change` component's mean over the logits may sum in another order); Detector checks it against the

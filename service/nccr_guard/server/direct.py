@@ -2,7 +2,7 @@
 
 Why: an MNIST verdict costs ~0.1 ms of CPU, and FastAPI's routing, dependency solving, body validation and
 response handling cost the event loop about as much again per request, CPU the verdicts then lack on a small
-machine (docs/performance.md, "What HTTP alone costs" and "Direct routes"). `DirectRoutes` is a pure
+machine (docs/decisions/003-direct-routes.md). `DirectRoutes` is a pure
 ASGI middleware inside ServiceMiddleware (request id, deadline, draining, metrics and access log stay shared) that
 answers POST /v1/detect, /v1/detect/batch and KServe v2 infer with binary tensors itself: the routes' own key
 check, work, response models and error answers (server/errors.py). The routes stay declared for the OpenAPI

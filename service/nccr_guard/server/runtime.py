@@ -138,7 +138,7 @@ class ModelRuntime:
         a whole number of forwards (`forward_inputs`) but the last; sequential: one per input (each runs its own
         rounds). Why: every part is a trip through the batcher, a worker-thread hop and a future on the event
         loop, CPU an MNIST verdict's ~0.1 ms cannot spare, while more parts than workers finish no sooner
-        (docs/performance.md, "Parts per worker")."""
+        (docs/decisions/007-batching-policy.md)."""
         if self.sequential or not len(xs):
             return [xs[i : i + 1] for i in range(len(xs))]
         f = self.forward_inputs
