@@ -207,8 +207,8 @@ def checkout_env(service_dir: Path | None) -> dict[str, str]:
     """The environment that runs a checkout's code: its `service/` folder first on PYTHONPATH; None, this
     checkout's. This one's goes on PYTHONPATH too rather than through the installed (editable) package, so both
     sides of a comparison load alike: through the .pth entry this checkout ran 5-10 % fewer single-PNG
-    requests/s than the same code through PYTHONPATH (session 24, `python -m bench.batch_size --compare` against
-    itself, two pairs)."""
+    requests/s than the same code through PYTHONPATH (`python -m bench.batch_size --compare` against itself,
+    two pairs; docs/decisions/015-tried-and-dropped.md)."""
     service = service_dir or ROOT / "service"
     paths = [str(service), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}

@@ -37,7 +37,7 @@ def key_numbers(folder: Path) -> dict[str, float]:
     out["speaker server / best bare loop"] = serve["speaker"]["ratio_service_vs_best_bare"]
     for k in scaling["by_k"]:
         out[f"scaling: MNIST K={k['k']} / K=1"] = k["vs_k1"]
-    for k in scaling.get("by_k_onnx", []):  # since session 26
+    for k in scaling.get("by_k_onnx", []):  # older reports have none
         out[f"scaling: MNIST on ONNX K={k['k']} / K=1"] = k["vs_k1"]
     for s in scaling["by_size"]:
         out[f"scaling: ms per verdict, {s['input']}"] = s["ms"]

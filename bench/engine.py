@@ -9,7 +9,7 @@
 - truncated vs full forward: cost of one verdict's rows under `hidden-change` (copies read at a hidden layer),
   MNIST watching conv2 and a ResNet-50-shaped net (random weights) at 224 px watching layer2, torch and ONNX;
 - sequential vs fixed K: rows and milliseconds per verdict of the speaker model (its default variant) on held-out
-  clean clips, sequential testing on and off, and under the previous default schedule (session 8's uniform
+  clean clips, sequential testing on and off, and under the previous default schedule (a uniform
   first round, 1/2/2), in the same run.
 
 - the engine's own parts per call (building the rows, turning activations into verdicts), best of 7 timeit
@@ -145,7 +145,7 @@ def truncation(reps: int) -> list[dict]:
     return out
 
 
-PREVIOUS_SCHEDULE = Schedule(first=1, step=2, z=2.0)  # nccr-audio-v2's default in session 8
+PREVIOUS_SCHEDULE = Schedule(first=1, step=2, z=2.0)  # nccr-audio-v2's default before its current one
 
 
 def sequential(n: int) -> dict:

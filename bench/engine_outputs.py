@@ -3,7 +3,7 @@
 Records, on the committed models: verdicts of 300 held-out MNIST digits (ONNX, the one-graph verdict and the
 numpy engine) and 64 (torch), whole and in batches of 7; one batch's rows; for every registered variant (K=4
 for noise families) on 120 digits its rows, a calibration fitted on 80 and the scores of 40; nccr-v3-median's
-verdicts of the 300 digits under that calibration (ONNX: one graph since session 27); the speaker model's
+verdicts of the 300 digits under that calibration (ONNX: one graph); the speaker model's
 sequential verdicts on 6 clips (whole and in chunks of 4) and fixed-K verdicts on 3.
 Run it on two checkouts and compare:
 
@@ -38,7 +38,7 @@ FIELDS = ("verdict", "score", "threshold", "p_value", "index", "label", "confide
 
 def fields(v) -> dict:
     """A verdict as a dict of what it says, the same for every version of Verdict (a dataclass with a
-    `components` dict before session 24, slotted with `components` a property since)."""
+    `components` dict in older checkouts, slotted with `components` a property now)."""
     return {k: getattr(v, k) for k in FIELDS}
 
 

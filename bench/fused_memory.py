@@ -5,7 +5,7 @@ and with `--no-fuse`; each in a fresh process, `--rounds` times, alternated.
 
     python -m bench.fused_memory [--rounds 2] [--compare CHECKOUT]  ->  reports/bench/fused-memory.json
 
-Why: the verdict graph is a second ONNX Runtime session holding the weights again; since session 20 the
+Why: the verdict graph is a second ONNX Runtime session holding the weights again; the
 detector drops the watched-layer session before it builds the graph's (OnnxBackend.release). `--compare` runs the
 default configuration of another checkout's code too (its `service/` first on PYTHONPATH).
 """

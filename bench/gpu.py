@@ -77,7 +77,7 @@ def agreement(ref: list, got: list) -> dict:
 
 def correctness() -> dict:
     """The default MNIST variant on the device (fp32, fp16) against the CPU, and nccr-v3-median (fp32; its
-    one-function verdict since session 27: a median row and a `change` component), calibrated in memory."""
+    one-function verdict too: a median row and a `change` component), calibrated in memory."""
     from nccr_guard.calibrate import calibrate
     from nccr_guard.detector import Detector
     from nccr_guard.engine import get_variant
@@ -118,7 +118,7 @@ def speaker(clips: int = 12) -> dict:
         t = time.perf_counter()
         dev = det.detect(xs)
         first = time.perf_counter() - t
-        # Sessions 12-21 reported the first call only, which captures the CUDA graphs and autotunes cuDNN.
+        # The first call captures the CUDA graphs and autotunes cuDNN: kept apart, not the steady state.
         t = time.perf_counter()
         det.detect(xs)
         seconds = time.perf_counter() - t
@@ -221,7 +221,7 @@ def mnist_engine() -> dict:
     xs = sample_inputs(MNIST, 128)
     out = {}
     # The default (one-function verdicts in CUDA graphs: backends/torch_verdict.py) against the numpy engine
-    # around a graphed forward (session 12's path) and both eagerly; forward_ms is the bare forward of the rows.
+    # around a graphed forward (the path before it) and both eagerly; forward_ms is the bare forward of the rows.
     for name, graphs, fuse in (
         ("cuda_graphs", True, True),
         ("cuda_graphs_unfused", True, False),
@@ -238,8 +238,8 @@ def mnist_engine() -> dict:
 def engine_profile(calls: int = 50) -> dict:
     """Where a detection's time goes around the forward on the device: torch.profiler over `calls` detections of
     the default model at 1 and at 32 inputs per call, the top operators by host time (a device->host copy shows
-    its synchronisation here) and the device's busy time against the wall. Session 12 measured the engine at
-    0.23x of the bare forward on an H200 at 32 inputs, with no breakdown: this is that breakdown."""
+    its synchronisation here) and the device's busy time against the wall: where the engine's time goes beyond
+    the bare forward (docs/decisions/002-one-graph-verdict.md)."""
     from torch.profiler import ProfilerActivity, profile
 
     from nccr_guard.detector import Detector
@@ -344,7 +344,7 @@ def serve_gpu(seconds: float, extra: tuple[str, ...] = (), logs: Path = REPORTS)
         "device": model["device"],
         "cuda_graphs": {name: c["cuda_graphs"] for name, c in cards.items()},
         "batching": model["calibration"]["batching"],
-        # Until session 21 this read the last model's series (speaker, one warm-up request): it said 1.0.
+        # The MNIST model's series, not the last model's (the speaker's, one warm-up request: it would say 1.0).
         "mean_batch_requests": batches[0] / batches[1],
     }
 

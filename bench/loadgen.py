@@ -1,7 +1,7 @@
 """A closed-loop HTTP load generator in several processes, for machines without `wrk` (the GPU machine).
 
 Why processes: one Python asyncio client tops out at a few hundred requests/s and then measures itself, not
-the server (session 1's GPU run: throughput *fell* from 332 to ~115 requests/s as connections went from 16 to
+the server (a first GPU run: throughput *fell* from 332 to ~115 requests/s as connections went from 16 to
 256). Each process runs its own event loop with its share of the connections; latencies are merged.
 
     closed_loop(url, body, headers, connections=64, seconds=6, processes=4) -> summary dict

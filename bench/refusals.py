@@ -7,8 +7,8 @@ A fresh `nccr-guard serve` per round and server, serving the test suite's faulty
 a digit with a bright top-right pixel stalls its forward 3 s) with one input per forward and `--max-queue 1`.
 Six holder clients keep stalled digits in every batch worker and the queue place; wrk then sends clean
 digits back to back (16 connections): one PNG per request as a raw body and as multipart, and 32 PNGs per
-/v1/detect/batch request. Nearly every answer is a refusal (a 503, or for batch requests of servers before
-session 9 a 200 holding 32 per-item 503s), so answers/s and the server's CPU ms per answer (utime + stime
+/v1/detect/batch request. Nearly every answer is a refusal (a 503, or for batch requests of older servers a
+200 holding 32 per-item 503s), so answers/s and the server's CPU ms per answer (utime + stime
 from /proc) measure what refusing costs the event loop, which an overloaded server shares with its admitted
 work. Writes reports/bench/refusals.json (-compare-<commit> added with --compare).
 """

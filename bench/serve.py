@@ -145,7 +145,7 @@ def wrk(
     url: str, body_file: Path, conns: int, seconds: float, ctype: str = "image/png", headers: dict | None = None
 ) -> dict:
     """Closed loop: `conns` connections sending back to back. Throughput is `verdicts_per_s`, counted by the
-    server: wrk's rate includes non-2xx answers, and a 200 batch answer can hold per-item errors (sessions 5-7
+    server: wrk's rate includes non-2xx answers, and a 200 batch answer can hold per-item errors (an earlier bench
     took `rps` x 32 for 32-image requests, which counted images refused at a full queue as served)."""
     before = verdicts_given(url)
     r = run_wrk(url, body_file, conns, seconds, ctype, headers=headers)

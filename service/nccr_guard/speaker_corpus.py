@@ -25,10 +25,10 @@ import numpy as np
 
 from nccr_guard.manifest import Manifest, ManifestError
 
-# `holdout` (session 9) came after every choice had looked at both `test` samples: its sentences follow the
-# others', so no clip repeats an earlier split's, and adding it left their clips unchanged. `holdout2` (session
-# 10) the same way, after the holdout had been scored: a second untouched sample for the same claim. `calib2`
-# (session 13): more clean calibration clips, since a 95th percentile of 200 clips missed the 5 % target (0.074 over
+# `holdout` came after every choice had looked at both `test` samples: its sentences follow the
+# others', so no clip repeats an earlier split's, and adding it left their clips unchanged. `holdout2` the
+# same way, after the holdout had been scored: a second untouched sample for the same claim. `calib2`:
+# more clean calibration clips, since a 95th percentile of 200 clips missed the 5 % target (0.074 over
 # 1,097 held-out clips); `holdout3` the clean clips that check the new threshold, scored after it was fixed.
 SPLITS = ("train", "calib", "dev", "test", "holdout", "holdout2", "calib2", "holdout3")
 

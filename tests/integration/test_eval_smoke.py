@@ -1,8 +1,7 @@
 """The evaluation harness end to end on 16 held-out digits: every attack but one, every detector, the files and
 the eval.json schema other tools read. 16 rather than 40 digits: ART's two Carlini-Wagner runs cost ~1.5 s a digit
-here and were 105 of the test's 139 s (session 12); at 16 the test took ~77 s, 60 % of it in CW (py-spy, session
-14), so the smoke runs one CW (confidence 0) and leaves cw_l2_conf10, the same attack at confidence 10, to
-`make eval`."""
+here and were 105 of the test's 139 s; at 16 the test took ~77 s, 60 % of it in CW (py-spy), so the smoke runs
+one CW (confidence 0) and leaves cw_l2_conf10, the same attack at confidence 10, to `make eval`."""
 
 from __future__ import annotations
 

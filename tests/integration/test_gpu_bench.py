@@ -1,5 +1,5 @@
 """bench/gpu.py runs on a lent GPU machine a few times a year, with minutes to spare: its steps run here on the
-CPU so that the script has not rotted by then (session 12's run worked first time after such smoke runs)."""
+CPU so that the script has not rotted by then (a lent run has worked first time after such smoke runs)."""
 
 from __future__ import annotations
 

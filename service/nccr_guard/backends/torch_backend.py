@@ -102,7 +102,7 @@ class PinnedUploads:
 
     Why: a copy from page-locked memory runs asynchronously, but pinning a fresh tensor per call
     (`Tensor.pin_memory`) allocates page-locked memory each time: ~25-50 us of host time in a 250 us one-input
-    verdict on the H200 under torch.profiler (bench/gpu.py's engine_profile, session 21; unprofiled, the gain
+    verdict on the H200 under torch.profiler (bench/gpu.py's engine_profile; unprofiled, the gain
     was within that run's noise). The buffer is overwritten only after the
     copy that last read it has finished (an event), and each thread has its own, so the server's workers never
     share one. A batch over `max_bytes` (an evaluation's thousands of images) is pinned for its copy alone
