@@ -37,8 +37,8 @@ def _add_settings_flags(p: argparse.ArgumentParser) -> None:
         ann = field.annotation
         if ann is bool:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif get_origin(ann) is list:
-            p.add_argument(flag, nargs="+", type=Path, default=None, help=help_)
+        elif get_origin(ann) is list:  # folders: `--add-model A B` and `--add-model A --add-model B` alike
+            p.add_argument(flag, nargs="+", action="extend", type=Path, default=None, metavar="DIR", help=help_)
         else:
             choices = [a for a in get_args(ann) if isinstance(a, str)] if get_args(ann) else None
             if choices and all(isinstance(a, str) for a in get_args(ann)):
@@ -182,6 +182,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from nccr_guard.eval.attacks import attacks_of
     from nccr_guard.eval.harness import evaluate
 
+    if args.data is not None and args.variant:
+        raise ValueError(
+            "--variant with --data: calibrate that variant first (nccr-guard calibrate --variant V --data FOLDER)"
+        )
+    if args.data is not None and args.split:
+        raise ValueError("--split names a model.toml split; with --data, half of the data are held out instead")
     attacks = args.attacks
     if args.families:
         attacks = [*(attacks or []), *(a for a in attacks_of(args.families) if a not in (attacks or []))]
@@ -191,11 +197,35 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         n=args.n,
         seed=args.seed,
         out=args.out,
-        split=args.split,
+        split=args.split or "test",
         variant=args.variant,
         command=" ".join(["nccr-guard", *sys.argv[1:]]),
         calib_n=args.calib_n,
+        data=args.data,
     )
+    return 0
+
+
+def cmd_layers(args: argparse.Namespace) -> int:
+    from dataclasses import asdict
+
+    from nccr_guard.layers import candidate_layers
+    from nccr_guard.manifest import load_manifest
+
+    manifest = load_manifest(args.model)
+    backend, layers = candidate_layers(manifest, args.backend)
+    if args.json:
+        for layer in layers:
+            print(json.dumps({"backend": backend, **asdict(layer)}))
+        return 0
+    width = max([len(x.name) for x in layers] + [4])
+    print(f"{manifest.name}: {len(layers)} {backend} layers ('*': watched now, model.toml watch)")
+    print(f"  {'name':<{width}}  {'op':<16} {'shape':<22} neurons")
+    for x in layers:
+        shape = "[" + ", ".join(map(str, x.shape)) + "]"
+        print(f"{'*' if x.watched else ' '} {x.name:<{width}}  {x.op:<16} {shape:<22} {x.neurons or '?'}")
+    if missing := [w for w in manifest.watch if w not in {x.name for x in layers}]:
+        print(f"watched but not a {backend} layer of this model: {', '.join(missing)}")
     return 0
 
 
@@ -307,7 +337,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="every attack of these families (image: linf l2 l1 l0 score_bb decision_bb), besides --attacks",
     )
     p.add_argument("--n", type=int, default=500, help="held-out inputs to attack (default %(default)s)")
-    p.add_argument("--split", default="test")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        metavar="FOLDER",
+        help="labelled inputs instead of model.toml's [split]: a folder of one subfolder per label (named as in "
+        "model.toml's labels, or by index) of image or audio files, or an .npz of x and y; every second input of "
+        "each label is attacked, the rest set the baselines' thresholds (docs/model-format.md). Use inputs the "
+        "calibration did not see",
+    )
+    p.add_argument("--split", default=None, help="model.toml split to attack (default: test)")
     p.add_argument("--variant", default=None, help="NCCR variant to evaluate (default: the calibrated one)")
     p.add_argument(
         "--calib-n", type=int, default=None, help="calib inputs for the baselines' thresholds (default: all)"
@@ -315,6 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("reports/mnist"))
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "layers",
+        help="list a model's layers that model.toml's watch can name, with shapes and which are watched",
+        description="List the layers of a model folder's network that `watch` in model.toml can name: ONNX tensor "
+        "names (the ONNX backend) or torch module names (torch), with the operator, the shape (batch axis first) "
+        "and the neurons NCCR reads (channels of a conv map or a sequence, else the flattened size); '*' marks "
+        "those watched now. Watch a layer or two before the logits, e.g. the last hidden activation "
+        "(docs/model-format.md).",
+    )
+    p.add_argument("--model", type=Path, default=_model_default(), help="model folder (default: %(default)s)")
+    p.add_argument(
+        "--backend",
+        choices=["torch", "onnx", "auto"],
+        default="auto",
+        help="whose names to list (default auto: ONNX where model.toml names an ONNX file, else torch)",
+    )
+    p.add_argument("--json", action="store_true", help="one JSON object per layer")
+    p.set_defaults(func=cmd_layers)
 
     p = sub.add_parser("search", help="the NCCR formulation search on the dev split (worst case over --attacks)")
     _add_model_flags(p, backend=False)

@@ -5,11 +5,12 @@ Built by the app factory or the CLI, never at import time, so tests can make as 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, FilePath, ValidationInfo, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
 DEFAULT_NAMES = ("mnist", "speaker")
@@ -43,7 +44,15 @@ class Settings(BaseSettings):
         description="proxies (comma-separated addresses or networks, or *) whose X-Forwarded-For and "
         "X-Forwarded-Proto are believed: the access log's client is then the address the proxy saw",
     )
-    models: list[Path] = Field(default_factory=default_models, description="model folders to serve")
+    models: Annotated[list[Path], NoDecode] = Field(
+        default_factory=default_models,
+        description="model folders to serve, instead of the default ones (env: comma-separated)",
+    )
+    add_model: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="a model folder to serve besides --models (by default: besides the default models); repeat "
+        "the flag for more (env: comma-separated)",
+    )
     processes: int = Field(
         1,
         ge=1,
@@ -164,6 +173,22 @@ class Settings(BaseSettings):
         "in an access_log_dropped line",
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
+
+    @field_validator("models", "add_model", mode="before")
+    @classmethod
+    def _folders(cls, v: object) -> object:
+        """An env var's text: a JSON list, or folders separated by commas."""
+        if isinstance(v, str):
+            return json.loads(v) if v.lstrip().startswith("[") else [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @property
+    def served_models(self) -> list[Path]:
+        """The folders to serve: --models (or the defaults), then each --add-model; one folder named twice once."""
+        seen: dict[Path, Path] = {}
+        for folder in [*self.models, *self.add_model]:
+            seen.setdefault(folder.resolve(), folder)
+        return list(seen.values())
 
     @field_validator("ssl_keyfile")
     @classmethod

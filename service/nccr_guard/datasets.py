@@ -62,6 +62,17 @@ def load_split(
         from nccr_guard.speaker_corpus import load_corpus_split
 
         return load_corpus_split(manifest, name, limit, index)
+    if source is None:
+        raise ManifestError(
+            f"{manifest.name}: no [split] source in model.toml to take {name!r} inputs from; pass --data "
+            "(a folder of one subfolder of files per label, or an .npz of x and y: docs/model-format.md)"
+        )
+    if source == "data":  # labelled data given as --data, cut in two by `with_data`
+        idx = split_indices(manifest, name)
+        idx = idx if limit is None else idx[spread_index(len(idx), limit)]
+        idx = idx if index is None else idx[index]
+        x, y = labelled_data(Path(manifest.split["data"]), manifest)
+        return x[idx], y[idx]
     if source not in SOURCES:
         raise ManifestError(f"{manifest.name}: unknown data source {source!r}")
     x, y = SOURCES[source]()
@@ -117,3 +128,72 @@ def load_folder(folder: Path, manifest: Manifest) -> tuple[np.ndarray, list[Path
         except InputError as e:
             raise ManifestError(f"{f}: {e}") from None
     return np.stack(xs), files
+
+
+def labelled_data(path: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    """(inputs (n, *shape) float32, labels (n,) int64) of labelled data (docs/model-format.md, "Labelled data"):
+    a folder with one subfolder per label, named as in model.toml's labels or by the label's index, holding image
+    or audio files; or an .npz file of `x` (model inputs in the declared range) and `y` (label indices). Decoded
+    once per process."""
+    return _labelled(str(Path(path).resolve()), manifest.model_dump_json(exclude={"split"}))
+
+
+@functools.lru_cache(maxsize=4)
+def _labelled(path: str, manifest_json: str) -> tuple[np.ndarray, np.ndarray]:
+    m = Manifest.model_validate_json(manifest_json)
+    x, y = _npz(Path(path), m) if path.endswith(".npz") else _label_folders(Path(path), m)
+    x.setflags(write=False)
+    y.setflags(write=False)
+    return x, y
+
+
+def _npz(path: Path, m: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path) as z:
+            x, y = np.asarray(z["x"], np.float32), np.asarray(z["y"]).astype(np.int64)
+    except (OSError, KeyError, ValueError) as e:
+        raise ManifestError(f"{path}: not an .npz file of arrays x and y ({e})") from None
+    if list(x.shape[1:]) != m.input.shape or y.shape != (len(x),):
+        raise ManifestError(f"{path}: x is {list(x.shape)} and y {list(y.shape)}; want x [n, *{m.input.shape}], y [n]")
+    if len(y) and (y.min() < 0 or y.max() >= len(m.labels)):
+        raise ManifestError(f"{path}: y must hold label indices 0..{len(m.labels) - 1} (model.toml's labels)")
+    lo, hi = m.input.range
+    if len(x) and (x.min() < lo or x.max() > hi):
+        raise ManifestError(f"{path}: x spans [{x.min():g}, {x.max():g}], outside the input range [{lo:g}, {hi:g}]")
+    return x, y
+
+
+def _label_folders(path: Path, m: Manifest) -> tuple[np.ndarray, np.ndarray]:
+    if not path.is_dir():
+        raise ManifestError(f"{path}: neither a folder nor an .npz file")
+    index = {label: i for i, label in enumerate(m.labels)} | {str(i): i for i in range(len(m.labels))}
+    folders = sorted(d for d in path.iterdir() if d.is_dir())
+    if not folders:
+        raise ManifestError(f"{path}: no subfolders; put each label's files in a subfolder named after the label")
+    if unknown := [d.name for d in folders if d.name not in index]:
+        raise ManifestError(f"{path}: subfolders {unknown[:5]} name no label of {m.name} (a label, or its index)")
+    xs, ys = [], []
+    for d in sorted(folders, key=lambda d: index[d.name]):
+        xs.append(load_folder(d, m)[0])
+        ys.append(np.full(len(xs[-1]), index[d.name], np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def with_data(manifest: Manifest, path: Path) -> tuple[Manifest, str]:
+    """A copy of `manifest` whose splits are those of labelled data (`labelled_data`), and the name of its
+    held-out split: every second input of each label is held out, the others form the calibration split (on
+    which evaluation fixes the baselines' thresholds). The names carry a digest of the inputs, so results cached
+    under a split's name (the adversarial examples) are never another data set's."""
+    import hashlib
+
+    x, y = labelled_data(path, manifest)
+    name = "data-" + hashlib.sha256(x.tobytes() + y.tobytes()).hexdigest()[:12]
+    order = np.argsort(y, kind="stable")
+    split = {
+        "source": "data",
+        "data": str(Path(path).resolve()),
+        name: [[int(i), int(i) + 1] for i in order[1::2]],
+        f"{name}-calib": [[int(i), int(i) + 1] for i in order[0::2]],
+        "calibrate": [f"{name}-calib"],
+    }
+    return manifest.model_copy(update={"split": split}), name

@@ -21,7 +21,7 @@ from nccr_guard.engine.perturb import LazyRows
 from nccr_guard.engine.score import ood_spread
 from nccr_guard.engine.sequential import Schedule, bounded_scores, layout, max_copies, rounds, settled
 from nccr_guard.engine.variants import parse_schedules
-from nccr_guard.manifest import Manifest, ManifestError, load_manifest, weight_hashes
+from nccr_guard.manifest import Manifest, ManifestError, load_manifest, loaded_files, weight_hashes
 
 log = logging.getLogger(__name__)
 
@@ -73,20 +73,27 @@ class Job:
 
 
 def check_hashes(manifest: Manifest, calib: Calibration, backend_name: str) -> None:
-    """Refuse artifacts made for other weights: a threshold fitted on one model means nothing on another."""
+    """Refuse artifacts made for other weights: a threshold fitted on one model means nothing on another. Every
+    file the backend loads is checked, an ONNX file's external data (`model.onnx.data`) too; one that the
+    calibration has no record of (made before external data were hashed) is warned about."""
     made_for = calib.meta.get("weights_sha256", {})
-    file = (
-        manifest.weights.onnx
-        if backend_name == "onnx"
-        else (manifest.weights.torchscript or manifest.weights.state_dict)
-    )
-    have = weight_hashes(manifest).get(file or "")
-    if file not in made_for or made_for[file] != have:
-        raise ManifestError(
-            f"{manifest.calibration_path}: calibration was made for {file} with sha256 "
-            f"{str(made_for.get(file))[:12]}…, but the file has {str(have)[:12]}…; run `nccr-guard calibrate "
-            f"--model {manifest.root}`"
-        )
+    main, *data = loaded_files(manifest, backend_name) or [None]
+    have = weight_hashes(manifest, [f for f in (main, *data) if f])
+    for file in (main, *data):
+        if file in data and file not in made_for:
+            log.warning(
+                "%s: the calibration has no sha256 of %s (it predates hashing external data): swapped weights "
+                "there would go unnoticed; run `nccr-guard calibrate --model %s`",
+                manifest.calibration_path,
+                file,
+                manifest.root,
+            )
+        elif file not in made_for or made_for[file] != have.get(file or ""):
+            raise ManifestError(
+                f"{manifest.calibration_path}: calibration was made for {file} with sha256 "
+                f"{str(made_for.get(file))[:12]}…, but the file has {str(have.get(file or ''))[:12]}…; run "
+                f"`nccr-guard calibrate --model {manifest.root}`"
+            )
 
 
 class Detector:

@@ -97,7 +97,51 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def weight_hashes(m: Manifest) -> dict[str, str]:
-    """sha256 of every weights file the manifest names and that exists."""
-    files = [m.weights.state_dict, m.weights.torchscript, m.weights.onnx]
-    return {f: sha256(m.path(f)) for f in files if f and m.path(f).exists()}
+def onnx_data_files(m: Manifest) -> list[str]:
+    """The external data files of the manifest's ONNX file, relative to the model folder, as its graph names them
+    (`model.onnx.data`: torch.onnx.export's default exporter keeps the weights there, beside a small graph file)."""
+    if not m.weights.onnx or not m.path(m.weights.onnx).exists():
+        return []
+    graph_file = Path(m.weights.onnx)
+    try:
+        import onnx
+    except ImportError:  # no parser: the exporter's file name, where it exists
+        guess = graph_file.with_name(graph_file.name + ".data")
+        return [guess.as_posix()] if m.path(guess.as_posix()).exists() else []
+    model = onnx.load(str(m.path(m.weights.onnx)), load_external_data=False)
+    found = dict.fromkeys(
+        (graph_file.parent / entry.value).as_posix()
+        for t in _tensors(model.graph)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+        for entry in t.external_data
+        if entry.key == "location"
+    )
+    return list(found)
+
+
+def _tensors(graph):
+    """Every tensor stored in an ONNX graph: initializers, constants' values, and those of nested graphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for a in node.attribute:
+            if a.HasField("t"):
+                yield a.t
+            yield from a.tensors
+            for g in [a.g] if a.HasField("g") else a.graphs:
+                yield from _tensors(g)
+
+
+def loaded_files(m: Manifest, backend: str) -> list[str]:
+    """The weights files `backend` reads: the ONNX file and its external data, or the TorchScript file or state
+    dict (a torch_module's code is no file of the folder)."""
+    if backend == "onnx":
+        return [m.weights.onnx, *onnx_data_files(m)] if m.weights.onnx else []
+    return [f] if (f := m.weights.torchscript or m.weights.state_dict) else []
+
+
+def weight_hashes(m: Manifest, files: list[str] | None = None) -> dict[str, str]:
+    """sha256 of `files` (default: every weights file the manifest names or its ONNX file refers to) that exist."""
+    if files is None:
+        files = [f for f in (m.weights.state_dict, m.weights.torchscript, m.weights.onnx) if f]
+        files += onnx_data_files(m)
+    return {f: sha256(m.path(f)) for f in files if m.path(f).exists()}

@@ -5,6 +5,7 @@ Chosen by name from a registry (`torch | onnx | auto`); each imports its framewo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol
 
@@ -14,6 +15,8 @@ from nccr_guard.manifest import Manifest
 
 if TYPE_CHECKING:
     from nccr_guard.backends.onnx_verdict import VerdictGraph
+
+log = logging.getLogger(__name__)
 
 
 class BackendError(RuntimeError):
@@ -73,9 +76,20 @@ def make_backend(
 ) -> Backend:
     """Build the named backend. `auto`: ONNX Runtime on the CPU when the folder has an ONNX file (measured 4-6x
     faster than torch eager for small models, docs/performance.md), torch on CUDA or without an ONNX file.
-    `half` and `cuda_graphs` apply to torch on CUDA only."""
+    `half` and `cuda_graphs` apply to torch on CUDA only. A model without the named backend's weights in its
+    model.toml (the speaker model has no ONNX file) is served on the other backend, with a warning, so that one
+    `--backend` serves a mixed set of models."""
     if name == "auto":
         name = _auto(manifest, device)
+    elif name in WEIGHTS and not has_weights(manifest, name) and has_weights(manifest, other := _other(name)):
+        log.warning(
+            "%s: no %s weights in model.toml (needs %s): served on the %s backend instead",
+            manifest.name,
+            name,
+            WEIGHTS[name],
+            other,
+        )
+        name = other
     if name == "torch":
         from nccr_guard.backends.torch_backend import TorchBackend
 
@@ -85,6 +99,19 @@ def make_backend(
 
         return OnnxBackend(manifest, device=device, threads=threads)
     raise BackendError(f"unknown backend {name!r}; choose torch, onnx or auto")
+
+
+WEIGHTS = {"torch": "torchscript, or torch_module + state_dict", "onnx": "onnx"}  # what each backend loads
+
+
+def _other(backend: str) -> str:
+    return "onnx" if backend == "torch" else "torch"
+
+
+def has_weights(manifest: Manifest, backend: str) -> bool:
+    """Whether model.toml names the weights `backend` loads (a model may ship weights for one backend only)."""
+    w = manifest.weights
+    return bool(w.onnx) if backend == "onnx" else bool(w.torchscript or (w.torch_module and w.state_dict))
 
 
 def _auto(manifest: Manifest, device: str) -> str:

@@ -83,6 +83,11 @@ class OnnxBackend:
         self._session = self._make(_with_outputs(self._path, self.layers))
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.input_name = self.session.get_inputs()[0].name
+        if isinstance(batch := self.session.get_inputs()[0].shape[0], int):  # a verdict forwards many rows at once
+            raise BackendError(
+                f"{self._path}: input {self.input_name!r} has a fixed batch of {batch}; export it with a dynamic "
+                "batch axis (torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}}), docs/model-format.md)"
+            )
         outputs = [o.name for o in self.session.get_outputs()]
         self.output_names = [outputs[0], *self.layers]
 

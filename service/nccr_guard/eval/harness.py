@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from nccr_guard.calibrate import activations, calibrate
-from nccr_guard.datasets import load_calibration
+from nccr_guard.datasets import load_calibration, with_data
 from nccr_guard.detector import Detector
 from nccr_guard.engine import get_variant, score_rows
 from nccr_guard.engine.sequential import replay
@@ -116,13 +116,18 @@ def evaluate(
     variant: str | None = None,
     command: str = "",
     calib_n: int | None = None,
+    data: Path | None = None,
 ) -> dict:
+    """`data`: labelled inputs (datasets.labelled_data) instead of the manifest's splits: half of them attacked
+    and scored, the other half the baselines' calibration (`split` is then ignored)."""
     t0 = time.perf_counter()
     np.random.seed(seed)
     import torch
 
     torch.manual_seed(seed)
     det = load_detector(model, variant, seed)
+    if data is not None:
+        det.manifest, split = with_data(det.manifest, data)
     table = attack_table(det.manifest.modality)
     attacks = attacks or list(table)
     unknown = [a for a in attacks if a not in table]
@@ -141,6 +146,7 @@ def evaluate(
         "command": command,
         "seed": seed,
         "split": split,
+        "data": str(data) if data is not None else None,
         "n_clean": len(x0),
         "clean_accuracy": accuracy,
         "machine": f"{platform.machine()} {platform.processor() or ''} {torch.get_num_threads()} threads".strip(),

@@ -58,21 +58,35 @@ def load_runtime(settings: Settings, folder, metrics: Metrics) -> ModelRuntime:
     return ModelRuntime(det, policy, metrics, settings.max_queue)
 
 
+def served_names(folders: list) -> list[str]:
+    """Each folder's model name, refused where two folders give the same one: a URL names one model."""
+    names: dict[str, object] = {}
+    for folder in folders:
+        name = load_manifest(folder).name
+        if name in names:
+            raise RuntimeError(
+                f"two models named {name!r}: {names[name]} and {folder}; give one another name in its model.toml"
+            )
+        names[name] = folder
+    return list(names)
+
+
 def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
     """`gate`: this app is one of several worker processes, ready only once all have started."""
     service = Service(settings=settings, metrics=Metrics(), gate=gate)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        if not settings.models:
-            raise RuntimeError("no models to serve: pass --models DIR (a folder with model.toml)")
-        if settings.sequential_schedule:
-            served = [load_manifest(f).name for f in settings.models]
-            if unknown := unknown_schedule_names(settings.sequential_schedule, served):
-                raise RuntimeError(
-                    f"--sequential-schedule names {', '.join(unknown)}, not served here (models: {', '.join(served)})"
-                )
-        for folder in settings.models:
+        folders = settings.served_models
+        if not folders:
+            raise RuntimeError("no models to serve: pass --models DIR or --add-model DIR (a folder with model.toml)")
+        served = served_names(folders)
+        schedule = settings.sequential_schedule
+        if schedule and (unknown := unknown_schedule_names(schedule, served)):
+            raise RuntimeError(
+                f"--sequential-schedule names {', '.join(unknown)}, not served here (models: {', '.join(served)})"
+            )
+        for folder in folders:
             rt = await run_in_threadpool(load_runtime, settings, folder, service.metrics)
             service.runtimes[rt.name] = rt
             d = rt.detector

@@ -181,6 +181,25 @@ def _tensor(req: V2InferRequest, shape: list[int], binary: bytes | None) -> np.n
     return x
 
 
+RANGE_TOLERANCE = 0.01  # of the declared range's width: rounding in a client's scaling is no mismatch
+
+
+def in_range(x: np.ndarray, model: str, declared: tuple[float, float]) -> np.ndarray:
+    """`x` clipped to the model's declared input range (manifest [input].range), refused (400) where a value lies
+    beyond it by more than RANGE_TOLERANCE of its width: a tensor of 0-255 pixels sent to a 0-1 model would
+    otherwise be clipped to a white square and answered with a verdict on it."""
+    lo, hi = declared
+    slack = RANGE_TOLERANCE * (hi - lo)
+    got_lo, got_hi = float(x.min()), float(x.max())
+    if got_lo < lo - slack or got_hi > hi + slack:
+        hint = " (0-255 pixels? divide them by 255)" if got_hi > 1.5 and hi <= 1 else ""
+        raise InputError(
+            f"input values span [{got_lo:g}, {got_hi:g}], outside the input range [{lo:g}, {hi:g}] of model "
+            f"{model!r} (its model.toml [input] range){hint}"
+        )
+    return np.clip(x, lo, hi)
+
+
 _INFER_ERRORS = {400: {"model": Error}, 404: {"model": Error}, 503: {"model": Error}}
 
 
@@ -229,7 +248,7 @@ async def run_infer(
     request.scope["state"]["model"] = name
     m = rt.detector.manifest
     wanted = _requested_outputs(req)
-    x = np.clip(_tensor(req, m.input.shape, binary), *m.input.range)
+    x = in_range(_tensor(req, m.input.shape, binary), m.name, m.input.range)
     due = deadline(request)
     with rt.admit(len(x)) as held:
         settled = await settle(request, [rt.detect_part(part, held) for part in rt.parts(x)], due)
