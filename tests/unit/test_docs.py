@@ -48,3 +48,34 @@ def test_no_doc_labels_past_work_by_a_numbered_period():
     docs = [ROOT / "README.md", *(p for p in (ROOT / "docs").rglob("*.md") if p.name not in NOT_YET)]
     labelled = {p.name: m for p in docs if (m := re.findall(r"\bsessions? \d+", p.read_text(), re.I))}
     assert not labelled, labelled
+
+
+def test_every_audio_format_that_decodes_is_named_wherever_formats_are_listed():
+    """The format lists of the README, docs/api.md, docs/model-format.md, the page and the 415 answer name each
+    audio format uploads are decoded from (MP3 was missing from some once decoding took it), and each decodes."""
+    import numpy as np
+
+    from nccr_guard.audio import encode_wav
+    from nccr_guard.inputs import InputError, decode, sniff_modality
+    from nccr_guard.manifest import load_manifest
+
+    speaker = load_manifest(ROOT / "models" / "speaker")
+    tone = (0.3 * np.sin(np.arange(16000) / 16000 * 2 * np.pi * 220)).astype(np.float32)
+    formats = {"WAV": ("PCM_16", "WAV"), "FLAC": ("PCM_16", "FLAC"), "OGG": ("VORBIS", "OGG"), "MP3": (None, "MP3")}
+    for name, (subtype, fmt) in formats.items():
+        data = encode_wav(tone, 16000, subtype or "MPEG_LAYER_III", fmt)
+        assert sniff_modality(data) == "audio" and decode(data, speaker).shape == (1, 48000), name
+    try:
+        sniff_modality(b"not a known format")
+    except InputError as e:
+        refusal = str(e)
+    page = (ROOT / "service" / "nccr_guard" / "server" / "static" / "index.html").read_text()
+    lists = {
+        "README.md": (ROOT / "README.md").read_text(),
+        "docs/api.md": (ROOT / "docs" / "api.md").read_text(),
+        "docs/model-format.md": (ROOT / "docs" / "model-format.md").read_text(),
+        "index.html": page,
+        "the 415 answer": refusal,
+    }
+    for where, text in lists.items():
+        assert all(re.search(rf"\b{name}\b", text) for name in formats), where
