@@ -181,6 +181,7 @@ def cmd_robustness(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from nccr_guard.eval.attacks import attacks_of
     from nccr_guard.eval.harness import evaluate
+    from nccr_guard.manifest import load_manifest
 
     if args.data is not None and args.variant:
         raise ValueError(
@@ -196,7 +197,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         attacks=attacks,
         n=args.n,
         seed=args.seed,
-        out=args.out,
+        out=args.out or Path("reports") / load_manifest(args.model).name,
         split=args.split or "test",
         variant=args.variant,
         command=" ".join(["nccr-guard", *sys.argv[1:]]),
@@ -353,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--calib-n", type=int, default=None, help="calib inputs for the baselines' thresholds (default: all)"
     )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=Path("reports/mnist"))
+    p.add_argument("--out", type=Path, default=None, help="report folder (default: reports/<model name>)")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

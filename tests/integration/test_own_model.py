@@ -94,6 +94,7 @@ def test_external_weights_are_hashed_and_swapped_ones_refused(onnx_model, tmp_pa
     meta = json.loads(str(np.load(onnx_model / "calibration.npz")["meta"]))
     assert set(meta["weights_sha256"]) == {"model.onnx", "model.onnx.data"}
     Detector.load(onnx_model, backend="onnx", device="cpu")
+    assert Detector.load(onnx_model, backend="torch", device="cpu").backend.name == "onnx"  # no torch weights
     swapped = tmp_path / "swapped"
     shutil.copytree(onnx_model, swapped)
     data = bytearray((swapped / "model.onnx.data").read_bytes())
