@@ -44,7 +44,8 @@ USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["sh", "-c", "s=http; [ -z \"$NCCR_GUARD_SSL_CERTFILE\" ] || s=https; curl -fsSk -o /dev/null $s://127.0.0.1:$NCCR_GUARD_PORT/v2/health/live"]
-# Serves every model folder under /app/models; override with NCCR_GUARD_MODELS or --models.
+# Serves the default models under /app/models; NCCR_GUARD_MODELS / --models replaces them, NCCR_GUARD_ADD_MODEL /
+# --add-model DIR serves one more beside them (e.g. a volume mounted at /models/mine).
 ENTRYPOINT ["nccr-guard", "serve"]
 
 FROM gpu-deps AS gpu
@@ -58,7 +59,8 @@ USER 10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["sh", "-c", "s=http; [ -z \"$NCCR_GUARD_SSL_CERTFILE\" ] || s=https; curl -fsSk -o /dev/null $s://127.0.0.1:$NCCR_GUARD_PORT/v2/health/live"]
-# Serves every model folder under /app/models; override with NCCR_GUARD_MODELS or --models.
+# Serves the default models under /app/models; NCCR_GUARD_MODELS / --models replaces them, NCCR_GUARD_ADD_MODEL /
+# --add-model DIR serves one more beside them (e.g. a volume mounted at /models/mine).
 ENTRYPOINT ["nccr-guard", "serve"]
 
 # Default target last-but-named: `docker build .` builds `cpu`.
