@@ -162,15 +162,13 @@ class Settings(BaseSettings):
     access_log: bool = Field(
         True,
         description="one JSON line per request on stdout (request id, client, path, status, time, model, verdict, "
-        "upload digest), written by a background thread within ~50 ms; --no-access-log where a proxy logs requests "
-        "already",
+        "upload digest), written by a background thread; --no-access-log where a proxy logs requests already",
     )
     access_log_max_lines: int = Field(
         100_000,
         ge=1,
         description="access-log lines held in memory while stdout does not take them (a stalled log shipper; "
-        "~300 bytes each); beyond them the oldest are dropped, counted in nccr_guard_access_log_dropped_total and "
-        "in an access_log_dropped line",
+        "~300 bytes each); beyond them new lines are dropped and counted in nccr_guard_access_log_dropped_total",
     )
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
 

@@ -188,7 +188,7 @@ def _dropped_metric(c) -> float:
 
 def test_a_stalled_stdout_drops_access_lines_and_counts_them(tmp_path):
     """A log shipper that stops reading: the server goes on answering, holds at most --access-log-max-lines
-    lines, and counts what it dropped in a metric and, once stdout drains, in one access_log_dropped line."""
+    lines and counts what it dropped in a metric; once stdout drains, new lines come through again."""
     s = start_server(tmp_path, "--access-log-max-lines", "50", "--models", str(MNIST), stdout_pipe=True)
     try:
         with s.client() as c:
@@ -202,14 +202,11 @@ def test_a_stalled_stdout_drops_access_lines_and_counts_them(tmp_path):
             lines: list[str] = []
             reader = threading.Thread(target=lambda: lines.extend(s.proc.stdout.read().decode().splitlines()))
             reader.start()  # the shipper reads again
+            time.sleep(0.3)  # the listener writes what was queued
             assert c.get("/v1/models", headers={"x-request-id": "after-stall"}).status_code == 200
-            time.sleep(0.3)
-            dropped = _dropped_metric(c)
     finally:
         s.stop_cleanly()
     reader.join(10)
-    notices = [json.loads(x)["access_log_dropped"] for x in lines if "access_log_dropped" in x]
-    assert len(notices) >= 1 and abs(sum(notices) - dropped) <= 1, (notices, dropped)  # metric: sampled
     assert any('"request_id": "after-stall"' in x for x in lines[-5:]), lines[-5:]
 
 
