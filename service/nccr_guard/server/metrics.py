@@ -99,7 +99,7 @@ class Metrics:
         self.access_log_dropped = Counter(
             "nccr_guard_access_log_dropped_total",
             "access-log lines dropped because stdout did not take them (a stalled log shipper): beyond "
-            "--access-log-max-lines waiting lines (default 100,000) new ones are dropped; the access log then has a gap",
+            "--access-log-max-lines waiting lines (default 100,000) new ones go; the access log then has a gap",
             registry=r,
         )
         self.upstream = Histogram(
