@@ -12,14 +12,12 @@ tolerance of the model's reductions; copies of data (the uploads) are exact and 
 from __future__ import annotations
 
 import logging
-import threading
 
 import numpy as np
 import pytest
 import torch
 
 from nccr_guard.backends.graphs import GraphedForward, buckets
-from nccr_guard.backends.torch_backend import PinnedUploads
 from nccr_guard.detector import Detector
 from tests.conftest import MNIST
 from tests.tolerance import assert_f32_close, reduction_length
@@ -150,41 +148,12 @@ def test_a_bucket_where_eager_wins_the_race_stays_eager(backend, mnist_test):
     assert len(replays) == 5  # the bucket's forwards run eagerly now
 
 
-class CopyEvent:
-    """torch.cuda.Event's part in PinnedUploads: record() after a copy is queued, synchronize() before the buffer
-    is written again. Counts both, so a test sees every overwrite wait for the copy before it."""
-
-    def __init__(self, log: list):
-        self.log = log
-
-    def record(self):
-        self.log.append("record")
-
-    def synchronize(self):
-        self.log.append("wait")
-
-
-def test_uploads_reuse_one_buffer_per_thread_and_wait_for_its_last_copy():
-    """The GPU's upload path with its two CUDA parts stood in (the device copy by a clone, the event by a
-    recorder): values arrive intact, one buffer is reused and only grows, every overwrite waits for the copy that
-    last read the buffer, and threads never share a buffer."""
-    log: list = []
-    up = PinnedUploads(torch.device("cpu"), to_device=lambda h: h.clone(), event=lambda: CopyEvent(log), pin=False)
-    rng = np.random.default_rng(0)
-    a, b, c = (rng.random(shape, dtype=np.float32) for shape in ((2, 1, 28, 28), (1, 1, 28, 28), (5, 1, 28, 28)))
-    ta = up(a)
-    first = up._local.buf
-    tb = up(b)
-    assert up._local.buf is first and log == ["record", "wait", "record"]  # smaller: same buffer, after a wait
-    tc = up(c)
-    assert up._local.buf is not first and up._local.buf.numel() == c.size  # grown to max(needed, twice the old)
-    up.max_bytes = c.nbytes - 1
-    td = up(c)  # over the cap: copied on its own, the thread's buffer kept as it was
-    assert up._local.buf.numel() == c.size and log.count("record") == 3
-    for t, x in ((ta, a), (tb, b), (tc, c), (td, c)):
-        assert t.shape == x.shape and np.array_equal(t.numpy(), x)  # copies: exact
-    seen = []
-    worker = threading.Thread(target=lambda: (up(b), seen.append(up._local.buf)))
-    worker.start()
-    worker.join()
-    assert seen[0] is not up._local.buf  # the other thread staged through its own buffer
+def test_uploads_are_exact_on_the_cpu_and_go_to_the_backends_device(backend):
+    """The CPU forwards the array's own memory; another device gets torch's copy (the meta device stands in for a
+    GPU here: shape and dtype, no values)."""
+    x = np.random.default_rng(0).random((2, 1, 28, 28), dtype=np.float32)
+    t = backend._to_device(x)
+    assert t.device.type == "cpu" and np.shares_memory(t.numpy(), x)
+    backend.torch_device = torch.device("meta")
+    t = backend._to_device(x.astype(np.float64))
+    assert t.device.type == "meta" and t.shape == x.shape and t.dtype == torch.float32

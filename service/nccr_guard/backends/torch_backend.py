@@ -97,50 +97,6 @@ def reduce_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1)
 
 
-class PinnedUploads:
-    """Host-to-device copies through a page-locked buffer that each thread reuses.
-
-    Why: a copy from page-locked memory runs asynchronously, but pinning a fresh tensor per call
-    (`Tensor.pin_memory`) allocates page-locked memory each time: ~25-50 us of host time in a 250 us one-input
-    verdict on the H200 under torch.profiler (bench/gpu.py's engine_profile; unprofiled, the gain
-    was within that run's noise). The buffer is overwritten only after the
-    copy that last read it has finished (an event), and each thread has its own, so the server's workers never
-    share one. A batch over `max_bytes` (an evaluation's thousands of images) is pinned for its copy alone
-    rather than held page-locked for the thread's lifetime. `to_device` and `event` are torch's on a GPU; the
-    tests pass stand-ins to run this on the CPU."""
-
-    def __init__(
-        self,
-        device: torch.device,
-        to_device: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        event: Callable[[], object] | None = None,
-        pin: bool = True,
-        max_bytes: int = 64 << 20,
-    ) -> None:
-        self.to_device = to_device or (lambda h: h.to(device, non_blocking=True))
-        self.event = event or torch.cuda.Event
-        self.pin, self.max_bytes = pin, max_bytes
-        self._local = threading.local()
-
-    def __call__(self, x: np.ndarray) -> torch.Tensor:
-        if x.nbytes > self.max_bytes:
-            t = torch.from_numpy(x)
-            return self.to_device(t.pin_memory() if self.pin else t)
-        local = self._local
-        buf: torch.Tensor | None = getattr(local, "buf", None)
-        if buf is None or buf.numel() < x.size:
-            size = max(x.size, 2 * buf.numel() if buf is not None else 0)
-            local.buf = buf = torch.empty(size, dtype=torch.float32, pin_memory=self.pin)
-            local.done = self.event()
-        else:
-            local.done.synchronize()  # the previous copy out of this buffer has finished reading it
-        host = buf[: x.size].view(x.shape)
-        host.numpy()[...] = x
-        t = self.to_device(host)
-        local.done.record()
-        return t
-
-
 class TorchBackend:
     name = "torch"
     supports_gradients = True
@@ -170,7 +126,6 @@ class TorchBackend:
         if self.device_rows:
             torch.backends.cudnn.benchmark = True
         self.graphs: GraphedForward | None = None
-        self._uploads = PinnedUploads(self.torch_device) if self.torch_device.type == "cuda" else None
         # Whether Detector runs fixed-K verdicts through `fused_verdicts`: on CUDA, where a graph captures rows,
         # forward and scoring as one replay. On the CPU torch's per-operator cost made it no faster than the numpy
         # engine (bench.engine's fused_ratio: behind at one MNIST input in two runs of three), so it stays off there.
@@ -186,8 +141,10 @@ class TorchBackend:
         return bool(self.graphs and self.graphs.active)
 
     def _to_device(self, x: np.ndarray) -> torch.Tensor:
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        return self._uploads(x) if self._uploads is not None else torch.from_numpy(x)
+        """`x` as float32 on the backend's device (on the CPU, the array's own memory). A reused page-locked staging
+        buffer measured within noise on a GPU (docs/decisions/014-pinned-uploads.md), so torch's copy does it."""
+        t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+        return t.to(self.torch_device, non_blocking=True)
 
     def _compute(self, t: torch.Tensor, upto: list[str] | None) -> tuple[torch.Tensor, ...]:
         """The device tensors `_run` returns, in its order: what a CUDA graph captures."""
