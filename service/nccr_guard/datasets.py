@@ -73,15 +73,35 @@ def load_split(
         idx = idx if index is None else idx[index]
         x, y = labelled_data(Path(manifest.split["data"]), manifest)
         return x[idx], y[idx]
-    if source not in SOURCES:
+    if source == "photo-crops":
+        x, y = photo_split(manifest, name)
+        idx = np.arange(len(x))
+    elif source in SOURCES:
+        x, y = SOURCES[source]()
+        idx = split_indices(manifest, name)
+    else:
         raise ManifestError(f"{manifest.name}: unknown data source {source!r}")
-    x, y = SOURCES[source]()
-    idx = split_indices(manifest, name)
     if limit is not None:
         idx = idx[spread_index(len(idx), limit)]
     if index is not None:
         idx = idx[index]
     return x[idx], y[idx]
+
+
+def photo_split(manifest: Manifest, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A named split of the photo crops (nccr_guard/photo_crops.py), whose `[split]` says how they are cut."""
+    from nccr_guard.photo_crops import crops
+
+    photo_crop_count(manifest, name)
+    return crops(manifest.split, name)
+
+
+def photo_crop_count(manifest: Manifest, name: str) -> int:
+    """How many crops a photo split takes (per photo times photos); an unknown name is a ManifestError."""
+    per_photo = manifest.split.get("crops", {})
+    if name not in per_photo:
+        raise ManifestError(f"{manifest.name}: no split {name!r} in model.toml (have {sorted(per_photo)})")
+    return per_photo[name] * len(manifest.split["photos"])
 
 
 def split_size(manifest: Manifest, name: str) -> int:
@@ -90,6 +110,8 @@ def split_size(manifest: Manifest, name: str) -> int:
         from nccr_guard.speaker_corpus import corpus_plan
 
         return len(corpus_plan(manifest.split, name))
+    if manifest.split.get("source") == "photo-crops":
+        return photo_crop_count(manifest, name)
     return len(split_indices(manifest, name))
 
 

@@ -10,8 +10,10 @@ from nccr_guard.backends.torch_backend import Tapped
 
 
 def export_onnx(model: torch.nn.Module, path: Path, input_shape: tuple[int, ...], layers: list[str]) -> None:
-    """Write `path` with outputs ("logits", *layers) and a dynamic batch axis."""
-    tapped = Tapped(model.eval(), layers)
+    """Write `path` with outputs ("logits", *layers) and a dynamic batch axis. The wrapper is put in eval mode
+    too: the exporter restores the wrapper's mode afterwards, recursively, and a new module's is training, which
+    would leave `model`'s batch norms in training mode."""
+    tapped = Tapped(model.eval(), layers).eval()
     dummy = torch.zeros(2, *input_shape)
     names = ["logits", *layers]
     torch.onnx.export(

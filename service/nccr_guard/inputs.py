@@ -188,6 +188,14 @@ def spng_pixels(data: bytes, limits: Limits) -> np.ndarray | None:
         return None
 
 
+def centre_crop(pixels: np.ndarray, aspect: float) -> np.ndarray:
+    """The largest centred window of `pixels` (H, W, ...) whose width / height is `aspect` (a view)."""
+    ph, pw = pixels.shape[:2]
+    ch, cw = (ph, max(1, round(ph * aspect))) if pw / ph > aspect else (max(1, round(pw / aspect)), pw)
+    top, left = (ph - ch) // 2, (pw - cw) // 2
+    return pixels[top : top + ch, left : left + cw]
+
+
 def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> np.ndarray:
     """Image bytes -> (C, H, W) float32 in the manifest's value range. Plain PNGs in the model's own mode go
     through libspng, everything else through PIL; both give the same pixels (tests/unit/test_inputs.py)."""
@@ -201,6 +209,8 @@ def decode_image(data: bytes, manifest: Manifest, limits: Limits = Limits()) -> 
     if pixels.shape[:2] != (h, w):
         from PIL import Image
 
+        if spec.fit == "crop":
+            pixels = centre_crop(pixels, w / h)
         img = Image.fromarray(pixels)  # uint8 (H, W) is L, (H, W, 3) RGB
         pixels = np.asarray(img.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=3.0))
     # value = lo + (hi - lo) * p / 255, or with invert lo + (hi - lo) * (1 - p / 255), in one division and one

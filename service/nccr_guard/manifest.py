@@ -19,6 +19,7 @@ class ManifestError(ValueError):
 class ImageSpec(BaseModel):
     mode: Literal["L", "RGB"] = "L"
     resize: tuple[int, int] | None = None  # (height, width)
+    fit: Literal["stretch", "crop"] = "stretch"  # uploads of another shape: resized whole, or centre-cropped first
     invert: bool = False  # dark-on-light uploads become light-on-dark (MNIST convention)
     mean: list[float] = Field(default_factory=lambda: [0.0])
     std: list[float] = Field(default_factory=lambda: [1.0])

@@ -67,3 +67,45 @@ class ResNet50(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         return self.fc(self.pool(x))
+
+
+class BasicBlock(nn.Module):
+    """Two 3x3 conv + batch-norm layers and an identity (or 1x1 strided) shortcut, as in ResNet-18/20."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(cout),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(cout),
+        )
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class PhotoResNet(nn.Module):
+    """ResNet-14 for 32x32 colour crops (CIFAR-style: three stages of two basic blocks, 16/32/64 channels at
+    32/16/8 px), then a 128-unit feature layer. Input (B, 3, 32, 32) in [0, 1]; output (B, classes) logits.
+    Watched layer: `fc1` (128, post-ReLU), the penultimate features as in MnistCNN. About 184k parameters."""
+
+    def __init__(self, classes: int = 13, widths: tuple[int, int, int] = (16, 32, 64)) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, widths[0], 3, 1, 1, bias=False), nn.BatchNorm2d(widths[0]), nn.ReLU())
+        stages, cin = [], widths[0]
+        for i, width in enumerate(widths):
+            stages.append(nn.Sequential(BasicBlock(cin, width, 1 if i == 0 else 2), BasicBlock(width, width, 1)))
+            cin = width
+        self.layer1, self.layer2, self.layer3 = stages
+        self.fc1 = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, 128), nn.ReLU())
+        self.head = nn.Linear(128, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.fc1(self.layer3(self.layer2(self.layer1(self.stem(x))))))
