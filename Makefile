@@ -70,6 +70,8 @@ models: install tools
 	$(BIN)/nccr-guard calibrate --model models/mnist
 	$(BIN)/python models/speaker/build.py
 	$(BIN)/nccr-guard calibrate --model models/speaker
+	OMP_NUM_THREADS=1 $(BIN)/python models/photo/train.py
+	$(BIN)/nccr-guard calibrate --model models/photo
 
 # Detection reports over every attack family (ART attacks are cached under $$NCCR_GUARD_CACHE: on a cold cache the
 # MNIST dev + test attacks take about 90 min on 2 cores, EAD, HopSkipJump and CW most of it), the adaptive attacker,

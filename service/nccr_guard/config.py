@@ -13,7 +13,7 @@ from pydantic import Field, FilePath, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
-DEFAULT_NAMES = ("mnist", "speaker")
+DEFAULT_NAMES = ("mnist", "photo", "speaker")  # an image without `model` goes to mnist
 
 
 def default_models() -> list[Path]:

@@ -248,7 +248,7 @@ def test_batch_endpoint_mixes_results_and_errors(server, digit_pngs):
 def test_models_endpoints(server):
     with server.client() as c:
         models = c.get("/v1/models").json()
-        assert [m["name"] for m in models] == ["mnist", "speaker"]
+        assert [m["name"] for m in models] == ["mnist", "photo", "speaker"]
         m = c.get("/v1/models/mnist").json()
         assert m["backend"] in ("torch", "onnx") and m["device"] == "cpu" and m["variant"] == "nccr-v3"
         assert m["calibration"]["target_fpr"] == 0.05 and m["passes"] > 1 and m["robustness_nccr"] > 0
