@@ -120,9 +120,10 @@ def test_one_flag_adds_a_model_and_onnx_serves_what_has_no_onnx_weights(onnx_mod
     try:
         with s.client() as c:
             cards = {m["name"]: m for m in c.get("/v1/models").json()}
-            assert set(cards) == {"mnist", "speaker", "digits"}
+            assert set(cards) == {"mnist", "photo", "speaker", "digits"}
             assert {n: m["backend"] for n, m in cards.items()} == {
                 "mnist": "onnx",
+                "photo": "onnx",
                 "speaker": "torch",
                 "digits": "onnx",
             }
