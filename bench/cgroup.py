@@ -1,8 +1,8 @@
 """CPU and memory limits as a container sees them, for benches that run the server under them
 (`bench.batch_size --cpu-quota`, `bench.soak --cpu-quota --memory-limit-mb`).
 
-Why: the batching defaults count the CPUs a process may use (`nccr_guard.cpus`), a container's CPU quota
-included, and a deployment's memory limit must hold the server under load; both are worth checking under a
+Why: the batching defaults count the CPUs a process may use (`--cpus`, which a pod sets from its CPU limit),
+and a deployment's memory limit must hold the server under load; both are worth checking under a
 real cgroup, not only on cgroup-shaped folders (the unit tests) or summed RSS. A Kubernetes limit or
 `docker run --cpus/--memory` is a cgroup whose `cpu.max` / `memory.max` (v2) or `cpu.cfs_quota_us` /
 `memory.limit_in_bytes` (v1) throttles the process once it has used its share of a period, and counts its
@@ -15,6 +15,7 @@ or v2 with them enabled); Linux only.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -71,14 +72,17 @@ class Limits:
     def prefix(self) -> list[str]:
         """Runs the command after it in this cgroup, in a cgroup and mount namespace where each controller's mount
         point shows this cgroup as its root (v1: a bind mount of it; v2: cgroup2 mounted afresh inside the
-        namespace), as `docker run --cpus --memory` or a pod's limits would show it."""
+        namespace), as `docker run --cpus --memory` or a pod's limits would show it; with a CPU limit, the command
+        gets NCCR_GUARD_CPUS (the quota rounded up), as deploy/k8s's downward API sets it."""
         procs = "tasks" if self.version == 1 else "cgroup.procs"
         join = " && ".join(f"echo $$ > {p / procs}" for p in self.paths.values())
         if self.version == 1:
             view = " && ".join(f"mount --bind {self.paths[c]} {m}" for c, m in self.mounts.items())
         else:
             view = f"mount -t cgroup2 cgroup2 {self.mounts['']}"
-        inner = f'{view} && exec "$@"'
+        # The server counts the CPUs its quota allows from NCCR_GUARD_CPUS, as a pod's downward API passes them.
+        env = f"env NCCR_GUARD_CPUS={math.ceil(self.cpus)} " if self.cpus is not None else ""
+        inner = f'{view} && exec {env}"$@"'
         return ["sh", "-c", f"{join} && exec unshare -C -m sh -c '{inner}' sh \"$@\"", "sh"]
 
     def throttled(self) -> dict[str, float]:

@@ -170,6 +170,13 @@ class Settings(BaseSettings):
         description="access-log lines held in memory while stdout does not take them (a stalled log shipper; "
         "~300 bytes each); beyond them new lines are dropped and counted in nccr_guard_access_log_dropped_total",
     )
+    cpus: int = Field(
+        0,
+        ge=0,
+        description="CPUs this server may use, which set the CPU batch workers (one per CPU, at most 4, divided among "
+        "processes); 0 = the CPUs the process may run on. A CPU quota (a Kubernetes limit, docker --cpus) is not "
+        "among them: set this to the limit (deploy/k8s does, from the downward API)",
+    )
     torch_threads: int = Field(0, ge=0, description="intra-op threads; 0 = torch default")
 
     @field_validator("models", "add_model", mode="before")

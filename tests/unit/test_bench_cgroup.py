@@ -33,6 +33,7 @@ def test_v2_limits_are_written_and_read_back(tmp_path: Path):
         prefix = " ".join(cg.prefix())
         assert f"echo $$ > {own / 'cgroup.procs'}" in prefix
         assert "unshare -C -m" in prefix and f"mount -t cgroup2 cgroup2 {tmp_path}" in prefix
+        assert 'exec env NCCR_GUARD_CPUS=2 "$@"' in prefix  # 1.5 CPUs of quota, as the downward API rounds them
         _empty(own)
     assert not own.exists()
 

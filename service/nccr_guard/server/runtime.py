@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from typing import TypeVar
@@ -11,7 +12,6 @@ import numpy as np
 
 from nccr_guard.batcher import Batcher, BatchStats, Draining, QueueFull, Reservation, Timings
 from nccr_guard.config import Settings
-from nccr_guard.cpus import usable_cpus
 from nccr_guard.detector import VERDICTS, Detector, Verdict
 from nccr_guard.inputs import InputError
 from nccr_guard.server.metrics import Metrics, VerdictMetrics
@@ -31,12 +31,22 @@ class BatchPolicy:
     torch_threads: int
 
 
+def usable_cpus(configured: int = 0) -> int:
+    """`configured` (--cpus: a container's CPU quota, which the affinity mask does not show), else the CPUs this
+    process may run on: `os.process_cpu_count()` on Python 3.13+, the affinity mask before."""
+    if configured:
+        return configured
+    if count := getattr(os, "process_cpu_count", None):
+        return count() or 1
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def batch_policy(settings: Settings, device: str, rows_per_input: int) -> BatchPolicy:
     """Per-device defaults, measured (docs/performance.md): on a small CPU, small batches on one-thread workers
     (one per core) win, but not below CPU_MIN_ROWS rows, under which the fixed cost of a forward call dominates a
     small model's rows; on a GPU, large batches and a short gathering window."""
     gpu = device.startswith("cuda")
-    cores = usable_cpus()  # a container's CPU quota, not the node's cores
+    cores = usable_cpus(settings.cpus)  # a container's CPU limit, not the node's cores
     max_rows = settings.max_batch or (rows_per_input * 64 if gpu else max(2 * rows_per_input, CPU_MIN_ROWS))
     delay = settings.max_delay_ms / 1000 if settings.max_delay_ms >= 0 else (0.002 if gpu else 0.001)
     workers = 2 if gpu else max(1, min(cores, 4) // settings.processes)
