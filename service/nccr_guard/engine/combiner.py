@@ -36,13 +36,15 @@ def spread(z: np.ndarray) -> np.ndarray:
 
 
 def fit_logistic(
-    negatives: np.ndarray, positives: list[np.ndarray], c: float = 0.1, iters: int = 500
+    negatives: np.ndarray, positives: list[np.ndarray], c: float = 0.1, iters: int = 500, nonneg: bool = False
 ) -> tuple[np.ndarray, float]:
     """(weights, bias) of an L2-regularised logistic regression of z-scores, fitted by L-BFGS.
 
     Each positive group (one attack's adversarial examples) carries the same total weight, and all positives
     together as much as the negatives: no attack or family outweighs another by its number of examples.
-    `c`: inverse regularisation strength of a loss summed over unit total weight (penalty ||w||^2 / 2c)."""
+    `c`: inverse regularisation strength of a loss summed over unit total weight (penalty ||w||^2 / 2c).
+    `nonneg`: every weight >= 0, so that more instability never lowers the score (a monotone combiner; the
+    leave-one-family-out search, eval/lofo.py, measures whether that generalises)."""
     from scipy.optimize import minimize
 
     groups = [g for g in positives if len(g)]
@@ -64,5 +66,6 @@ def fit_logistic(
         reg = 0.5 / c * float(w @ w)
         return nll + reg, np.concatenate([x.T @ g + w / c, [g.sum()]])
 
-    res = minimize(loss, np.zeros(n + 1), jac=True, method="L-BFGS-B", options={"maxiter": iters})
+    bounds = [(0.0, None)] * n + [(None, None)] if nonneg else None
+    res = minimize(loss, np.zeros(n + 1), jac=True, method="L-BFGS-B", bounds=bounds, options={"maxiter": iters})
     return res.x[:n].astype(np.float64), float(res.x[n])

@@ -12,8 +12,9 @@ fit digits' adversarial examples of every family but F and is scored on the held
 A method's figure of merit is its worst held-out family: the lowest AUROC (clean held-out digits against F's
 adversarial ones, the worst attack within F), then the lowest TPR at the threshold it fixes from calib data.
 Methods: nccr-v3 and nccr-v3-median as they are, greedy max-combinations of 2 and 4 standardised components
-(picked on the training families with clean and shifted fit digits as negatives), and logistic regressions over
-every component's z-score (engine/combiner.py) at three regularisation strengths, with the same negatives.
+(picked on the training families with clean and shifted fit digits as negatives), logistic regressions over
+every component's z-score (engine/combiner.py) at three regularisation strengths, free and with non-negative
+weights, sparse refits on the components they weigh most, and the max of nccr-v3-median and a regression.
 Every method's threshold is the calib split's clean 95 % quantile. Feature Squeezing is scored on the same
 held-out digits. The test split is never read here.
 """
@@ -44,6 +45,7 @@ from nccr_guard.eval.search import candidate_variant
 from nccr_guard.eval.sequential import adversarial
 
 TARGET_FPR = 0.05
+SHIFT_GOAL, CLEAN_GOAL = 0.10, 0.06  # issue 35's false-alarm goals: a benign shift, held-out clean digits
 
 
 @dataclass
@@ -161,17 +163,37 @@ class Logistic(Method):
     """Logistic regression over the z-scores of the `top` components that are best alone on the training
     attacks (class-balanced, L2 with strength `c`)."""
 
-    def __init__(self, top: int = 30, c: float = 0.1, allowed: list[int] | None = None, label: str = "") -> None:
-        self.top, self.c, self.allowed = top, c, allowed
-        self.name = label or f"logistic-top{top}-C{c:g}"
+    def __init__(self, top: int = 30, c: float = 0.1, nonneg: bool = False, label: str = "") -> None:
+        self.top, self.c, self.nonneg = top, c, nonneg
+        self.name = label or f"{'nonneg-' if nonneg else ''}logistic-top{top}-C{c:g}"
 
     def fit(self, neg: np.ndarray, pos: dict[str, np.ndarray]) -> Logistic:
-        self.idx = _prefilter(neg, pos, self.top, self.allowed)
-        self.w, self.b = fit_logistic(neg[:, self.idx], [v[:, self.idx] for v in pos.values()], self.c)
+        self.idx = _prefilter(neg, pos, self.top)
+        self.w, self.b = fit_logistic(
+            neg[:, self.idx], [v[:, self.idx] for v in pos.values()], self.c, nonneg=self.nonneg
+        )
         return self
 
     def score(self, zs: np.ndarray) -> np.ndarray:
         return linear(zs[:, self.idx], self.w, self.b)
+
+
+class MaxOf(Method):
+    """The larger of two methods' scores, each standardised by its mean and spread on calib half B: a fixed
+    formulation's strength on one family and a fitted one's on another, at the price of both one's false alarms."""
+
+    def __init__(self, a: Method, b: Method, calib_b: np.ndarray) -> None:
+        self.a, self.b, self.calib_b = a, b, calib_b
+        self.name = f"max({a.name}, {b.name})"
+
+    def fit(self, neg: np.ndarray, pos: dict[str, np.ndarray]) -> MaxOf:
+        self.a, self.b = self.a.fit(neg, pos), self.b.fit(neg, pos)
+        self.ref = [(s.mean(), s.std()) for s in (self.a.score(self.calib_b), self.b.score(self.calib_b))]
+        return self
+
+    def score(self, zs: np.ndarray) -> np.ndarray:
+        (ma, sa), (mb, sb) = self.ref
+        return np.maximum((self.a.score(zs) - ma) / sa, (self.b.score(zs) - mb) / sb)
 
 
 def _worst(neg: np.ndarray, pos: dict[str, np.ndarray], idx: list[int]) -> tuple[float, float]:
@@ -181,15 +203,12 @@ def _worst(neg: np.ndarray, pos: dict[str, np.ndarray], idx: list[int]) -> tuple
     return round(min(a for a, _ in per), 3), min(r for _, r in per)
 
 
-def _prefilter(
-    neg: np.ndarray, pos: dict[str, np.ndarray], top: int = 60, allowed: list[int] | None = None
-) -> list[int]:
-    """The `top` components (of `allowed`, default all) that are best alone (worst training attack): the
-    greedy's and the regression's pool."""
-    pool_ = range(neg.shape[1]) if allowed is None else allowed
-    if top >= len(pool_):
-        return list(pool_)
-    ranked = sorted(pool_, key=lambda i: _worst(neg, pos, [i]), reverse=True)
+def _prefilter(neg: np.ndarray, pos: dict[str, np.ndarray], top: int = 60) -> list[int]:
+    """The `top` components that are best alone (worst training attack): the greedy's and the regression's
+    pool."""
+    if top >= neg.shape[1]:
+        return list(range(neg.shape[1]))
+    ranked = sorted(range(neg.shape[1]), key=lambda i: _worst(neg, pos, [i]), reverse=True)
     return ranked[:top]
 
 
@@ -304,7 +323,9 @@ def study(model: Path, n: int = 200, seed: int = 0, out: Path = Path("reports/se
         GreedyMax(2),
         GreedyMax(4),
         *(Logistic(1000, c) for c in (10.0, 100.0, 1000.0)),
+        *(Logistic(1000, c, nonneg=True) for c in (10.0, 100.0, 1000.0)),
         *(SparseLogistic(k) for k in (12, 24, 48)),
+        MaxOf(fixed(d, v3m, "nccr-v3-median"), Logistic(1000, 100.0), d.calib_b),
     ]
     rows = lofo(d, methods, attacks)
     clean_f, shift_f, adv_f = split_rows(d, 0)
@@ -313,6 +334,7 @@ def study(model: Path, n: int = 200, seed: int = 0, out: Path = Path("reports/se
         fitted = m.fit(neg, {a: v for a, v in adv_f.items() if len(v)})
         r["all_families"] = {**scored(fitted, d, attacks), "picked": _picked(fitted, d)}
     rows.append(fs_row(d, attacks))
+    n_held_out = int((np.arange(len(d.clean)) % 2 == 1).sum())
     result = {
         "model": str(model),
         "command": f"nccr-guard lofo --model {model} --n {n} --seed {seed} --out {out}",
@@ -324,12 +346,30 @@ def study(model: Path, n: int = 200, seed: int = 0, out: Path = Path("reports/se
         "calibration_shifts": list(shifts.CALIBRATION_SHIFTS),
         "held_out_shifts": list(shifts.HELD_OUT_SHIFTS),
         "methods": rows,
+        "n_held_out_clean": int(n_held_out),
+        "picked": pick(rows, n_held_out),
         "seconds": round(time.perf_counter() - t0, 1),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "lofo.json").write_text(json.dumps(result, indent=1, default=float) + "\n")
     (out / "lofo.md").write_text(markdown(result))
     return result
+
+
+def pick(rows: list[dict], n_held_out: int) -> str | None:
+    """The default's rule: of the methods (Feature Squeezing aside) whose all-family fit keeps clean FPR <=
+    CLEAN_GOAL and every benign shift <= SHIFT_GOAL on the held-out digits, the best worst held-out family
+    (AUROC, then TPR). A method that flags grey or rescaled digits is no default, however well it detects.
+    On ~100 held-out digits a rate moves in steps of 1 %: one digit over a goal is within it."""
+    slack = 1.0 / n_held_out
+    ok = [
+        r
+        for r in rows
+        if "baseline" not in r["method"]
+        and r["all_families"]["fpr_clean"] <= CLEAN_GOAL + slack
+        and max(r["all_families"]["fpr_shift"].values()) <= SHIFT_GOAL + slack
+    ]
+    return max(ok, key=lambda r: (r["worst_auroc"], r["worst_tpr"]))["method"] if ok else None
 
 
 def markdown(result: dict) -> str:
@@ -358,6 +398,10 @@ def markdown(result: dict) -> str:
         )
     shift_names = result["calibration_shifts"] + result["held_out_shifts"]
     lines += [
+        "",
+        f"Picked (best worst held-out family among the methods whose all-family fit keeps clean FPR <= "
+        f"{CLEAN_GOAL:.2f} and every benign shift <= {SHIFT_GOAL:.2f} on the {result['n_held_out_clean']} held-out "
+        f"digits, one digit of slack): **{result['picked']}**.",
         "",
         "## Fitted on every family: false alarms on the held-out digits",
         "",
