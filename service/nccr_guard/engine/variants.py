@@ -427,7 +427,15 @@ HIDDEN_CHANGE = Variant(
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
-        PLAIN, SQUEEZE_FLIP, NCCR_V2, NCCR_V3, NCCR_V3_MEDIAN, NCCR_V4, NCCR_AUDIO_V1, NCCR_AUDIO_V2, HIDDEN_CHANGE
+        PLAIN,
+        SQUEEZE_FLIP,
+        NCCR_V2,
+        NCCR_V3,
+        NCCR_V3_MEDIAN,
+        NCCR_V4,
+        NCCR_AUDIO_V1,
+        NCCR_AUDIO_V2,
+        HIDDEN_CHANGE,
     )
 }
 DEFAULT_VARIANT = "nccr-v3"
