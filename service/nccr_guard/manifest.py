@@ -58,6 +58,12 @@ class Manifest(BaseModel):
     calibration: str = "calibration.npz"
     k: int | None = None
     split: dict = Field(default_factory=dict)
+    attack_scale: float = Field(
+        1.0,
+        gt=0,
+        description="multiplies the L-inf / L2 budgets of the evaluation's image attacks, which are set for MNIST "
+        "(L-inf 0.2-0.3); 0.157 gives natural images the usual 8/255",
+    )
     root: Path = Path(".")
 
     @model_validator(mode="after")

@@ -64,3 +64,25 @@ def test_attack_smoke(name, digits):
         other = np.where(np.eye(10, dtype=bool)[y[hit]], -np.inf, logits).max(1)
         assert np.median(other - own) > 2.0
         assert (np.abs(delta) > 1e-6).sum(1).max() <= 0.25 * delta.shape[1]
+
+
+def test_a_models_attack_scale_scales_the_norm_budgets_only():
+    """models/photo's attack_scale (0.157) turns the MNIST budgets into natural-image ones; unbounded attacks and
+    search settings stay; the cache key follows the parameters, so a rescaled budget is never served stale."""
+    from nccr_guard.eval.attacks import attack_key, attack_table
+    from nccr_guard.manifest import load_manifest
+    from tests.conftest import MNIST, ROOT
+
+    mnist, photo = attack_table(load_manifest(MNIST)), attack_table(load_manifest(ROOT / "models" / "photo"))
+    assert mnist == ATTACKS
+    assert photo["fgsm"].params["eps"] == pytest.approx(8 / 255, rel=0.01)
+    assert photo["pgd"].params["eps_step"] == pytest.approx(0.01 * 0.157)
+    assert photo["pgd"].params["max_iter"] == mnist["pgd"].params["max_iter"]
+    assert photo["pgd_minimal"].params["eps_grid"][-1] == pytest.approx(0.3 * 0.157)
+    assert photo["pgd_l2"].params["eps"] == pytest.approx(0.471)
+    for name in ("cw_l2", "ead", "deepfool", "jsma", "hopskipjump"):
+        assert photo[name] == mnist[name]
+    assert attack_key(photo, "fgsm") != attack_key(mnist, "fgsm")
+    assert attack_key(photo, "cw_l2") == attack_key(mnist, "cw_l2")
+    audio = attack_table(load_manifest(ROOT / "models" / "speaker"))
+    assert {"pgd_l2", "cw_l2_conf10"} <= set(audio) and audio["cw_l2_conf10"].strength == "high"

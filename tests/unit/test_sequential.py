@@ -106,7 +106,7 @@ def mnist_v2(mnist_test):
     from nccr_guard.backends.torch_backend import load_module
     from nccr_guard.calibrate import calibrate
     from nccr_guard.detector import Detector
-    from nccr_guard.eval.attacks import art_classifier, attack_table, run_attack
+    from nccr_guard.eval.attacks import ATTACKS, art_classifier, run_attack
     from tests.conftest import MNIST
 
     det = Detector.load(MNIST, backend="onnx", device="cpu", sequential=False)
@@ -114,7 +114,7 @@ def mnist_v2(mnist_test):
     det.calib = calibrate(MNIST, variant="nccr-v2", write=False, backend="onnx")
     xs = mnist_test[0][:120]
     clf = art_classifier(load_module(det.manifest), (1, 28, 28), 10, (0.0, 1.0))
-    adv = run_attack("fgsm", clf, xs[:60], 0, attack_table("image"))
+    adv = run_attack("fgsm", clf, xs[:60], 0, ATTACKS)
     return det, activations(det, xs), activations(det, adv)
 
 

@@ -5,12 +5,18 @@ Only successful adversarial examples are scored downstream; the harness filters 
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from nccr_guard.datasets import spread_index
+
+if TYPE_CHECKING:
+    from nccr_guard.manifest import Manifest
 
 
 @dataclass(frozen=True)
@@ -104,7 +110,9 @@ def attacks_of(families: list[str] | None, table: dict[str, AttackSpec] | None =
 
 # Waveform attacks on the speaker model. Inputs are level-normalised to -30 dBFS (RMS 0.032 of full scale), so an
 # L-inf budget of 0.001 is a perturbation about 30 dB below the speech. `pgd_targeted` is impersonation: every clip
-# is pushed towards the next enrolled speaker.
+# is pushed towards the next enrolled speaker. Both L2 attacks, CW at confidence 0 and 10 and PGD-L2, cover the
+# smooth, high-confidence regime the image model found hardest.
+AUDIO_CW_STEPS = {"max_iter": 10, "binary_search_steps": 1, "learning_rate": 0.001}
 AUDIO_ATTACKS: dict[str, AttackSpec] = {
     a.name: a
     for a in (
@@ -119,15 +127,51 @@ AUDIO_ATTACKS: dict[str, AttackSpec] = {
         # ART's CW spends most of its time in line searches: 10 iterations at a small step keep it to minutes.
         AttackSpec(
             "cw_l2",
-            {"confidence": 0.0, "max_iter": 10, "binary_search_steps": 1, "initial_const": 1.0, "learning_rate": 0.001},
+            {"confidence": 0.0, "initial_const": 1.0, **AUDIO_CW_STEPS},
             "l2",
+            "minimal",
+        ),
+        # A 3 s clip at -30 dBFS has an L2 norm of about 7: eps 0.2 is a perturbation ~31 dB below the speech,
+        # the L-inf PGD's budget spread over every sample.
+        AttackSpec("pgd_l2", {"norm": 2, "eps": 0.2, "eps_step": 0.02, "max_iter": 20}, "l2", "high"),
+        # Logits are 71 x cosine similarity: a margin of 10 is 0.14 of cosine past the next speaker.
+        AttackSpec(
+            "cw_l2_conf10",
+            {"confidence": 10.0, "initial_const": 5.0, **AUDIO_CW_STEPS},
+            "l2",
+            "high",
         ),
     )
 }
 
 
-def attack_table(modality: str) -> dict[str, AttackSpec]:
-    return AUDIO_ATTACKS if modality == "audio" else ATTACKS
+BUDGET_KEYS = ("eps", "eps_step", "eps_grid")  # the parameters a norm budget sets; the rest are search settings
+
+
+def scaled(spec: AttackSpec, scale: float) -> AttackSpec:
+    """`spec` with its L-inf / L2 budgets (and their step sizes) times `scale`; unbounded attacks (CW, EAD,
+    DeepFool, JSMA, HopSkipJump) are unchanged."""
+    if scale == 1.0:
+        return spec
+    params = {
+        k: ([v * scale for v in val] if isinstance(val, list) else val * scale) if k in BUDGET_KEYS else val
+        for k, val in spec.params.items()
+    }
+    return replace(spec, params=params)
+
+
+def attack_table(manifest: Manifest) -> dict[str, AttackSpec]:
+    """The model's attacks: the audio table, or the image table (budgets set for MNIST) scaled by the model's
+    `attack_scale` (model.toml; 0.157 turns L-inf 0.2 into 8/255, the usual budget for natural images)."""
+    if manifest.modality == "audio":
+        return AUDIO_ATTACKS
+    return {name: scaled(spec, manifest.attack_scale) for name, spec in ATTACKS.items()}
+
+
+def attack_key(table: dict[str, AttackSpec], name: str) -> str:
+    """A cache name for one attack's examples that changes with its parameters (a rescaled budget included)."""
+    digest = hashlib.sha256(json.dumps(table[name].params, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
 
 
 def art_classifier(module, input_shape: tuple[int, ...], n_classes: int, value_range: tuple[float, float]):

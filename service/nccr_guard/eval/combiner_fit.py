@@ -34,7 +34,7 @@ def fit_groups(
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Negative z-scores (clean and benignly shifted) and positive ones per attack, from the split's first n
     correctly classified inputs."""
-    attacks = attacks or list(attack_table(det.manifest.modality))
+    attacks = attacks or list(attack_table(det.manifest))
     x0, advs = adversarial(det, split, n, seed, attacks)
     vr = tuple(det.manifest.input.range)
     neg = [z_of(det, calib, x0, f"{split} clean")]

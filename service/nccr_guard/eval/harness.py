@@ -128,7 +128,7 @@ def evaluate(
     det = load_detector(model, variant, seed)
     if data is not None:
         det.manifest, split = with_data(det.manifest, data)
-    table = attack_table(det.manifest.modality)
+    table = attack_table(det.manifest)
     attacks = attacks or list(table)
     unknown = [a for a in attacks if a not in table]
     if unknown:

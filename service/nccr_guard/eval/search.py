@@ -62,7 +62,7 @@ def search(
     det = Detector.load(model, backend="torch", device="cpu", seed=seed, calibrated=False, truncate=False)
     det.variant = variant = candidate_variant(det.manifest.watch, det.manifest.modality)
     start = _start_components(variant, start_from)
-    table = attack_table(det.manifest.modality)
+    table = attack_table(det.manifest)
     n_classes = len(det.manifest.labels)
     xc, _ = load_split(det.manifest, "calib")
     acts = activations(det, xc, desc="calib rows")

@@ -24,7 +24,7 @@ from nccr_guard.calibrate import activations
 from nccr_guard.detector import Detector
 from nccr_guard.engine import score_rows
 from nccr_guard.engine.sequential import Schedule, replay
-from nccr_guard.eval.attacks import attack_succeeded, attack_table, correctly_classified, run_attack
+from nccr_guard.eval.attacks import attack_key, attack_succeeded, attack_table, correctly_classified, run_attack
 from nccr_guard.eval.metrics import auroc, rate_above
 from nccr_guard.eval.report import machine
 from nccr_guard.speaker_corpus import cache_dir
@@ -88,13 +88,13 @@ def adversarial(
 ) -> tuple[np.ndarray, dict]:
     """Correctly classified clean inputs of the split and each attack's successful adversarial examples (cached).
     `exclude`: leave out the inputs a run with n=`exclude` picks (see attacks.correctly_classified)."""
-    table = attack_table(det.manifest.modality)
+    table = attack_table(det.manifest)
     clf, x0, y0, _ = correctly_classified(det, split, n, exclude)
     cache = cache_dir().parent / "adversarial"
     cache.mkdir(parents=True, exist_ok=True)
     out = {}
     for name in attacks:
-        f = cache / f"{det.manifest.name}-{sample_key(split, name, n, seed, exclude)}.npy"
+        f = cache / f"{det.manifest.name}-{sample_key(split, attack_key(table, name), n, seed, exclude)}.npy"
         if not f.exists():
             adv = run_attack(name, clf, x0, seed, table)
             np.save(f, adv[attack_succeeded(name, clf.predict(adv).argmax(1), y0, len(det.manifest.labels))])
@@ -163,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         extra = [det.variant.with_schedule(Schedule.parse(label)).sequential for label in args.schedule]
     except ValueError as e:
         ap.error(str(e))
-    attacks = args.attacks or list(attack_table(det.manifest.modality))
+    table = attack_table(det.manifest)
+    attacks = args.attacks or list(table)
     if args.pool and not args.exclude:
         ap.error("--pool needs --exclude (the other sample)")
     samples = [(args.n, args.seed, args.exclude)] + ([(args.exclude, args.seed, 0)] if args.pool else [])
@@ -173,7 +174,11 @@ def main(argv: list[str] | None = None) -> None:
         x0, advs = adversarial(det, args.split, n, seed, attacks, exclude)
         cleans.append(cached_activations(det, x0, sample_key(args.split, "clean", *sample)))
         advs_acts.append(
-            {a: cached_activations(det, x, sample_key(args.split, a, *sample)) for a, x in advs.items() if len(x)}
+            {
+                a: cached_activations(det, x, sample_key(args.split, attack_key(table, a), *sample))
+                for a, x in advs.items()
+                if len(x)
+            }
         )
     clean = pooled(cleans)
     adv = {a: pooled([s[a] for s in advs_acts if a in s]) for a in dict.fromkeys(a for s in advs_acts for a in s)}

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
     det = Detector.load(args.model, device="cpu", seed=args.seed, sequential=False)
-    x0, advs = adversarial(det, "dev", args.n, args.seed, list(attack_table(det.manifest.modality)))
+    x0, advs = adversarial(det, "dev", args.n, args.seed, list(attack_table(det.manifest)))
     drops = {"clean": margin_drops(det, x0)} | {a: margin_drops(det, x) for a, x in advs.items() if len(x)}
     result = {
         "command": "python -m nccr_guard.eval.shift_study --model "

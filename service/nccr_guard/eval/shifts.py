@@ -1,7 +1,8 @@
 """Benign distortions of clean uploads and out-of-distribution inputs, for false-alarm studies.
 
 Uploads in production are re-encoded, resized, noisy and slightly misaligned; none of that makes them
-adversarial. Each shift maps a batch (n, 1, H, W) in [0, 1] to the same shape, deterministically given `rng`.
+adversarial. Each shift maps a batch (n, C, H, W) in [0, 1] to the same shape, deterministically given `rng`;
+a spatial shift moves every channel of an image alike (grey digits have one channel, photo crops three).
 The set is named in every report that uses it (SHIFTS' keys). `CALIBRATION_SHIFTS` are the ones a calibration
 may see; `HELD_OUT_SHIFTS` are never used to fit anything, so a report shows whether the threshold rule carries
 over to distortions it was not fitted on.
@@ -19,8 +20,10 @@ Shift = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
 
 def _per_image(fn: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """`fn` maps one (H, W) plane; it is applied to every channel of every image."""
+
     def run(xs: np.ndarray) -> np.ndarray:
-        return np.stack([fn(x[0])[None] for x in xs])
+        return np.stack([np.stack([fn(c) for c in x]) for x in xs])
 
     return run
 
@@ -32,7 +35,7 @@ def rotate(deg: float) -> Shift:
         signs = rng.choice([-1.0, 1.0], len(xs))
         return np.stack(
             [
-                ndimage.rotate(x[0], s * deg, reshape=False, order=1, mode="constant")[None]
+                np.stack([ndimage.rotate(c, s * deg, reshape=False, order=1, mode="constant") for c in x])
                 for x, s in zip(xs, signs, strict=True)
             ]
         )
@@ -47,7 +50,10 @@ def translate(px: int) -> Shift:
         steps = [(px, 0), (-px, 0), (0, px), (0, -px)]
         picks = rng.integers(0, 4, len(xs))
         return np.stack(
-            [ndimage.shift(x[0], steps[i], order=0, mode="constant")[None] for x, i in zip(xs, picks, strict=True)]
+            [
+                np.stack([ndimage.shift(c, steps[i], order=0, mode="constant") for c in x])
+                for x, i in zip(xs, picks, strict=True)
+            ]
         )
 
     return shift
@@ -85,12 +91,16 @@ def jpeg(quality: int) -> Shift:
     """A JPEG re-encode at `quality`, as many upload paths do."""
     from PIL import Image
 
-    def once(a: np.ndarray) -> np.ndarray:
+    def once(x: np.ndarray) -> np.ndarray:
+        """One (C, H, W) image: grey as "L", three channels as "RGB" (chroma subsampled, as a camera's JPEG)."""
+        pixels = np.round(np.clip(x, 0, 1) * 255).astype(np.uint8)
+        img = Image.fromarray(pixels[0], "L") if len(x) == 1 else Image.fromarray(pixels.transpose(1, 2, 0), "RGB")
         buf = io.BytesIO()
-        Image.fromarray(np.round(np.clip(a, 0, 1) * 255).astype(np.uint8), "L").save(buf, "JPEG", quality=quality)
-        return np.asarray(Image.open(buf), np.float32) / 255.0
+        img.save(buf, "JPEG", quality=quality)
+        out = np.asarray(Image.open(buf), np.float32) / 255.0
+        return out[None] if out.ndim == 2 else out.transpose(2, 0, 1)
 
-    return lambda xs, rng: _per_image(once)(xs)
+    return lambda xs, rng: np.stack([once(x) for x in xs])
 
 
 def zoom_out(scale: float) -> Shift:
@@ -124,22 +134,24 @@ CALIBRATION_SHIFTS = tuple(k for k in SHIFTS if k not in HELD_OUT_SHIFTS)
 
 
 def apply(name: str, xs: np.ndarray, seed: int, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
-    """Shift `name` of a batch (n, 1, H, W), clipped to the value range, float32."""
+    """Shift `name` of a batch (n, C, H, W), clipped to the value range, float32."""
     out = SHIFTS[name](xs.astype(np.float32), np.random.default_rng(seed))
     return np.clip(out, *value_range).astype(np.float32)
 
 
 def ood_inputs(n: int, shape: tuple[int, ...], seed: int) -> dict[str, np.ndarray]:
-    """Inputs that are no digit at all: blank, uniform grey, uniform noise, smooth noise blobs, and letters."""
+    """Inputs that are no digit or photo at all: blank, uniform grey, uniform noise, smooth noise blobs, and
+    letters, each (n, *shape); blobs and letters are grey, their plane repeated on every channel."""
     rng = np.random.default_rng(seed)
     blobs = np.stack([ndimage.gaussian_filter(rng.random(shape[-2:]), 2.0)[None] for _ in range(n)])
     blobs = (blobs - blobs.min()) / (np.ptp(blobs) + 1e-9)
+    channels = shape[0]
     return {
         "blank": np.zeros((n, *shape), np.float32),
         "grey": np.full((n, *shape), 0.5, np.float32),
         "uniform_noise": rng.random((n, *shape)).astype(np.float32),
-        "blobs": blobs.astype(np.float32),
-        "letters": letters(n, shape[-2:], rng),
+        "blobs": np.repeat(blobs.astype(np.float32), channels, axis=1),
+        "letters": np.repeat(letters(n, shape[-2:], rng), channels, axis=1),
     }
 
 
