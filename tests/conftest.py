@@ -4,6 +4,8 @@ check that a test session leaves the checkout as it found it (tests write only u
 from __future__ import annotations
 
 import os
+import re
+import shutil
 import signal
 import socket
 import ssl
@@ -77,6 +79,29 @@ def mnist_test() -> tuple[np.ndarray, np.ndarray]:
     from nccr_guard.manifest import load_manifest
 
     return load_split(load_manifest(MNIST), "test")
+
+
+@pytest.fixture(scope="session")
+def mnist_v3(tmp_path_factory) -> Path:
+    """A copy of models/mnist served as `nccr-v3` (the max of three squeeze readings, 4 rows per input), calibrated
+    as `nccr-guard calibrate --variant nccr-v3` would: the variant the one-graph verdict, its float tolerances
+    and the 4-row batching and fault tests are about. The shipped model serves `nccr-v4` (78 rows, a weighted
+    sum scored by the numpy engine)."""
+    from nccr_guard.calibrate import calibrate
+
+    folder = tmp_path_factory.mktemp("mnist-v3") / "mnist"
+    shutil.copytree(MNIST, folder)
+    toml = folder / "model.toml"
+    toml.write_text(re.sub(r'^variant = ".*"$', 'variant = "nccr-v3"', toml.read_text(), count=1, flags=re.M))
+    calibrate(folder, variant="nccr-v3", backend="onnx")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def detector_v3(mnist_v3):
+    from nccr_guard.detector import Detector
+
+    return Detector.load(mnist_v3, backend="torch", device="cpu")
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from nccr_guard.detector import Detector
 from nccr_guard.engine import Calibration, fit_calibration, get_variant
 from nccr_guard.engine.calibration import model_nccr, set_combiner
 from nccr_guard.engine.score import raw_components
-from nccr_guard.manifest import Manifest, weight_hashes
+from nccr_guard.manifest import Manifest, ManifestError, weight_hashes
 
 
 def activations(det: Detector, xs: np.ndarray, chunk: int = 32, desc: str = "forward") -> dict[str, np.ndarray]:
@@ -76,9 +76,15 @@ def calibrate(
 def fit_combiner(det: Detector, calib: Calibration, half_b: dict[str, np.ndarray], seed: int) -> None:
     """Fit the logistic combiner's weights on the dev split's clean, shifted and attacked inputs
     (eval/combiner_fit.py: runs ART attacks, cached), then fix the threshold on clean half B with them."""
-    from nccr_guard.eval.combiner_fit import fit_weights
+    from nccr_guard.eval.combiner_fit import FIT_SPLIT, fit_weights
 
-    w, b, fitted_on = fit_weights(det, calib, seed=seed)
+    try:
+        w, b, fitted_on = fit_weights(det, calib, seed=seed)
+    except ManifestError as e:
+        raise ManifestError(
+            f"variant {det.variant.name} fits its combiner on attacks of the {FIT_SPLIT} split ({e}): give the "
+            f"model a {FIT_SPLIT} split, or calibrate a max-combined variant (--variant nccr-v3)"
+        ) from e
     set_combiner(calib, raw_components(det.variant, calib, half_b)[0], w, b)
     calib.meta["combiner"] = fitted_on
 

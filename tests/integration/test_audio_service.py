@@ -179,7 +179,8 @@ def test_a_chosen_sequential_schedule_replaces_the_variants(tmp_path, held_out_c
         start_server(tmp_path, "--models", str(SPEAKER_DIR), "--sequential-schedule", "1 (swep 3)/1/1.5").stop()
     with pytest.raises(RuntimeError, match="names nosuch, not served here"):
         start_server(tmp_path, "--models", str(MNIST), "--sequential-schedule", "nosuch=4/4/2").stop()
-    with pytest.raises(RuntimeError, match="names mnist, whose variant nccr-v3 draws no noise copies"):
+    weighted = "names mnist, whose variant nccr-v4 combines its readings by a weighted sum"
+    with pytest.raises(RuntimeError, match=weighted):
         start_server(tmp_path, "--models", str(MNIST), "--sequential-schedule", "mnist=4/4/2").stop()
     r = subprocess.run([str(BIN), "serve", "--sequential-schedule", "1/1"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "expected first/step/z" in r.stderr and "Traceback" not in r.stderr

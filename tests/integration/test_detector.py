@@ -64,19 +64,22 @@ def test_false_positive_rate_on_held_out_clean_is_near_target(detector):
     assert abs(flagged - detector.calib.target_fpr) <= 0.02, flagged
 
 
-def test_torch_and_onnx_backends_agree(detector, mnist_test):
+def test_torch_and_onnx_backends_agree(detector_v3, mnist_test, mnist_v3):
     """Across libraries (tests/tolerance.py): torch's forward and the numpy engine against ONNX Runtime's
-    verdict graph give the same verdicts within the float32 tolerance of the model's reductions (components,
-    score, confidence, p-value; predictions and verdicts exactly away from a near-tie or the threshold)."""
+    verdict graph (MNIST as nccr-v3: the served nccr-v4 has no graph) give the same verdicts within the float32
+    tolerance of the model's reductions (components, score, confidence, p-value; predictions and verdicts
+    exactly away from a near-tie or the threshold)."""
     from tests.tolerance import assert_verdicts_close, reduction_length, verdict_tolerance
 
-    onnx_det = Detector.load(MNIST, backend="onnx", device="cpu")
+    onnx_det = Detector.load(mnist_v3, backend="onnx", device="cpu")
     xs = mnist_test[0][:40]
-    a, b = detector.detect(xs), onnx_det.detect(xs)
+    a, b = detector_v3.detect(xs), onnx_det.detect(xs)
     tol = verdict_tolerance(
-        detector.verdict_spec(classes=10), detector.activations(xs)["logits"], reduction_length(MNIST / "model.onnx")
+        detector_v3.verdict_spec(classes=10),
+        detector_v3.activations(xs)["logits"],
+        reduction_length(MNIST / "model.onnx"),
     )
-    assert_verdicts_close(b, a, tol, detector.calib)
+    assert_verdicts_close(b, a, tol, detector_v3.calib)
 
 
 def test_artifacts_for_other_weights_are_refused(tmp_path):

@@ -61,13 +61,14 @@ def test_model_level_candidates_are_rates_that_grow_with_the_noise():
     assert vals["flip[*/class]@bitdepth:1/mean"] > 0  # 1-bit squeezing moves some class neurons across
 
 
-def test_clean_fpr_checks_thresholds_on_held_out_digits(tmp_path, digit_pngs):
+def test_clean_fpr_checks_thresholds_on_held_out_digits(tmp_path, digit_pngs, mnist_v3):
     """A copy calibrated on two splits at a 20 % target, scored beside the model's own 5 % calibration on the
-    same held-out digits: each flags about its target, and the looser one more. A folder of PNGs counts too."""
+    same held-out digits: each flags about its target, and the looser one more. A folder of PNGs counts too.
+    MNIST as nccr-v3: nccr-v4 fits on the dev split's attacks, which this calibration takes as clean data."""
     import shutil
 
     folder = tmp_path / "mnist"
-    shutil.copytree(MNIST, folder)
+    shutil.copytree(mnist_v3, folder)
     r = subprocess.run(
         [str(BIN), "calibrate", "--model", str(folder), "--split", "calib,dev", "--target-fpr", "0.2"],
         capture_output=True,
@@ -78,7 +79,7 @@ def test_clean_fpr_checks_thresholds_on_held_out_digits(tmp_path, digit_pngs):
     assert json.loads(r.stdout)["n_clean"] == 1250
     out = tmp_path / "fpr"
     r = subprocess.run(
-        [str(BIN.parent / "python"), "-m", "nccr_guard.eval.clean_fpr", "--model", str(MNIST), "--splits", "test"]
+        [str(BIN.parent / "python"), "-m", "nccr_guard.eval.clean_fpr", "--model", str(mnist_v3), "--splits", "test"]
         + ["--data", str(digit_pngs[0][0].parent)]
         + ["--calibration", f"loose={folder / 'calibration.npz'}", "--out", str(out)],
         capture_output=True,

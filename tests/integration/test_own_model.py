@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import tomllib
@@ -34,6 +35,7 @@ def own_toml(name: str, watch: str, weights: str) -> str:
     """The shipped MNIST manifest, renamed, watching `watch`, with `weights` and no [split] (none to point to)."""
     body = MNIST_TOML.split("[split]")[0].split("[weights]")[0]
     body = body.replace('name = "mnist"', f'name = "{name}"').replace('watch = ["fc1"]', f'watch = ["{watch}"]')
+    body = re.sub(r'(?m)^variant = ".*"\n', "", body)  # the engine default: nccr-v4 fits on attacks of a dev split
     return f"{body}[weights]\n{weights}\n"
 
 
@@ -70,6 +72,18 @@ def onnx_model(tmp_path_factory, clean_pngs):
     r = run("calibrate", "--model", str(folder), "--data", str(clean_pngs[0].parents[1]))
     assert r.returncode == 0, r.stderr[-2000:]
     return folder
+
+
+def test_a_logistic_variant_without_a_dev_split_says_what_to_calibrate_instead(onnx_model, tmp_path, clean_pngs):
+    """nccr-v4 (the MNIST default) fits its combiner on attacks of a dev split: on a model without one (a user's
+    folder of clean files) calibrate says so and names the flag that works, instead of a bare missing split."""
+    folder = tmp_path / "digits"
+    shutil.copytree(onnx_model, folder)
+    toml = (folder / "model.toml").read_text()
+    (folder / "model.toml").write_text(toml.replace('calibration = "', 'variant = "nccr-v4"\ncalibration = "', 1))
+    r = run("calibrate", "--model", str(folder), "--data", str(clean_pngs[0].parents[1]))
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "fits its combiner on attacks of the dev split" in r.stderr and "--variant nccr-v3" in r.stderr
 
 
 def test_layers_lists_an_exported_graphs_tensors_and_a_torch_models_modules(onnx_model):

@@ -126,7 +126,7 @@ def test_page_scores_an_uploaded_digit(page, served, digit_pngs, tmp_path):
     assert page.is_hidden("#error")
     assert [o for o in page.eval_on_selector_all("#model option", "os => os.map(o => o.value)")] == ["", "mnist"]
     page.select_option("#model", "mnist")
-    assert "nccr-v3" in page.text_content("#model-info")
+    assert "nccr-v4" in page.text_content("#model-info")
 
     path, label = digit_pngs[7]
     page.set_input_files("#file", str(path))

@@ -202,8 +202,9 @@ def test_clients_that_disconnect_free_their_queue_slots(tmp_path):
 
 
 @pytest.fixture
-def faulty_model(tmp_path) -> Path:
-    return faulty_folder(tmp_path, MNIST)
+def faulty_model(tmp_path, mnist_v3) -> Path:
+    """MNIST as nccr-v3 (4 rows per input), whose batches hold inputs whole at the tests' --max-batch."""
+    return faulty_folder(tmp_path, mnist_v3)
 
 
 def test_backend_fault_fails_only_its_batch(tmp_path, faulty_model, digit_pngs):

@@ -41,11 +41,11 @@ def load(folder, backend: str, fuse: bool = True) -> Detector:
 
 
 @pytest.fixture(scope="module")
-def pair():
-    """The default model on ONNX, fused and not."""
+def pair(mnist_v3):
+    """MNIST as nccr-v3 on ONNX, fused and not."""
     return (
-        Detector.load(MNIST, backend="onnx", device="cpu"),
-        Detector.load(MNIST, backend="onnx", device="cpu", fuse=False),
+        Detector.load(mnist_v3, backend="onnx", device="cpu"),
+        Detector.load(mnist_v3, backend="onnx", device="cpu", fuse=False),
     )
 
 
@@ -89,12 +89,12 @@ def test_fused_verdicts_are_the_numpy_engines(pair, mnist_test):
     assert_same([fused.detect(x[None])[0] for x in xs[:5]], want[:5])  # one input per call, as the server sends
 
 
-def test_the_watched_layer_session_is_released_and_rebuilt_on_demand(mnist_test):
+def test_the_watched_layer_session_is_released_and_rebuilt_on_demand(mnist_test, mnist_v3):
     """Before it builds the graph the detector drops the session it will no longer read (its memory:
     bench/fused_memory.py); anything that forwards rows afterwards gets it back, with the same outputs (the
     numpy engine after a fallback too: test_a_graph_it_cannot_extend_scores_in_numpy)."""
-    fused = Detector.load(MNIST, backend="onnx", device="cpu")
-    plain = Detector.load(MNIST, backend="onnx", device="cpu", fuse=False)
+    fused = Detector.load(mnist_v3, backend="onnx", device="cpu")
+    plain = Detector.load(mnist_v3, backend="onnx", device="cpu", fuse=False)
     xs = inputs(mnist_test, 4)
     assert fused.backend._session is not None
     assert fused.fused and fused.backend._session is None
@@ -106,12 +106,12 @@ def test_the_watched_layer_session_is_released_and_rebuilt_on_demand(mnist_test)
     assert_same(fused.detect(xs), plain.detect(xs))
 
 
-def test_torch_one_function_verdicts_are_the_numpy_engines(mnist_test):
+def test_torch_one_function_verdicts_are_the_numpy_engines(mnist_test, mnist_v3):
     """The torch twin, eagerly and replayed from (stand-in) CUDA graphs: the numpy engine's verdicts (across
     kernels: within the float32 tolerance of the model's reductions, the verdicts exactly away from the
     threshold); a batch whose rows exceed the graphs' largest bucket replays in chunks that fit it, and an input
     whose rows alone exceed it runs eagerly."""
-    fused, plain = load(MNIST, "torch"), load(MNIST, "torch", fuse=False)
+    fused, plain = load(mnist_v3, "torch"), load(mnist_v3, "torch", fuse=False)
     assert fused.fused and not plain.fused
     xs = inputs(mnist_test)
     want = plain.detect(xs)
@@ -131,11 +131,11 @@ def test_torch_one_function_verdicts_are_the_numpy_engines(mnist_test):
     fused.backend.graphs = GraphedForward(replaying_capture, 3)  # fewer rows than one input has: eager
     check(fused.detect(xs[:6]), want[:6])
     assert not fused.backend.graphs.graphs
-    assert not Detector.load(MNIST, backend="torch", device="cpu").fused  # off on the CPU by default
+    assert not Detector.load(mnist_v3, backend="torch", device="cpu").fused  # off on the CPU by default
 
 
 @pytest.mark.parametrize("variant", ["nccr-v3", "margin", "nccr-v3-median"])
-def test_torch_scoring_is_the_numpy_engines_on_the_same_logits(variant, mnist_test):
+def test_torch_scoring_is_the_numpy_engines_on_the_same_logits(variant, mnist_test, mnist_v3):
     """The part of the torch function after the forward, on the logits the numpy engine scored: exact by
     construction (the same correctly rounded float32 steps in the same order), so components and predictions bit
     for bit, the float64 log and softmax within a few ulps; only a `change` component's mean over the logits
@@ -147,7 +147,7 @@ def test_torch_scoring_is_the_numpy_engines_on_the_same_logits(variant, mnist_te
     from nccr_guard.calibrate import calibrate
     from nccr_guard.engine import score_rows
 
-    det = load(MNIST, "torch", fuse=False)
+    det = load(mnist_v3, "torch", fuse=False)
     if variant == "margin":
         v3 = det.variant
         det.variant = dataclasses.replace(
@@ -155,7 +155,7 @@ def test_torch_scoring_is_the_numpy_engines_on_the_same_logits(variant, mnist_te
         )
     elif variant == "nccr-v3-median":
         det.variant = get_variant(variant)
-        det.calib = calibrate(MNIST, variant=variant, write=False, backend="onnx")
+        det.calib = calibrate(mnist_v3, variant=variant, write=False, backend="onnx")
     acts = det.activations(inputs(mnist_test))
     want = score_rows(det.variant, det.calib, acts)
     spec = det.verdict_spec(classes=10)
@@ -174,12 +174,12 @@ def test_torch_scoring_is_the_numpy_engines_on_the_same_logits(variant, mnist_te
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
-def test_margin_measure_and_a_normalised_input_range(tmp_path, mnist_test, backend):
+def test_margin_measure_and_a_normalised_input_range(tmp_path, mnist_test, backend, mnist_v3):
     """The graph's other branches: bit-depth squeezes of a [-1, 1] input, normalisation before the model, and
     the one-sided margin drop; the detector rebuilds the graph when its variant is replaced. ONNX: exact by
     construction; torch: across kernels."""
     folder = tmp_path / "mnist-pm1"
-    shutil.copytree(MNIST, folder)
+    shutil.copytree(mnist_v3, folder)
     toml = (folder / "model.toml").read_text()
     toml = toml.replace("range = [0.0, 1.0]", "range = [-1.0, 1.0]").replace("mean = [0.0]", "mean = [-0.5]")
     (folder / "model.toml").write_text(toml.replace("std = [1.0]", "std = [2.0]"))
@@ -203,7 +203,7 @@ def test_margin_measure_and_a_normalised_input_range(tmp_path, mnist_test, backe
 
 
 @pytest.mark.parametrize("backend", ["onnx", "torch"])
-def test_a_median_filter_and_the_logit_change(backend, mnist_test):
+def test_a_median_filter_and_the_logit_change(backend, mnist_test, mnist_v3):
     """nccr-v3-median: a 2x2 median filter row after the bit-depth squeezes, and besides margin components a
     `change` component (every logit's move against its clean spread, averaged; the ONNX graph sums the logits in
     numpy's pairwise order): on ONNX the numpy engine's verdicts bit for bit (exact by construction); torch's
@@ -212,8 +212,8 @@ def test_a_median_filter_and_the_logit_change(backend, mnist_test):
     order."""
     from nccr_guard.calibrate import calibrate
 
-    calib = calibrate(MNIST, variant="nccr-v3-median", write=False, backend="onnx")
-    fused, plain = (load(MNIST, backend, fuse=f) for f in (True, False))
+    calib = calibrate(mnist_v3, variant="nccr-v3-median", write=False, backend="onnx")
+    fused, plain = (load(mnist_v3, backend, fuse=f) for f in (True, False))
     for det in (fused, plain):
         det.variant, det.calib = get_variant("nccr-v3-median"), calib
     assert fused.fused and not plain.fused
@@ -235,18 +235,19 @@ def test_a_median_filter_and_the_logit_change(backend, mnist_test):
     assert spec.medians == (2,) and spec.measures.count("change") == 1 and spec.spread.shape == (1, 10)
 
 
-def test_where_the_graph_does_not_apply():
-    noisy = Detector.load(MNIST, backend="onnx", device="cpu")
+def test_where_the_graph_does_not_apply(mnist_v3):
+    noisy = Detector.load(mnist_v3, backend="onnx", device="cpu")
     noisy.variant = get_variant("nccr-v2")  # Gaussian copies: drawn from numpy's generator, not in the graph
     assert not noisy.fused
-    median = Detector.load(MNIST, backend="onnx", device="cpu")
+    median = Detector.load(mnist_v3, backend="onnx", device="cpu")
     median.variant = get_variant("nccr-v3-median")  # a calibration without the median row's logit spreads
     assert not median.fused
-    assert not Detector.load(MNIST, backend="torch", device="cpu").fused
-    assert not Detector.load(MNIST, backend="onnx", device="cpu", calibrated=False).fused
+    assert not Detector.load(mnist_v3, backend="torch", device="cpu").fused
+    assert not Detector.load(mnist_v3, backend="onnx", device="cpu", calibrated=False).fused
+    assert not Detector.load(MNIST, backend="onnx", device="cpu").fused  # the served nccr-v4: a weighted sum
 
 
-def test_a_graph_it_cannot_extend_scores_in_numpy(tmp_path, mnist_test, caplog):
+def test_a_graph_it_cannot_extend_scores_in_numpy(tmp_path, mnist_test, caplog, mnist_v3):
     """A model already using the graph's tensor prefix: a warning, the numpy engine, the same verdicts."""
     model = onnx.load(MNIST / "model.onnx")
     old = model.graph.node[0].output[0]
@@ -254,9 +255,9 @@ def test_a_graph_it_cannot_extend_scores_in_numpy(tmp_path, mnist_test, caplog):
         node.input[:] = [f"{PREFIX}x" if n == old else n for n in node.input]
         node.output[:] = [f"{PREFIX}x" if n == old else n for n in node.output]
     folder = tmp_path / "prefixed"
-    shutil.copytree(MNIST, folder)
+    shutil.copytree(mnist_v3, folder)
     onnx.save(model, folder / "model.onnx")
-    ref = Detector.load(MNIST, backend="onnx", device="cpu", fuse=False)
+    ref = Detector.load(mnist_v3, backend="onnx", device="cpu", fuse=False)
     manifest = load_manifest(folder)  # the renamed graph, same weights: the calibration still fits
     det = Detector(
         manifest, make_backend("onnx", manifest), ref.variant, Calibration.load(ref.manifest.calibration_path)

@@ -63,7 +63,7 @@ def test_schedule_labels_parse_back_and_bad_ones_are_refused():
     assert e.value.code == 2
 
 
-def test_schedules_per_model_parse_and_load():
+def test_schedules_per_model_parse_and_load(mnist_v3):
     """`--sequential-schedule` also takes `NAME=LABEL` entries: each model gets its own, a bare label covers the
     rest, and a name given twice, an empty name, or a model without noise copies named is an error."""
     from nccr_guard.detector import Detector
@@ -84,8 +84,11 @@ def test_schedules_per_model_parse_and_load():
     ):
         with pytest.raises(ValueError, match=why):
             parse_schedules(bad)
-    assert Detector.load(MNIST, schedule="speaker=4/4/2; 3/3/2").schedule is None  # no noise copies: ignored
+    assert Detector.load(mnist_v3, schedule="speaker=4/4/2; 3/3/2").schedule is None  # no noise copies: ignored
     with pytest.raises(ManifestError, match="mnist.*no noise copies"):
+        Detector.load(mnist_v3, schedule="mnist=4/4/2")
+    assert Detector.load(MNIST, schedule="3/3/2").schedule is None  # the served nccr-v4: a weighted sum, ignored
+    with pytest.raises(ManifestError, match="mnist.*weighted sum"):
         Detector.load(MNIST, schedule="mnist=4/4/2")
 
 

@@ -37,11 +37,11 @@ def test_f32_close_admits_the_bound_and_rejects_more():
 
 
 @pytest.fixture(scope="module")
-def scored(mnist_test):
+def scored(mnist_test, mnist_v3):
     """The default detector's logits and verdicts of held-out digits and of sign-noised ones (both verdicts)."""
     from tests.unit.test_fused import inputs
 
-    det = Detector.load(MNIST, backend="onnx", device="cpu", fuse=False)
+    det = Detector.load(mnist_v3, backend="onnx", device="cpu", fuse=False)
     acts = det.activations(inputs(mnist_test))
     tol = verdict_tolerance(det.verdict_spec(classes=10), acts["logits"], N_MNIST)
     return det, acts, det.verdicts(acts), tol

@@ -44,8 +44,8 @@ def test_noise_rows_have_the_right_shape_scale_and_range():
     assert ref.shape == rows.shape[1:]
 
 
-def test_device_rows_path_gives_the_same_verdicts_as_the_numpy_path(detector, mnist_test):
-    """The CUDA code path (rows built in torch), exercised on the CPU. The default variant has no noise copies,
+def test_device_rows_path_gives_the_same_verdicts_as_the_numpy_path(detector_v3, mnist_test):
+    """The CUDA code path (rows built in torch), exercised on the CPU. MNIST as nccr-v3 has no noise copies,
     so its rows are the numpy path's bit for bit (above) and the verdicts differ only by the forward (across
     kernels: rows normalised on the device, forwarded as another tensor): within the float32 tolerance of the
     model's reductions, verdicts exactly away from the threshold."""
@@ -54,13 +54,13 @@ def test_device_rows_path_gives_the_same_verdicts_as_the_numpy_path(detector, mn
     from tests.tolerance import assert_verdicts_close, reduction_length, verdict_tolerance
 
     xs = mnist_test[0][:60]
-    ref = detector.detect(xs)
-    det = Detector.load(detector.manifest.root, backend="torch", device="cpu")
+    ref = detector_v3.detect(xs)
+    det = Detector.load(detector_v3.manifest.root, backend="torch", device="cpu")
     det.backend.device_rows = True
     got = det.detect(xs)
-    logits = detector.activations(xs)["logits"]
-    tol = verdict_tolerance(detector.verdict_spec(classes=10), logits, reduction_length(MNIST / "model.onnx"))
-    assert_verdicts_close(got, ref, tol, detector.calib)
+    logits = detector_v3.activations(xs)["logits"]
+    tol = verdict_tolerance(detector_v3.verdict_spec(classes=10), logits, reduction_length(MNIST / "model.onnx"))
+    assert_verdicts_close(got, ref, tol, detector_v3.calib)
 
 
 @pytest.mark.parametrize("family", ["shift", "sweep"])
