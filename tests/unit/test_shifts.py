@@ -46,3 +46,14 @@ def test_out_of_distribution_inputs_have_the_models_shape():
         assert set(ood) == {"blank", "grey", "uniform_noise", "blobs", "letters"}
         assert all(v.shape == (4, *shape) and v.dtype == np.float32 for v in ood.values())
         assert ood["letters"].max() == pytest.approx(1.0) and ood["blank"].max() == 0.0
+
+
+def test_a_subset_of_shifts_draws_what_the_whole_set_draws():
+    """A calibration's shifted negatives (CALIBRATION_SHIFTS) equal the same shifts of a study over every shift."""
+    x = np.random.default_rng(2).random((3, 1, 28, 28)).astype(np.float32)
+    every = shifts.shifted(x, 100, (0.0, 1.0))
+    some = shifts.shifted(x, 100, (0.0, 1.0), shifts.CALIBRATION_SHIFTS)
+    assert list(every) == list(shifts.SHIFTS) and list(some) == list(shifts.CALIBRATION_SHIFTS)
+    for name, xs in some.items():
+        np.testing.assert_array_equal(xs, every[name])
+    np.testing.assert_array_equal(every["noise_0.1"], shifts.apply("noise_0.1", x, 100 + 4))

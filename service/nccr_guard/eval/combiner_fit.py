@@ -39,9 +39,8 @@ def fit_groups(
     vr = tuple(det.manifest.input.range)
     neg = [z_of(det, calib, x0, f"{split} clean")]
     if det.manifest.modality == "image":
-        for i, s in enumerate(shifts.SHIFTS):
-            if s in shifts.CALIBRATION_SHIFTS:
-                neg.append(z_of(det, calib, shifts.apply(s, x0, seed + 100 + i, vr), s))
+        for s, xs in shifts.shifted(x0, seed + 100, vr, shifts.CALIBRATION_SHIFTS).items():
+            neg.append(z_of(det, calib, xs, s))
     return np.concatenate(neg), {a: z_of(det, calib, xa, a) for a, xa in advs.items() if len(xa)}
 
 

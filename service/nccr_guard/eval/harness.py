@@ -52,8 +52,8 @@ def false_alarms(det: Detector, x0: np.ndarray, thresholds: dict, seed: int) -> 
 
     vr = tuple(det.manifest.input.range)
     benign = {
-        name: {**rates(shifts.apply(name, x0, seed + 1000 + i, vr)), "fitted": name in shifts.CALIBRATION_SHIFTS}
-        for i, name in enumerate(shifts.SHIFTS)
+        name: {**rates(xs), "fitted": name in shifts.CALIBRATION_SHIFTS}
+        for name, xs in shifts.shifted(x0, seed + 1000, vr).items()
     }
     benign["none"] = {**rates(x0), "fitted": True}
     ood = {k: rates(v) for k, v in shifts.ood_inputs(50, x0.shape[1:], seed).items()}

@@ -89,8 +89,7 @@ def collect(model: Path, n: int, seed: int, attacks: list[str]) -> Data:
 
     fs = {"calib_b": feature_squeezing(det, xc[1::2]), "clean": feature_squeezing(det, x0)}
     shift = {}
-    for i, s in enumerate(shifts.SHIFTS):
-        xs = shifts.apply(s, x0, seed + 100 + i, vr)
+    for s, xs in shifts.shifted(x0, seed + 100, vr).items():
         shift[s], fs[f"shift:{s}"] = z(xs, s), feature_squeezing(det, xs)
     for a, xa in advs.items():
         fs[f"attack:{a}"] = feature_squeezing(det, xa)

@@ -139,6 +139,14 @@ def apply(name: str, xs: np.ndarray, seed: int, value_range: tuple[float, float]
     return np.clip(out, *value_range).astype(np.float32)
 
 
+def shifted(
+    xs: np.ndarray, seed: int, value_range: tuple[float, float], names: tuple[str, ...] | None = None
+) -> dict[str, np.ndarray]:
+    """Each named shift of `xs` (all of SHIFTS by default), shift i of SHIFTS drawn with seed `seed` + i: one
+    seed per shift whatever subset is asked for, so a calibration's shifted inputs equal a study's."""
+    return {s: apply(s, xs, seed + i, value_range) for i, s in enumerate(SHIFTS) if names is None or s in names}
+
+
 def ood_inputs(n: int, shape: tuple[int, ...], seed: int) -> dict[str, np.ndarray]:
     """Inputs that are no digit or photo at all: blank, uniform grey, uniform noise, smooth noise blobs, and
     letters, each (n, *shape); blobs and letters are grey, their plane repeated on every channel."""
