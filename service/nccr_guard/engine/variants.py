@@ -400,12 +400,12 @@ NCCR_AUDIO_V2 = replace(
     # on both dev samples together (reports/sequential/speaker-dev-pooled, 199 clean clips: 5.17 of 18 rows at
     # 0.0050; between 100-clip samples the loss moves by ~0.01, so one sample chose by the luck of a clip). The
     # first round holds two spread shifts (a mean needs two copies for a standard error) and one noisy copy (its
-    # flips settle from one under the clean prior). Session 8's (1, 2, 2): 7.99 rows at 0.0022 on the same pool.
-    # Under session 13's higher threshold (1,000-clip calibration) the same pool gives 5.09 rows at 0.0087 (CW-L2):
-    # inside the issue's 0.01, outside the rule's 0.005, verdicts unchanged; three shifts first would keep 0.0037
-    # at 6.06 rows, just over 1/3 of K (docs/nccr.md, "rerun on the 1,000-clip calibration"). Kept in session 15:
-    # 0.0031-0.0087 on all six samples of 199-300 clips incl. three holdouts made after the choice; a deployment can
-    # pick another with --sequential-schedule.
+    # flips settle from one under the clean prior). (1, 2, 2): 7.99 rows at 0.0022 on the same pool.
+    # Under the 1,000-clip calibration's higher threshold the same pool gives 5.09 rows at 0.0087 (CW-L2): inside
+    # the 0.01 budget, outside the rule's 0.005, verdicts unchanged; three shifts first would keep 0.0037 at 6.06
+    # rows, just over 1/3 of K. Kept: 0.0031-0.0087 on all six samples of 199-300 clips, three holdouts made after
+    # the choice among them (docs/nccr.md, decision 004); a deployment can pick another with
+    # --sequential-schedule.
     sequential=Schedule(first=1, step=1, z=1.5, first_by=(("sweep", 2),)),
 )
 

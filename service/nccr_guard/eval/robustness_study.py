@@ -6,7 +6,7 @@ Trains MNIST models with one recipe (nccr_guard.training) and different robustne
 augmentation, PGD adversarial training at several eps), calibrates each with the default variant, and measures
 on the held-out split: the model-level NCCR (`nccr-guard robustness`) and the accuracy under ART PGD-L∞.
 
-Session 10 (the measure then in use came out inverted on the first five models): a fixed list of NCCR candidates
+The measure once in use came out inverted on the first five models; since then a fixed list of NCCR candidates
 (CANDIDATES: cover flips of each class's characteristic neurons, the decision neuron's relative margin drop,
 and prediction flips, each under 1-bit squeezing and under Gaussian and uniform noise at two scales) is
 measured on every model; the rule, fixed before any candidate was measured, picks the candidate with the
@@ -189,8 +189,8 @@ def study(src: Path, out: Path, epochs: int, adv_epochs: int, seed: int, n: int)
         for c in CANDIDATES
     }
     # The rule: best dev correlation at the primary eps, then at the other eps; nan (a constant measure) last.
-    # A tie beyond both goes to the first in CANDIDATES order (max keeps the first maximum): it happened in
-    # session 10, three ways, and is stated with the result in docs/nccr.md.
+    # A tie beyond both goes to the first in CANDIDATES order (max keeps the first maximum): it happened, three
+    # ways, and is stated with the result in reports/robustness/robustness.md.
     other = next(e for e in PGD_EPS if e != PRIMARY_EPS)
 
     def rank(name: str) -> tuple[float, float]:
@@ -279,7 +279,7 @@ def scatter(r: dict, path: Path) -> None:
     eps = r["primary_eps"]
     fig, axes = plt.subplots(1, 2, figsize=(8.4, 3.4))
     chosen = r["chosen_candidate"]
-    first = CANDIDATES[0].name  # the default measure until session 10
+    first = CANDIDATES[0].name  # the measure that came out inverted
     panels = ((first, lambda m: m["candidates"][first]), (chosen, lambda m: m["candidates"][chosen]))
     for ax, (label, value) in zip(axes, panels, strict=True):
         for m in r["models"]:

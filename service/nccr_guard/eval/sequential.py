@@ -30,10 +30,10 @@ from nccr_guard.eval.report import machine
 from nccr_guard.speaker_corpus import cache_dir
 
 GRID = [Schedule(f, s, z) for f in (1, 2, 4) for s in (1, 2, 4) for z in (1.0, 2.0, 3.0)]
-# Per-family first rounds (session 9): two spread shifts (a mean needs two copies for a standard error) and one
+# Per-family first rounds: two spread shifts (a mean needs two copies for a standard error) and one
 # copy of every other noise family, whose 0/1 flips settle from one copy under the clean prior.
 GRID += [Schedule(1, s, z, (("sweep", 2),)) for s in (1, 2) for z in (1.0, 1.5, 2.0, 3.0)]
-# Three spread shifts first (session 14): after the recalibration raised the speaker threshold, the two-shift mean
+# Three spread shifts first: after the recalibration raised the speaker threshold, the two-shift mean
 # stops more adversarial clips early on a noisy estimate; a third shift is one more row on clips that settle.
 GRID += [Schedule(1, s, 1.5, (("sweep", 3),)) for s in (1, 2)]
 
