@@ -185,3 +185,66 @@ def test_forwarding_writes_no_line_of_httpx_into_the_json_log(tmp_path, digit_pn
     records = [json.loads(line) for line in s.log.read_text().splitlines()]  # stderr: the service log
     assert records and not [r for r in records if r["logger"].startswith(("httpx", "httpcore"))]
     assert not [r for r in records if "HTTP Request" in r["msg"]]
+
+
+def test_json_bodies_are_scored_as_tensors_then_forwarded_byte_identical(tmp_path, digit_pngs, attacked_pngs):
+    """A KServe v2 infer request and a row-format `{"instances": ...}` body are scored as the tensors they carry
+    (the verdicts /v1/detect gives the same pixels) and forwarded unchanged when clean; one with an attacked
+    digit among them is blocked; JSON the sidecar cannot read is refused, never forwarded unscored."""
+    from nccr_guard.inputs import decode
+    from nccr_guard.manifest import load_manifest
+
+    manifest = load_manifest(MNIST)
+    up = Upstream()
+    s = start_server(tmp_path, "--upstream", up.url, "--models", str(MNIST))
+    try:
+        with s.client() as c:
+            clean = []
+            for p, _ in digit_pngs[:12]:
+                d = c.post("/v1/detect", content=p.read_bytes(), headers={"content-type": "image/png"}).json()
+                if d["verdict"] == "clean":
+                    clean.append((decode(p.read_bytes(), manifest), d))
+            assert len(clean) >= 3
+            x, want = clean[0]
+            v2 = {
+                "inputs": [{"name": "input", "shape": [1, 1, 28, 28], "datatype": "FP32", "data": x.ravel().tolist()}]
+            }
+            body = json.dumps(v2).encode()
+            r = c.post("/v1/guard?model=mnist", content=body, headers={"content-type": "application/json"})
+            assert r.status_code == 200 and r.json()["label"] == "from-upstream", r.text
+            assert r.headers["x-nccr-verdict"] == "clean" and r.headers["x-nccr-inputs"] == "1"
+            assert float(r.headers["x-nccr-score"]) == pytest.approx(want["score"], abs=1e-3)
+            assert up.bodies[-1] == body and up.headers[-1]["content-type"] == "application/json"
+            assert up.paths[-1] == "/classify?model=mnist"
+
+            rows = json.dumps({"instances": [xi.tolist() for xi, _ in clean[:3]]}).encode()
+            r = c.post("/v1/guard", content=rows, headers={"content-type": "application/json; charset=utf-8"})
+            assert r.status_code == 200 and r.headers["x-nccr-inputs"] == "3" and up.bodies[-1] == rows
+            assert float(r.headers["x-nccr-score"]) == pytest.approx(max(d["score"] for _, d in clean[:3]), abs=1e-3)
+
+            before = len(up.bodies)
+            adv_path, adv = next((p, v) for p, v in attacked_pngs if v.adversarial)
+            mixed = [clean[1][0].tolist(), decode(adv_path.read_bytes(), manifest).tolist()]
+            r = c.post("/v1/guard", json={"instances": mixed})
+            assert r.status_code == 422 and r.headers["x-nccr-verdict"] == "adversarial", r.text
+            got = r.json()
+            assert got["verdict"] == "adversarial" and [d["verdict"] for d in got["results"]] == [
+                "clean",
+                "adversarial",
+            ]
+            assert got["results"][1]["score"] == pytest.approx(adv.score, abs=1e-3)
+            refused = {
+                "neither form": (b'{"image": [1, 2, 3]}', 400, "neither"),
+                "not JSON": (b"{not json", 422, "does not parse"),
+                "0-255 pixels": (json.dumps({"instances": [(x * 255).tolist()]}).encode(), 400, "divide them by 255"),
+                "no model's shape": (json.dumps({"instances": [[[0.5] * 10]]}).encode(), 400, "no served model"),
+                "ragged": (b'{"instances": [[1, 2], [3]]}', 400, "equally shaped"),
+                "two tensors": (json.dumps({"inputs": v2["inputs"] * 2}).encode(), 400, "exactly one"),
+            }
+            for what, (raw, status, says) in refused.items():
+                r = c.post("/v1/guard", content=raw, headers={"content-type": "application/json"})
+                assert r.status_code == status and says in r.json()["error"], (what, r.status_code, r.text)
+            assert len(up.bodies) == before  # nothing unscored went upstream
+    finally:
+        s.stop_cleanly()
+        up.close()

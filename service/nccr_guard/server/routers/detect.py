@@ -13,7 +13,8 @@ import numpy as np
 from fastapi import APIRouter, Request
 from starlette.concurrency import run_in_threadpool
 
-from nccr_guard.batcher import Reservation
+from nccr_guard.batcher import Reservation, Timings
+from nccr_guard.detector import Verdict
 from nccr_guard.inputs import InputError, declared_pixels, decode
 from nccr_guard.server.deps import Authorized, ServiceDep, deadline
 from nccr_guard.server.runtime import ModelRuntime
@@ -143,6 +144,27 @@ async def detect_uploads(
             r.release()
 
 
+def detection(rt: ModelRuntime, v: Verdict, t: Timings, start: float, d: int) -> Detection:
+    """The answer for one verdict of model `rt`, scores rounded to `d` decimals; `start`: when the request's
+    work began (monotonic), for `timings_ms.total`."""
+    return Detection(
+        model=rt.name,
+        modality=rt.detector.manifest.modality,
+        verdict=v.verdict,
+        score=round(v.score, d),
+        threshold=round(v.threshold, d),
+        p_value=round(v.p_value, d),
+        ood=v.ood,
+        prediction=Prediction(index=v.index, label=v.label, confidence=round(v.confidence, d)),
+        passes=v.passes,
+        timings_ms=TimingsMs(
+            queue=round(t.queue_s * 1e3, 3),
+            compute=round(t.compute_s * 1e3, 3),
+            total=round((time.monotonic() - start) * 1e3, 3),
+        ),
+    )
+
+
 async def _detect_routed(
     request: Request,
     service: Service,
@@ -167,25 +189,7 @@ async def _detect_routed(
 
     async def part(rt: ModelRuntime, xs: np.ndarray) -> list[Detection]:
         d = service.settings.score_decimals
-        return [
-            Detection(
-                model=rt.name,
-                modality=rt.detector.manifest.modality,
-                verdict=v.verdict,
-                score=round(v.score, d),
-                threshold=round(v.threshold, d),
-                p_value=round(v.p_value, d),
-                ood=v.ood,
-                prediction=Prediction(index=v.index, label=v.label, confidence=round(v.confidence, d)),
-                passes=v.passes,
-                timings_ms=TimingsMs(
-                    queue=round(t.queue_s * 1e3, 3),
-                    compute=round(t.compute_s * 1e3, 3),
-                    total=round((time.monotonic() - start) * 1e3, 3),
-                ),
-            )
-            for v, t in await rt.detect_part(xs, held[rt])
-        ]
+        return [detection(rt, v, t, start, d) for v, t in await rt.detect_part(xs, held[rt])]
 
     due = deadline(request)
     state = request.scope["state"]

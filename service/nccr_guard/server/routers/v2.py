@@ -143,7 +143,7 @@ async def model_version_ready(name: str, version: str, service: ServiceDep):
     return await model_ready(name, service)
 
 
-def _tensor(req: V2InferRequest, shape: list[int], binary: bytes | None) -> np.ndarray:
+def request_tensor(req: V2InferRequest, shape: list[int], binary: bytes | None) -> np.ndarray:
     if len(req.inputs) != 1:
         raise InputError(f"expected exactly one input tensor, got {len(req.inputs)}")
     t = req.inputs[0]
@@ -248,7 +248,7 @@ async def run_infer(
     request.scope["state"]["model"] = name
     m = rt.detector.manifest
     wanted = _requested_outputs(req)
-    x = in_range(_tensor(req, m.input.shape, binary), m.name, m.input.range)
+    x = in_range(request_tensor(req, m.input.shape, binary), m.name, m.input.range)
     due = deadline(request)
     with rt.admit(len(x)) as held:
         settled = await settle(request, [rt.detect_part(part, held) for part in rt.parts(x)], due)
