@@ -106,6 +106,12 @@ class Settings(BaseSettings):
     on_adversarial: Literal["block", "tag"] = Field(
         "block", description="sidecar mode: block answers an adversarial input 422; tag forwards it too"
     )
+    attack_demo: bool = Field(
+        False,
+        description="serve POST /v1/attack, which runs a small ART attack (PGD, 10 steps, the model's FGSM budget) on "
+        "one uploaded image on the server, and show its button on the page: a visitor sees a clean / adversarial "
+        "pair; image models with torch weights only, one attack at a time per model. Off: the route answers 404",
+    )
     k: int | None = Field(None, ge=1, le=256, description="override the variant's noise copies")
     sequential: bool = Field(
         True,

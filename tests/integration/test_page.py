@@ -72,7 +72,7 @@ class StripPrefixProxy:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory) -> Iterator[tuple[object, StripPrefixProxy]]:
     folder = tmp_path_factory.mktemp("page")
-    s = start_server(folder, "--models", str(MNIST), "--api-key", KEY, "--root-path", PREFIX)
+    s = start_server(folder, "--models", str(MNIST), "--api-key", KEY, "--root-path", PREFIX, "--attack-demo")
     proxy = StripPrefixProxy(s.url)
     yield s, proxy
     proxy.close()
@@ -141,11 +141,77 @@ def test_page_scores_an_uploaded_digit(page, served, digit_pngs, tmp_path):
     assert "ms total" in page.text_content("#timings") and " of " in page.text_content("#passes")
     if "ood" in expected:  # shown when the answer has it
         assert page.text_content("#ood") == ("yes" if expected["ood"] else "no") and page.is_visible("#ood-row")
-    assert "margin" in page.text_content("#components")  # the variant's component names, from its card
+    assert "248 standardised components of nccr-v4" in page.text_content("#components")  # from its card
     assert page.is_visible("#preview img")
+
+    # The score on the clean calibration scores' histogram, the largest weight x z terms, the rows as thumbnails.
+    with server.client(headers={"x-api-key": KEY}) as c:
+        explained = c.post("/v1/explain", files={"file": (path.name, path.read_bytes(), "image/png")}).json()
+    e = explained["explanation"]
+    assert page.get_attribute("#dist", "data-bars") == "30" and page.locator("#dist rect.bar").count() == 30
+    assert int(page.get_attribute("#dist", "data-clean")) == e["clean"]["n"] == sum(e["clean"]["counts"])
+    assert float(page.get_attribute("#dist", "data-score")) == pytest.approx(expected["score"], rel=1e-3)
+    assert page.locator("#dist line.thr").count() == 1 and page.locator("#dist line.score").count() == 1
+    assert f"threshold {expected['threshold']:.3g}" in page.text_content("#dist")
+    assert "logistic combination" in page.text_content("#contrib-note")
+    names = page.eval_on_selector_all("#contribs tbody td.name code", "cs => cs.map(c => c.textContent)")
+    assert names == [k["name"] for k in e["combiner"]["components"]] and len(names) == 10
+    assert "the other 238" in page.text_content("#contrib-foot")
+    thumbs = page.eval_on_selector_all("#thumbs figure", "fs => fs.map(f => f.dataset.perturbation)")
+    assert thumbs == [t["perturbation"] for t in e["thumbnails"]] and len(thumbs) == 12
+    assert thumbs[0] == "original" and {"bitdepth:1", "median:3", "gaussian:0.2", "uniform:0.1"} <= set(thumbs)
+    assert page.evaluate(
+        "[...document.querySelectorAll('#thumbs img')].every(i => i.complete && i.naturalWidth === 28)"
+    )
+    assert "12 of the 78 rows" in page.text_content("#rows-note")
+    assert page.is_visible("#attack")  # the server runs with --attack-demo
     shot = tmp_path / "page-upload.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
+
+
+def test_make_it_adversarial_shows_the_pair(page, served, digit_pngs, tmp_path):
+    """With --attack-demo, the button attacks the uploaded digit on the server and the page shows the clean and
+    the adversarial image side by side with their verdicts, as POST /v1/attack answers them."""
+    server, proxy = served
+    page.goto(f"{proxy.url}{PREFIX}/")
+    _enter_key(page)
+    path, label = digit_pngs[3]
+    page.set_input_files("#file", str(path))
+    page.wait_for_selector("#verdict[data-verdict]")
+    page.click("#attack")
+    page.wait_for_selector("#pair:not([hidden])", timeout=60_000)
+    with server.client(headers={"x-api-key": KEY}, timeout=120) as c:
+        want = c.post("/v1/attack", files={"file": (path.name, path.read_bytes(), "image/png")}).json()
+    assert want["adversarial"]["verdict"] == "adversarial" and want["adversarial"]["prediction"]["index"] != label
+    assert page.get_attribute("#pair-clean .verdict", "data-verdict") == want["clean"]["verdict"]
+    assert page.get_attribute("#pair-adv .verdict", "data-verdict") == "adversarial"
+    assert f"predicted {want['adversarial']['prediction']['label']} " in page.text_content("#pair-adv figcaption")
+    assert f"predicted {label} " in page.text_content("#pair-clean figcaption")
+    assert page.get_attribute("#pair-adv img", "src") == want["image"]  # the attack is seeded: the same image
+    assert "PGD" in page.text_content("#pair-note") and "10 steps" in page.text_content("#pair-note")
+    assert page.evaluate("[...document.querySelectorAll('#pair img')].every(i => i.complete && i.naturalWidth === 28)")
+    shot = tmp_path / "page-attack.png"
+    page.screenshot(path=str(shot), full_page=True)
+    assert shot.stat().st_size > 10_000
+
+
+def test_without_the_demo_flag_the_page_hides_the_button(browser, digit_pngs, tmp_path):
+    """A server without --attack-demo: the page scores and explains, but shows no "Make it adversarial"."""
+    s = start_server(tmp_path, "--models", str(MNIST))
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(s.url + "/")
+        page.wait_for_function("document.querySelector('#model').options.length > 1")
+        page.set_input_files("#file", str(digit_pngs[5][0]))
+        page.wait_for_selector("#verdict[data-verdict]")
+        page.wait_for_selector("#thumbs figure")
+        assert page.is_hidden("#attack") and page.is_hidden("#pair")
+        page.screenshot(path=str(tmp_path / "page-no-demo.png"), full_page=True)
+    finally:
+        context.close()
+        s.stop_cleanly()
 
 
 def test_page_scores_a_drawn_digit(page, served, tmp_path):

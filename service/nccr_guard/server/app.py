@@ -29,7 +29,7 @@ from nccr_guard.server.errors import input_error_response, unexpected_response
 from nccr_guard.server.metrics import GcPauses, Metrics, watch_event_loop
 from nccr_guard.server.middleware import ServiceMiddleware
 from nccr_guard.server.pages import add_pages
-from nccr_guard.server.routers import detect, guard, models, v2
+from nccr_guard.server.routers import detect, explain, guard, models, v2
 from nccr_guard.server.runtime import ModelRuntime, batch_policy
 from nccr_guard.server.state import Service
 from nccr_guard.server.workers import StartGate
@@ -154,7 +154,7 @@ def create_app(settings: Settings, gate: StartGate | None = None) -> FastAPI:
         ]
         app.add_middleware(DirectRoutes, service=service, handlers=direct)
     app.add_middleware(ServiceMiddleware, service=service)
-    routers = (detect.router, models.router, v2.router, guard.router)
+    routers = (detect.router, explain.router, models.router, v2.router, guard.router)
     for r in routers:
         app.include_router(r)
     add_pages(app, service, routers)

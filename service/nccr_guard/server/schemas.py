@@ -81,6 +81,71 @@ class ModelCard(BaseModel):
     )
     robustness_measure: str = Field(description="the component robustness_nccr averages")
     ready: bool
+    attack_demo: bool = Field(
+        False, description="POST /v1/attack serves this model (--attack-demo, image models with torch weights)"
+    )
+
+
+class Thumbnail(BaseModel):
+    row: int = Field(description="the row's index among the verdict's rows (0: the input itself)")
+    perturbation: str = Field(description="its perturbation's key, e.g. bitdepth:1 or gaussian:0.1; original")
+    what: str
+    prediction: str | None = Field(description="the model's label for this row (null where its logits are not run)")
+    image: str = Field(description="the row as an 8-bit PNG data URI")
+
+
+class Contribution(BaseModel):
+    name: str
+    z: float = Field(description="the component's standardised reading (z-score of its log against clean data)")
+    weight: float | None = Field(None, description="its weight in a logistic combiner")
+    contribution: float = Field(description="what it adds to the score: weight x z (logistic), z (max)")
+    max: bool = Field(False, description="the component whose z-score is the score (max combiner)")
+
+
+class Combiner(BaseModel):
+    kind: str = Field(description="max | logistic")
+    components: list[Contribution] = Field(
+        description="max: every component, largest first; logistic: the largest |weight x z| terms"
+    )
+    bias: float = Field(description="the logistic combiner's bias (0 for max)")
+    rest: float = Field(description="the sum of the logistic terms not listed (0 for max)")
+    n_components: int
+
+
+class CleanHistogram(BaseModel):
+    edges: list[float]
+    counts: list[int]
+    n: int = Field(description="clean calibration inputs")
+
+
+class Explanation(BaseModel):
+    score: float = Field(description="the fixed-K score these readings give (a sequential verdict may stop earlier)")
+    threshold: float
+    rows: int = Field(description="rows of the fixed-K verdict")
+    combiner: Combiner
+    clean: CleanHistogram = Field(description="the clean calibration scores the threshold was set on")
+    thumbnails: list[Thumbnail] = Field(description="images: the original, each squeeze, one copy per noise family")
+
+
+class Explained(BaseModel):
+    detection: Detection
+    explanation: Explanation
+
+
+class AttackInfo(BaseModel):
+    name: str
+    norm: str
+    eps: float
+    eps_step: float
+    max_iter: int
+    l_inf: float = Field(description="the largest change of one value, in the model's input range")
+
+
+class Attacked(BaseModel):
+    clean: Detection
+    adversarial: Detection
+    image: str = Field(description="the adversarial image as an 8-bit PNG data URI (what was scored)")
+    attack: AttackInfo
 
 
 class V2Tensor(BaseModel):

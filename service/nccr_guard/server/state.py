@@ -30,6 +30,7 @@ class Service:
     gate: StartGate | None = None  # with --processes N: ready once every worker has started (workers.py)
     gc_pauses: GcPauses | None = None  # installed while serving (app.py)
     connections: set = field(default_factory=set)  # uvicorn's open connections (run.DrainingServer)
+    demo_attacks: dict = field(default_factory=dict)  # model -> explain.DemoAttack, made on first use (--attack-demo)
     _next_shed: float = 0.0
     _access_dropped: int = 0  # access_log_dropped() at the last sample
 

@@ -1,4 +1,5 @@
-// The try-it page: pick a model, send a file or a drawn digit to POST v1/detect, show the answer.
+// The try-it page: pick a model, send a file or a drawn digit to POST v1/explain (the answer of v1/detect and
+// what its score is made of), show both; with the server's --attack-demo, attack the input on the server.
 // Plain script, no build step and no dependency; every URL is relative to the page's <base href>, which the
 // server sets to its root path, so the page works behind a proxy that serves the API under a prefix.
 "use strict";
@@ -77,23 +78,156 @@ function fmt(x, digits = 4) {
   return typeof x === "number" ? Number(x.toPrecision(digits)).toString() : String(x);
 }
 
+let last = null; // the input last scored: {blob, filename, model, url}, what "Make it adversarial" attacks
+
+function post(path, blob, filename, model) {
+  const form = new FormData();
+  form.append("file", blob, filename);
+  return api(model ? `${path}?model=${encodeURIComponent(model)}` : path, { method: "POST", body: form });
+}
+
 async function detect(blob, filename) {
   showError("");
   $("busy").hidden = false;
-  const form = new FormData();
-  form.append("file", blob, filename);
-  const model = $("model").value;
+  $("pair").hidden = true;
   try {
-    const result = await api(model ? `v1/detect?model=${encodeURIComponent(model)}` : "v1/detect", {
-      method: "POST",
-      body: form,
-    });
-    show(result);
+    const { detection, explanation } = await post("v1/explain", blob, filename, $("model").value);
+    last = { blob, filename, model: detection.model, url: URL.createObjectURL(blob) };
+    show(detection);
+    explain(explanation, detection);
   } catch (e) {
     $("result").hidden = true;
     showError(`Not scored: ${e.message}`);
   } finally {
     $("busy").hidden = true;
+  }
+}
+
+const SVG = "http://www.w3.org/2000/svg";
+
+function svg(tag, attrs, text) {
+  const el = document.createElementNS(SVG, tag);
+  for (const [k, v] of Object.entries(attrs)) el.setAttribute(k, v);
+  if (text !== undefined) el.textContent = text;
+  return el;
+}
+
+// The clean calibration scores as bars, the threshold dashed, the score as a line in the verdict's colour. A
+// score far beyond the clean scores (an attacked input's logistic score can be 30) is pinned to the edge.
+function drawDistribution(clean, score, threshold, verdict) {
+  const box = $("dist");
+  const [W, H, left, right, top, bottom] = [640, 150, 10, 10, 22, 22];
+  const edges = clean.edges, counts = clean.counts;
+  let lo = Math.min(edges[0], threshold), hi = Math.max(edges[edges.length - 1], threshold);
+  const span = hi - lo || 1;
+  const room = 0.25 * span; // how far the axis stretches to take the score in
+  if (score < lo) lo = Math.max(score, lo - room);
+  if (score > hi) hi = Math.min(score, hi + room);
+  const x = (v) => left + ((Math.min(Math.max(v, lo), hi) - lo) / (hi - lo)) * (W - left - right);
+  const peak = Math.max(...counts, 1);
+  const base = H - bottom;
+  const parts = [];
+  counts.forEach((c, i) => {
+    const h = (c / peak) * (base - top);
+    parts.push(svg("rect", { class: "bar", x: x(edges[i]) + 0.5, y: base - h, width: Math.max(x(edges[i + 1]) - x(edges[i]) - 1, 1), height: h }));
+  });
+  parts.push(svg("line", { x1: left, x2: W - right, y1: base, y2: base, stroke: "#d0d5dd" }));
+  for (const v of [lo, hi]) parts.push(svg("text", { x: x(v), y: H - 6, "text-anchor": v === lo ? "start" : "end" }, fmt(v, 3)));
+  parts.push(svg("line", { class: "thr", x1: x(threshold), x2: x(threshold), y1: top - 8, y2: base }));
+  parts.push(svg("text", { x: x(threshold) + 4, y: top - 10 + 22, "text-anchor": "start" }, `threshold ${fmt(threshold, 3)}`));
+  const off = score < lo || score > hi;
+  const sx = x(score);
+  parts.push(svg("line", { class: `score ${verdict}`, x1: sx, x2: sx, y1: 4, y2: base }));
+  const anchor = sx > W / 2 ? "end" : "start";
+  const label = `this input ${fmt(score, 3)}${off ? (score > hi ? " (off the scale →)" : " (← off the scale)") : ""}`;
+  parts.push(svg("text", { class: "score-label", x: sx + (anchor === "end" ? -5 : 5), y: 14, "text-anchor": anchor }, label));
+  box.replaceChildren(svg("title", {}, `${clean.n} clean calibration scores, threshold and this input's score`), ...parts);
+  box.dataset.bars = String(counts.length);
+  box.dataset.clean = String(clean.n);
+  box.dataset.score = String(score);
+}
+
+function explain(e, r) {
+  drawDistribution(e.clean, r.score, r.threshold, r.verdict);
+  const c = e.combiner;
+  const logistic = c.kind === "logistic";
+  $("contrib-weight").hidden = !logistic;
+  $("contrib-note").textContent = logistic
+    ? `A logistic combination: the score is the bias plus weight × z summed over all ${c.n_components} components; ` +
+      `the ${c.components.length} largest terms:`
+    : `The score is the largest z-score of the ${c.n_components} components (marked):`;
+  const rows = c.components.map((k) => {
+    const tr = document.createElement("tr");
+    if (k.max) tr.className = "max";
+    const name = Object.assign(document.createElement("td"), { className: "name" });
+    name.append(Object.assign(document.createElement("code"), { textContent: k.name }));
+    if (k.max) name.append(Object.assign(document.createElement("span"), { className: "mark", textContent: "max" }));
+    const cell = (v, cls = "") => Object.assign(document.createElement("td"), { textContent: v, className: cls });
+    tr.append(name, cell(fmt(k.z, 3)));
+    if (logistic) tr.append(cell(fmt(k.weight, 3)));
+    tr.append(cell(fmt(k.contribution, 3), k.contribution > 0 ? "pos" : k.contribution < 0 ? "neg" : ""));
+    return tr;
+  });
+  $("contribs").tBodies[0].replaceChildren(...rows);
+  const foot = $("contrib-foot");
+  foot.textContent = logistic
+    ? `bias ${fmt(c.bias, 3)} + these ${c.components.length} terms + the other ${c.n_components - c.components.length} ` +
+      `(${fmt(c.rest, 3)}) = ${fmt(e.score, 4)}`
+    : `score = max z = ${fmt(e.score, 4)}`;
+  foot.colSpan = logistic ? 4 : 3;
+  const thumbs = e.thumbnails.map((t) => {
+    const fig = document.createElement("figure");
+    fig.dataset.perturbation = t.perturbation;
+    const img = Object.assign(document.createElement("img"), { src: t.image, alt: `${t.perturbation} (${t.what})` });
+    const cap = document.createElement("figcaption");
+    cap.textContent = `${t.perturbation}, ${t.what}${t.prediction !== null ? `: ${t.prediction}` : ""}`;
+    fig.append(img, cap);
+    return fig;
+  });
+  $("thumbs").replaceChildren(...thumbs);
+  $("rows-note").textContent = thumbs.length
+    ? `${thumbs.length} of the ${e.rows} rows: the input, each deterministic squeeze, and the first copy of each noise ` +
+      "family, with the model's label for each."
+    : "";
+  $("rows-block").hidden = !thumbs.length;
+  const card = cardOf(r.model);
+  $("attack").hidden = !(card && card.attack_demo && r.modality === "image");
+}
+
+function caption(fig, d, what) {
+  const cap = fig.querySelector("figcaption");
+  const v = Object.assign(document.createElement("span"), { className: `verdict ${d.verdict}`, textContent: d.verdict });
+  v.dataset.verdict = d.verdict;
+  const p = d.prediction;
+  cap.replaceChildren(
+    document.createTextNode(`${what}: `),
+    v,
+    document.createElement("br"),
+    document.createTextNode(`predicted ${p.label} (${(p.confidence * 100).toFixed(1)} %), score ${fmt(d.score, 4)}`),
+  );
+}
+
+async function attack() {
+  if (!last) return;
+  showError("");
+  $("attack-busy").hidden = false;
+  $("attack").disabled = true;
+  try {
+    const a = await post("v1/attack", last.blob, last.filename, last.model);
+    $("pair-clean").querySelector("img").src = last.url;
+    $("pair-adv").querySelector("img").src = a.image;
+    caption($("pair-clean"), a.clean, "clean");
+    caption($("pair-adv"), a.adversarial, "adversarial");
+    const k = a.attack;
+    $("pair-note").textContent =
+      `${k.name}, ${k.max_iter} steps of ${fmt(k.eps_step, 3)} within ${fmt(k.eps, 3)} of each value; the largest ` +
+      `change is ${fmt(k.l_inf, 3)} of the input range. The adversarial image is what was scored (8-bit PNG).`;
+    $("pair").hidden = false;
+  } catch (e) {
+    showError(`Not attacked: ${e.message}`, "attack");
+  } finally {
+    $("attack-busy").hidden = true;
+    $("attack").disabled = false;
   }
 }
 
@@ -115,12 +249,14 @@ function show(r) {
   const t = r.timings_ms;
   $("timings").textContent = `${fmt(t.queue, 3)} + ${fmt(t.compute, 3)} ms, ${fmt(t.total, 3)} ms total`;
   $("components").replaceChildren(...componentsOf(card));
-  drawScale(r.score, r.threshold, r.verdict);
   $("result").hidden = false;
 }
 
 function componentsOf(card) {
   if (!card) return [document.createTextNode("")];
+  if (card.components.length > 12) {
+    return [document.createTextNode(`the score combines ${card.components.length} standardised components of ${card.variant}; the largest contributions are below`)];
+  }
   const out = [document.createTextNode(`the score combines ${card.components.length} standardised components of ${card.variant}: `)];
   card.components.forEach((name, i) => {
     const code = document.createElement("code");
@@ -128,19 +264,6 @@ function componentsOf(card) {
     out.push(code, document.createTextNode(i + 1 < card.components.length ? " " : ""));
   });
   return out;
-}
-
-function drawScale(score, threshold, verdict) {
-  const top = Math.max(threshold * 2, score * 1.1, 1e-9);
-  const at = (v) => `${(100 * Math.min(Math.max(v, 0), top)) / top}%`;
-  $("scale-fill").style.width = at(score);
-  $("scale-fill").className = `fill ${verdict}`;
-  $("scale-score").style.left = at(score);
-  $("scale-threshold").style.left = at(threshold);
-  const label = $("scale-threshold-label");
-  label.textContent = `threshold ${fmt(threshold, 3)}`;
-  label.style.left = `calc(${at(threshold)} - 3em)`;
-  $("scale-max").textContent = fmt(top, 3);
 }
 
 function preview(file) {
@@ -224,6 +347,7 @@ function drawnDigit() {
   return new Promise((resolve) => out.toBlob(resolve, "image/png"));
 }
 
+$("attack").addEventListener("click", attack);
 $("clear").addEventListener("click", clearPad);
 $("check-drawing").addEventListener("click", async () => {
   if (!inked) {
