@@ -106,6 +106,13 @@ class Settings(BaseSettings):
     on_adversarial: Literal["block", "tag"] = Field(
         "block", description="sidecar mode: block answers an adversarial input 422; tag forwards it too"
     )
+    explain: bool = Field(
+        True,
+        description="serve POST /v1/explain, the page's breakdown of a score (each component's z-score and weight, "
+        "the clean calibration score distribution, the perturbed copies); --no-explain where the detector's "
+        "internals are not for clients to see (they help an adaptive attacker, docs/security.md): the page then "
+        "shows the verdict only",
+    )
     attack_demo: bool = Field(
         False,
         description="serve POST /v1/attack, which runs a small ART attack (PGD, 10 steps, the model's FGSM budget) on "

@@ -138,6 +138,7 @@ def test_attack_gives_a_scored_adversarial_pair(demo, digit_pngs, photo_crops):
     with demo.client(timeout=120) as c:
         cards = {m["name"]: m for m in c.get("/v1/models").json()}
         assert cards["mnist"]["attack_demo"] is True and cards["photo"]["attack_demo"] is True
+        assert cards["mnist"]["explain"] is True
         flipped = caught = 0
         for path, label in digit_pngs[:4]:
             files = {"file": (path.name, path.read_bytes(), "image/png")}
@@ -167,16 +168,20 @@ def test_attack_gives_a_scored_adversarial_pair(demo, digit_pngs, photo_crops):
         assert c.post("/v1/attack", json={"x": 1}).status_code == 415
 
 
-def test_attack_is_off_by_default(tmp_path, digit_pngs):
+def test_attack_is_off_by_default_and_explain_can_be_turned_off(tmp_path, digit_pngs):
     """Without --attack-demo the route answers 404 saying how to turn it on, the cards say it is off, and the
-    deploy files leave it off."""
-    s = start_server(tmp_path, "--models", str(MNIST))
+    deploy files leave it off; with --no-explain /v1/explain is a 404 too, and /v1/detect still scores."""
+    s = start_server(tmp_path, "--models", str(MNIST), "--no-explain")
     try:
         with s.client() as c:
-            png = digit_pngs[0][0].read_bytes()
-            r = c.post("/v1/attack", files={"file": ("a.png", png, "image/png")})
+            files = {"file": ("a.png", digit_pngs[0][0].read_bytes(), "image/png")}
+            r = c.post("/v1/attack", files=files)
             assert r.status_code == 404 and "--attack-demo" in r.json()["error"]
-            assert c.get("/v1/models/mnist").json()["attack_demo"] is False
+            r = c.post("/v1/explain", files=files)
+            assert r.status_code == 404 and "--no-explain" in r.json()["error"]
+            assert c.post("/v1/detect", files=files).status_code == 200
+            card = c.get("/v1/models/mnist").json()
+            assert card["attack_demo"] is False and card["explain"] is False
     finally:
         s.stop_cleanly()
     deploy = [p for p in (ROOT / "deploy").rglob("*") if p.is_file()]

@@ -196,19 +196,25 @@ def test_make_it_adversarial_shows_the_pair(page, served, digit_pngs, tmp_path):
     assert shot.stat().st_size > 10_000
 
 
-def test_without_the_demo_flag_the_page_hides_the_button(browser, digit_pngs, tmp_path):
-    """A server without --attack-demo: the page scores and explains, but shows no "Make it adversarial"."""
-    s = start_server(tmp_path, "--models", str(MNIST))
+def test_with_no_explain_and_no_demo_the_page_shows_the_verdict_only(browser, digit_pngs, tmp_path):
+    """A server run with --no-explain and without --attack-demo: the page scores through POST /v1/detect and
+    shows the verdict, without the distribution, the contributions, the thumbnails or "Make it adversarial"."""
+    s = start_server(tmp_path, "--models", str(MNIST), "--no-explain")
     context = browser.new_context(viewport={"width": 1100, "height": 900})
     try:
         page = context.new_page()
+        posted: list[str] = []
+        page.on("request", lambda r: r.method == "POST" and posted.append(r.url))
         page.goto(s.url + "/")
         page.wait_for_function("document.querySelector('#model').options.length > 1")
         page.set_input_files("#file", str(digit_pngs[5][0]))
         page.wait_for_selector("#verdict[data-verdict]")
-        page.wait_for_selector("#thumbs figure")
-        assert page.is_hidden("#attack") and page.is_hidden("#pair")
-        page.screenshot(path=str(tmp_path / "page-no-demo.png"), full_page=True)
+        assert posted == [s.url + "/v1/detect"]
+        assert page.get_attribute("#verdict", "data-verdict") in ("clean", "adversarial")
+        for hidden in ("#dist-block", "#explained", "#rows-block", "#attack", "#pair"):
+            assert page.is_hidden(hidden), hidden
+        assert "below" not in page.text_content("#components")
+        page.screenshot(path=str(tmp_path / "page-verdict-only.png"), full_page=True)
     finally:
         context.close()
         s.stop_cleanly()

@@ -81,6 +81,7 @@ class ModelCard(BaseModel):
     )
     robustness_measure: str = Field(description="the component robustness_nccr averages")
     ready: bool
+    explain: bool = Field(True, description="POST /v1/explain is served (--no-explain: off)")
     attack_demo: bool = Field(
         False, description="POST /v1/attack serves this model (--attack-demo, image models with torch weights)"
     )

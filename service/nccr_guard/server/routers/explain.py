@@ -34,11 +34,16 @@ async def one_upload(request: Request, service: Service) -> tuple[Upload, str | 
     return uploads[0], fields.get("model")
 
 
-@router.post("/explain", response_model=Explained, responses=ERRORS, openapi_extra=UPLOAD_BODY)
+EXPLAIN_ERRORS = {**ERRORS, 404: {"model": Error, "description": "explanations are off, or an unknown model"}}
+
+
+@router.post("/explain", response_model=Explained, responses=EXPLAIN_ERRORS, openapi_extra=UPLOAD_BODY)
 async def explain_upload(request: Request, service: ServiceDep) -> Explained:
     """Score one upload as POST /v1/detect does (`detection`, the same answer) and show what the score is made
     of (`explanation`): each component's z-score and contribution, the clean calibration score distribution,
     and for images thumbnails of the perturbed copies. Costs the verdict's rows a second time."""
+    if not service.settings.explain:
+        raise InputError("explanations are off on this server (--no-explain); POST /v1/detect scores", 404, "not_found")
     up, model = await one_upload(request, service)
     det = await detect_upload(request, service, up, model)
     rt = service.runtimes[det.model]

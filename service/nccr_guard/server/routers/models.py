@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from nccr_guard.config import Settings
 from nccr_guard.explain import DemoAttack
 from nccr_guard.inputs import InputError
 from nccr_guard.server.deps import Authorized, ServiceDep
@@ -13,8 +14,9 @@ from nccr_guard.server.schemas import Error, ModelCard
 router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Authorized])
 
 
-def card(rt: ModelRuntime, attack_demo: bool = False) -> ModelCard:
-    """`attack_demo`: the server serves POST /v1/attack (--attack-demo)."""
+def card(rt: ModelRuntime, settings: Settings | None = None) -> ModelCard:
+    """`settings`: the server's, which say whether POST /v1/explain and /v1/attack are served."""
+    explain, attack_demo = (settings.explain, settings.attack_demo) if settings else (True, False)
     det, c = rt.detector, rt.detector.calib
     m = det.manifest
     return ModelCard(
@@ -42,17 +44,18 @@ def card(rt: ModelRuntime, attack_demo: bool = False) -> ModelCard:
         robustness_nccr=c.robustness,
         robustness_measure=det.variant.robustness.name,
         ready=rt.ready,
+        explain=explain,
         attack_demo=attack_demo and DemoAttack.supported(det) is None,
     )
 
 
 @router.get("", response_model=list[ModelCard])
 async def list_models(service: ServiceDep) -> list[ModelCard]:
-    return [card(rt, service.settings.attack_demo) for rt in service.runtimes.values()]
+    return [card(rt, service.settings) for rt in service.runtimes.values()]
 
 
 @router.get("/{name}", response_model=ModelCard, responses={404: {"model": Error}})
 async def get_model(name: str, service: ServiceDep) -> ModelCard:
     if name not in service.runtimes:
         raise InputError(f"no model named {name!r}", 404, "not_found")
-    return card(service.runtimes[name], service.settings.attack_demo)
+    return card(service.runtimes[name], service.settings)

@@ -91,10 +91,17 @@ async function detect(blob, filename) {
   $("busy").hidden = false;
   $("pair").hidden = true;
   try {
-    const { detection, explanation } = await post("v1/explain", blob, filename, $("model").value);
+    // A server run with --no-explain gives the verdict only (its cards say explain: false).
+    const explains = !cards.length || cards.some((c) => c.explain);
+    let detection, explanation = null;
+    if (explains) ({ detection, explanation } = await post("v1/explain", blob, filename, $("model").value));
+    else detection = await post("v1/detect", blob, filename, $("model").value);
     last = { blob, filename, model: detection.model, url: URL.createObjectURL(blob) };
     show(detection);
-    explain(explanation, detection);
+    for (const id of ["dist-block", "explained", "rows-block"]) $(id).hidden = !explanation;
+    if (explanation) explain(explanation, detection);
+    const card = cardOf(detection.model);
+    $("attack").hidden = !(card && card.attack_demo && detection.modality === "image");
   } catch (e) {
     $("result").hidden = true;
     showError(`Not scored: ${e.message}`);
@@ -190,8 +197,6 @@ function explain(e, r) {
       "family, with the model's label for each."
     : "";
   $("rows-block").hidden = !thumbs.length;
-  const card = cardOf(r.model);
-  $("attack").hidden = !(card && card.attack_demo && r.modality === "image");
 }
 
 function caption(fig, d, what) {
@@ -255,7 +260,8 @@ function show(r) {
 function componentsOf(card) {
   if (!card) return [document.createTextNode("")];
   if (card.components.length > 12) {
-    return [document.createTextNode(`the score combines ${card.components.length} standardised components of ${card.variant}; the largest contributions are below`)];
+    const below = card.explain ? "; the largest contributions are below" : "";
+    return [document.createTextNode(`the score combines ${card.components.length} standardised components of ${card.variant}${below}`)];
   }
   const out = [document.createTextNode(`the score combines ${card.components.length} standardised components of ${card.variant}: `)];
   card.components.forEach((name, i) => {
