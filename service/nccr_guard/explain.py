@@ -109,6 +109,9 @@ def explain(det: Detector, x: np.ndarray, decimals: int = 4) -> dict:
         "score": r(s.score[0]),
         "threshold": r(calib.threshold),
         "rows": len(rows),
+        # On CUDA the torch backend draws a verdict's noise copies on the device, seeded by its whole batch:
+        # these rows (drawn as on the CPU) then share its squeezes but not its noise draws.
+        "rows_as_verdict": not getattr(det.backend, "device_rows", False),
         "combiner": combiner,
         "clean": histogram(calib.clean_scores),
         "thumbnails": [],

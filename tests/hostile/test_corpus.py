@@ -3,6 +3,8 @@ healthy after each."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from tests.hostile.corpus import CASES, Case, rss_mb, send
@@ -19,6 +21,26 @@ def test_hostile_upload(server, case: Case):
             assert r.json()["verdict"] in ("clean", "adversarial")
         else:
             assert r.json()["outputs"][1]["data"][0] in ("clean", "adversarial")
+        assert c.get("/v2/health/ready").status_code == 200
+
+
+UPLOADS = [c for c in CASES if c.path == "/v1/detect"]
+
+
+@pytest.mark.parametrize("case", UPLOADS, ids=[c.name for c in UPLOADS])
+def test_hostile_upload_to_explain(server, case: Case):
+    """POST /v1/explain reads an upload as /v1/detect does: the same answer for every case, never a 5xx, and an
+    explanation beside each verdict (images with their thumbnails)."""
+    with server.client() as c:
+        r = send(c, replace(case, path="/v1/explain"))
+        assert r.status_code == case.expected, (case.name, r.status_code, r.text[:300])
+        if r.status_code != 200:
+            assert isinstance(r.json()["error"], str) and len(r.json()["error"]) > 5
+        else:
+            got = r.json()
+            assert got["detection"]["verdict"] in ("clean", "adversarial")
+            assert sum(got["explanation"]["clean"]["counts"]) == got["explanation"]["clean"]["n"]
+            assert bool(got["explanation"]["thumbnails"]) == (got["detection"]["modality"] == "image")
         assert c.get("/v2/health/ready").status_code == 200
 
 

@@ -88,7 +88,8 @@ def test_explain_is_detect_plus_what_the_logistic_score_is_made_of(demo, digit_p
                 "median:2",
                 "median:3",
             ]
-            assert e["rows"] == 78 and e["thumbnails"][0]["prediction"] == got["prediction"]["label"]
+            assert e["rows"] == 78 and e["rows_as_verdict"] is True  # on the CPU, the very rows of the verdict
+            assert e["thumbnails"][0]["prediction"] == got["prediction"]["label"]
             pixels = {t["perturbation"]: _png(t["image"]) for t in e["thumbnails"]}
             assert all(p.shape == (28, 28) for p in pixels.values())
             assert (pixels["original"] == np.asarray(Image.open(path))).all()  # the upload, as scored

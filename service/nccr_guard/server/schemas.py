@@ -123,6 +123,11 @@ class Explanation(BaseModel):
     score: float = Field(description="the fixed-K score these readings give (a sequential verdict may stop earlier)")
     threshold: float
     rows: int = Field(description="rows of the fixed-K verdict")
+    rows_as_verdict: bool = Field(
+        True,
+        description="these are the verdict's own rows (false on a CUDA torch backend, which draws a verdict's noise "
+        "copies on the device, seeded by its batch: the squeezes are the same, the noise draws are others)",
+    )
     combiner: Combiner
     clean: CleanHistogram = Field(description="the clean calibration scores the threshold was set on")
     thumbnails: list[Thumbnail] = Field(description="images: the original, each squeeze, one copy per noise family")

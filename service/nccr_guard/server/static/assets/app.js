@@ -194,7 +194,8 @@ function explain(e, r) {
   $("thumbs").replaceChildren(...thumbs);
   $("rows-note").textContent = thumbs.length
     ? `${thumbs.length} of the ${e.rows} rows: the input, each deterministic squeeze, and the first copy of each noise ` +
-      "family, with the model's label for each."
+      "family, with the model's label for each." +
+      (e.rows_as_verdict ? "" : " The noise copies are a fresh draw: this server drew the verdict's own on its GPU.")
     : "";
   $("rows-block").hidden = !thumbs.length;
 }
