@@ -88,6 +88,7 @@ function post(path, blob, filename, model) {
 
 async function detect(blob, filename) {
   showError("");
+  showError("", "attack"); // a new input: the last attack's failure is no longer about it
   $("busy").hidden = false;
   $("pair").hidden = true;
   try {
@@ -215,7 +216,7 @@ function caption(fig, d, what) {
 
 async function attack() {
   if (!last) return;
-  showError("");
+  showError("", "attack");
   $("attack-busy").hidden = false;
   $("attack").disabled = true;
   try {
