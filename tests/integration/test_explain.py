@@ -202,3 +202,31 @@ def test_a_second_attack_meanwhile_is_refused_not_queued(detector, mnist_test):
     assert refused.value.status == 503 and "running" in str(refused.value)
     adv, info = attacker.run(x)
     assert adv.shape == x.shape and 0 < info["l_inf"] <= 0.2 + 1e-6
+
+
+def test_explain_an_audio_clip(server):
+    """A held-out speaker clip on the default server: the max-combined nccr-audio-v2's three components with the
+    max marked, the clean distribution, no thumbnails; its verdict is sequential, so `detection` may have
+    stopped before the fixed-K rows the explanation reads (never after them); the demo attack is off there."""
+    from nccr_guard.manifest import load_manifest
+    from nccr_guard.speaker_corpus import corpus_files
+
+    speaker = load_manifest(ROOT / "models" / "speaker")
+    files, _ = corpus_files(speaker.split, "test", limit=2)
+    with server.client() as c:
+        for f in files:
+            files_ = {"file": (f.name, f.read_bytes(), "audio/wav")}
+            r = c.post("/v1/explain", files=files_)
+            assert r.status_code == 200, r.text
+            got, e = r.json()["detection"], r.json()["explanation"]
+            assert _without_timings(got) == _without_timings(c.post("/v1/detect", files=files_).json())
+            assert got["model"] == "speaker" and e["thumbnails"] == [] and e["rows"] == 18
+            assert got["passes"] <= e["rows"]
+            comb = e["combiner"]
+            assert comb["kind"] == "max" and [k["max"] for k in comb["components"]] == [True, False, False]
+            assert comb["components"][0]["z"] == pytest.approx(e["score"], abs=2e-4)
+            if got["passes"] == e["rows"]:  # all rows forwarded: the same score
+                assert e["score"] == pytest.approx(got["score"], abs=2e-4)
+            assert sum(e["clean"]["counts"]) == e["clean"]["n"] > 0
+            r = c.post("/v1/attack", files=files_)
+            assert r.status_code == 404  # the default server runs without --attack-demo
