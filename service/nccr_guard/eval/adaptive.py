@@ -375,9 +375,14 @@ def _markdown(r: dict) -> str:
         "",
         f"`{r['command']}` — {r['n']} correctly classified test digits, PGD-L∞ {r['steps']} steps (ART) on "
         "min(cross-entropy, 3) − λ·(differentiable NCCR surrogate); EOT over noise, BPDA through squeezers. λ = 0 is "
-        "the undefended attacker; λ = two-phase: plain PGD's output, then steps that lower the surrogate score while "
-        f"the wrong class stays {KAPPA:g} logit ahead (same budget). Detection at the calibrated 5 % FPR threshold "
-        "with the real detector.",
+        "the undefended attacker"
+        + (
+            "; λ = two-phase: plain PGD's output, then steps that lower the surrogate score while the wrong class "
+            f"stays {KAPPA:g} logit ahead (same budget)"
+            if any(x["lam"] == "two-phase" for x in r["rows"])
+            else ""
+        )
+        + ". Detection at the calibrated 5 % FPR threshold with the real detector.",
         "",
         "The same attack is aimed at Feature Squeezing (its own score as the surrogate, BPDA through its "
         "squeezers) and judged at its own calib-fixed 5 % threshold.",
@@ -392,11 +397,15 @@ def _markdown(r: dict) -> str:
             f"{x['evaded']:.3f} |"
         )
     lines.append("")
+
+    def eps(v) -> str:
+        return "not reached on the grid" if v is None else str(v)
+
     for d in ("nccr", "feature_squeezing"):
         lines.append(
-            f"- {d}: ε at which half the inputs are misclassified, undefended: {r.get(f'{d}_eps50_undefended')}; "
-            f"misclassified and undetected by the adaptive attacker: {r.get(f'{d}_eps50_evading_detector')} "
-            "(none: not reached on the grid)."
+            f"- {d}: ε at which half the inputs are misclassified, undefended: "
+            f"{eps(r.get(f'{d}_eps50_undefended'))}; misclassified and undetected by an adaptive attacker: "
+            f"{eps(r.get(f'{d}_eps50_evading_detector'))}."
         )
     return "\n".join(lines) + "\n"
 
