@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 
+from nccr_guard.engine import get_variant
+
 
 def machine() -> str:
     """The host as reports record it: architecture, processor (where the platform names one), torch threads."""
@@ -68,20 +70,25 @@ def _md(result: dict) -> str:
     ]
     if shifted := result.get("benign_shifts"):
         cols = [d for d in names if d in next(iter(shifted.values()))] + ["nccr_ood"]
+        fits = get_variant(result["variant"]).combiner == "logistic"
         lines += [
             "",
             "## False alarms on benign shifts and out-of-distribution inputs",
             "",
             "Share of this split's clean inputs each detector flags after a benign shift, at its calib-fixed "
             "threshold (goal <= 0.10 for every shift); `nccr_ood`: share NCCR marks out of distribution. "
-            "Shifts marked * were among the negatives the logistic combiner was fitted on (on dev inputs); "
-            "the others it never saw.",
+            + (
+                "Shifts marked * were among the negatives the logistic combiner was fitted on (on dev inputs); "
+                "the others it never saw."
+                if fits
+                else f"`{result['variant']}` is fitted on no shift."
+            ),
             "",
             "| shift | " + " | ".join(cols) + " |",
             "|---" * (1 + len(cols)) + "|",
         ]
         for name, r in shifted.items():
-            mark = "*" if r.get("fitted") else ""
+            mark = "*" if r.get("fitted") and fits else ""
             lines.append(f"| {name}{mark} | " + " | ".join(f"{r[c]:.3f}" for c in cols) + " |")
         lines += ["", "| not an input | " + " | ".join(cols) + " |", "|---" * (1 + len(cols)) + "|"]
         for name, r in result["ood_inputs"].items():
