@@ -20,7 +20,24 @@ class MnistCNN(nn.Module):
         return self.head(self.fc1(self.conv2(self.conv1(x))))
 
 
-class Bottleneck(nn.Module):
+class Residual(nn.Module):
+    """relu(body(x) + skip(x)): the shortcut is the identity, or a strided 1x1 conv + batch norm where the block
+    changes the shape. Subclasses set `body` before calling `_shortcut`."""
+
+    body: nn.Module
+
+    def _shortcut(self, cin: int, cout: int, stride: int) -> None:
+        self.skip = (
+            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            if stride != 1 or cin != cout
+            else nn.Identity()
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.body(x) + self.skip(x))
+
+
+class Bottleneck(Residual):
     def __init__(self, cin: int, width: int, stride: int) -> None:
         super().__init__()
         cout = width * 4
@@ -34,14 +51,7 @@ class Bottleneck(nn.Module):
             nn.Conv2d(width, cout, 1, bias=False),
             nn.BatchNorm2d(cout),
         )
-        self.skip = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if stride != 1 or cin != cout
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.skip(x))
+        self._shortcut(cin, cout, stride)
 
 
 class ResNet50(nn.Module):
@@ -69,7 +79,7 @@ class ResNet50(nn.Module):
         return self.fc(self.pool(x))
 
 
-class BasicBlock(nn.Module):
+class BasicBlock(Residual):
     """Two 3x3 conv + batch-norm layers and an identity (or 1x1 strided) shortcut, as in ResNet-18/20."""
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
@@ -81,14 +91,7 @@ class BasicBlock(nn.Module):
             nn.Conv2d(cout, cout, 3, 1, 1, bias=False),
             nn.BatchNorm2d(cout),
         )
-        self.skip = (
-            nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-            if stride != 1 or cin != cout
-            else nn.Identity()
-        )
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.relu(self.body(x) + self.skip(x))
+        self._shortcut(cin, cout, stride)
 
 
 class PhotoResNet(nn.Module):
