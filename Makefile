@@ -83,6 +83,7 @@ eval: install tools
 	$(BIN)/python -m nccr_guard.eval.clean_fpr --model models/mnist --splits test --out reports/mnist/clean-fpr
 	$(BIN)/nccr-guard evaluate --model models/photo --out reports/photo --n 100 --seed 0
 	$(BIN)/nccr-guard evaluate --model models/speaker --out reports/speaker --n 100 --seed 0
+	$(BIN)/python -m nccr_guard.eval.audio_shifts --model models/speaker --n 100 --seed 0 --out reports/speaker/shifts
 	$(BIN)/nccr-guard robustness --model models/speaker > reports/speaker/robustness.json
 	$(BIN)/python -m nccr_guard.eval.clean_fpr --model models/speaker --splits dev test holdout holdout2 holdout3 \
 	  --calibration session12=reports/speaker/clean-fpr/calibration-session12.npz --out reports/speaker/clean-fpr
