@@ -6,9 +6,9 @@ Uploads in production are short or long, recorded at other rates, noisy and re-e
 the clean test clip as it was synthesised (its own rate and length), then the clip goes through the upload path
 (`audio.to_model_input`: mono, resampling, level, length) and the served detector, sequential testing included.
 Reported per change: the share called adversarial (goal <= 2x the target, 10 %), the share marked `ood`, and the
-mean confidence of the predicted speaker. Voices outside the enrolled set read the same sentences: a detector that
-calls them adversarial raises false alarms, one that names an enrolled speaker with high confidence says nothing
-of the mismatch.
+mean confidence of the predicted speaker. Voices outside the enrolled set read sentences of the corpus's kind: a
+detector that calls them adversarial raises false alarms, one that names an enrolled speaker with high confidence
+says nothing of the mismatch.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ Change = Callable[[np.ndarray, int, np.random.Generator], tuple[np.ndarray, int]
 UNKNOWN_VOICES = ("espeak:en-us+f5", "espeak:en+m4")  # espeak-ng variants no enrolled speaker uses
 
 
+def mono(data: bytes) -> tuple[np.ndarray, int]:
+    """An audio file's samples mixed to mono, and its rate, read as the upload path reads it."""
+    samples, rate = read_audio(data, Limits(max_bytes=1 << 30))
+    return (samples.mean(axis=1) if samples.ndim == 2 else samples), rate
+
+
 def crop(seconds: float) -> Change:
     return lambda wav, rate, rng: (wav[: round(seconds * rate)], rate)
 
@@ -53,8 +59,7 @@ def noise(snr_db: float) -> Change:
 
 def vorbis(wav: np.ndarray, rate: int, rng: np.random.Generator) -> tuple[np.ndarray, int]:
     """An Ogg Vorbis re-encode (libsndfile's default quality), as a messaging app sends voice notes."""
-    samples, r = read_audio(encode_wav(wav, rate, subtype="VORBIS", fmt="OGG"), Limits(max_bytes=1 << 30))
-    return samples.mean(axis=1) if samples.ndim == 2 else samples, r
+    return mono(encode_wav(wav, rate, subtype="VORBIS", fmt="OGG"))
 
 
 def repeat(times: int) -> Change:
@@ -93,8 +98,7 @@ def study(model: Path, n: int, seed: int, out: Path) -> dict:
     spec = det.manifest.input.audio
     lo, hi = det.manifest.input.range
     files, _ = corpus_files(det.manifest.split, "test", n)
-    raw = [read_audio(f.read_bytes(), Limits(max_bytes=1 << 30)) for f in files]
-    raw = [(s.mean(axis=1) if s.ndim == 2 else s, r) for s, r in raw]
+    raw = [mono(f.read_bytes()) for f in files]
     rng = np.random.default_rng(seed)
     changes = {}
     for name, change in CHANGES.items():
@@ -109,7 +113,7 @@ def study(model: Path, n: int, seed: int, out: Path) -> dict:
             for i, text in enumerate(texts):
                 f = Path(tmp) / f"{i}.wav"
                 synthesise(voice, text, 0.0, f)
-                xs.append(to_model_input(*read_audio(f.read_bytes(), Limits(max_bytes=1 << 30)), spec, lo, hi))
+                xs.append(to_model_input(*mono(f.read_bytes()), spec, lo, hi))
             unknown[voice] = rates(det, np.stack(xs))
             print(json.dumps({"voice": voice, **unknown[voice]}), flush=True)
     result = {

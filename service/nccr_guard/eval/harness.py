@@ -51,11 +51,12 @@ def false_alarms(det: Detector, x0: np.ndarray, thresholds: dict, seed: int) -> 
         return out | {"nccr_ood": float(np.mean(ood_spread(s.raw, det.calib) > det.calib.ood_threshold))}
 
     vr = tuple(det.manifest.input.range)
+    fits = det.variant.combiner == "logistic"  # only a logistic combiner is fitted, on CALIBRATION_SHIFTS
     benign = {
-        name: {**rates(xs), "fitted": name in shifts.CALIBRATION_SHIFTS}
+        name: {**rates(xs), "fitted": fits and name in shifts.CALIBRATION_SHIFTS}
         for name, xs in shifts.shifted(x0, seed + 1000, vr).items()
     }
-    benign["none"] = {**rates(x0), "fitted": True}
+    benign["none"] = {**rates(x0), "fitted": fits}
     ood = {k: rates(v) for k, v in shifts.ood_inputs(50, x0.shape[1:], seed).items()}
     return benign, ood
 
