@@ -86,7 +86,7 @@ eval: install tools
 	$(BIN)/python -m nccr_guard.eval.audio_shifts --model models/speaker --n 100 --seed 0 --out reports/speaker/shifts
 	$(BIN)/nccr-guard robustness --model models/speaker > reports/speaker/robustness.json
 	$(BIN)/python -m nccr_guard.eval.clean_fpr --model models/speaker --splits dev test holdout holdout2 holdout3 \
-	  --calibration session12=reports/speaker/clean-fpr/calibration-session12.npz --out reports/speaker/clean-fpr
+	  --calibration calib400=reports/speaker/clean-fpr/calibration-calib400.npz --out reports/speaker/clean-fpr
 	$(BIN)/python -m nccr_guard.eval.adaptive --model models/mnist --n 100 --seed 0 --out reports/adaptive
 	$(BIN)/python -m nccr_guard.eval.adaptive --model models/mnist --n 50 --seed 0 --out reports/adaptive/two-phase \
 	  --eps 0.1 0.2 0.3 --lams 0 --two-phase

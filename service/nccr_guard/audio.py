@@ -2,8 +2,8 @@
 
 WAV, FLAC, OGG and MP3 through libsndfile (`soundfile`; MP3 from libsndfile 1.1 on); the header is checked
 against the limits before any samples are read, so a header that claims hours of audio costs nothing. Then: mono
-mixdown, polyphase resampling to the model's rate (scipy), level normalisation to the model's dBFS, crop /
-zero-pad to the model's length.
+mixdown, polyphase resampling to the model's rate (scipy), level normalisation to the model's dBFS, crop or
+repeat to the model's length. A clip under the model's `min_seconds` is refused.
 """
 
 from __future__ import annotations
@@ -91,12 +91,25 @@ def normalize_level(wav: np.ndarray, dbfs: float | None) -> np.ndarray:
 
 
 def fit_length(wav: np.ndarray, n: int) -> np.ndarray:
-    return wav[:n] if len(wav) >= n else np.pad(wav, (0, n - len(wav)))
+    """Crop to `n` samples, or repeat a shorter clip until it fills them (speaker-verification pipelines'
+    repeat padding). Zero padding would leave a 1 s clip two thirds silence: the encoder's partials over the
+    silence are unstable under the verdict's perturbations and the clip reads as adversarial."""
+    if len(wav) >= n:
+        return wav[:n]
+    if not len(wav):
+        return np.zeros(n, np.float32)
+    return np.tile(wav, -(-n // len(wav)))[:n]
 
 
 def to_model_input(samples: np.ndarray, rate: int, spec: AudioSpec, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
     """(frames, channels) at `rate` -> (1, spec.seconds * spec.sample_rate) float32 in [lo, hi]."""
     mono = samples.mean(axis=1) if samples.ndim == 2 else samples
+    if len(mono) < spec.min_seconds * rate:
+        raise InputError(
+            f"clip of {len(mono) / rate:.2f} s is shorter than this model's {spec.min_seconds:g} s minimum",
+            422,
+            "too_short",
+        )
     wav = resample(mono, rate, spec.sample_rate)
     wav = normalize_level(wav, spec.normalize_dbfs)
     wav = fit_length(wav, round(spec.seconds * spec.sample_rate))

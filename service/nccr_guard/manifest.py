@@ -27,8 +27,11 @@ class ImageSpec(BaseModel):
 
 class AudioSpec(BaseModel):
     sample_rate: int = 16000
-    seconds: float = 3.0  # clips are cropped / zero-padded to this length
+    seconds: float = 3.0  # clips are cropped / repeated to this length
     normalize_dbfs: float | None = -30.0
+    # Shorter uploads are refused (422): too little speech to tell an unstable reading from an attack
+    # (reports/speaker/shifts measures the false alarms by length).
+    min_seconds: float = 0.0
 
 
 class InputSpec(BaseModel):

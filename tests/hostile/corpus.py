@@ -83,14 +83,14 @@ def wav_bytes() -> bytes:
         w.setnchannels(1)
         w.setsampwidth(2)
         w.setframerate(16000)
-        w.writeframes(b"\0\0" * 1600)
+        w.writeframes(b"\0\0" * 40000)  # 2.5 s, over the speaker model's minimum
     return buf.getvalue()
 
 
 PNG = lambda: _img("L", (28, 28), "PNG")  # noqa: E731
 
 
-def _tone(rate: int = 16000, seconds: float = 1.0, poison: float | None = None) -> np.ndarray:
+def _tone(rate: int = 16000, seconds: float = 2.5, poison: float | None = None) -> np.ndarray:
     wav = (0.3 * np.sin(2 * np.pi * 300 * np.arange(int(rate * seconds)) / rate)).astype(np.float32)
     if poison is not None:
         wav[len(wav) // 2] = poison
@@ -129,6 +129,7 @@ AUDIO_CASES = [
     Case("MP3, 16 kHz", lambda: encode_wav(_tone(), 16000, "MPEG_LAYER_III", "MP3"), "audio/mpeg", 200),
     Case("ID3 tag, then garbage", lambda: b"ID3\x04\x00\x00\x00\x00\x00\x00" + bytes(300), "audio/mpeg", 400),
     Case("WAV with zero samples", lambda: encode_wav(np.zeros(0, np.float32)), "audio/wav", 400),
+    Case("WAV of 1 s (the speaker model's minimum is 2 s)", lambda: encode_wav(_tone(seconds=1.0)), "audio/wav", 422),
     Case("float WAV with a NaN sample", lambda: encode_wav(_tone(poison=np.nan), subtype="FLOAT"), "audio/wav", 400),
     Case("float WAV with an Inf sample", lambda: encode_wav(_tone(poison=np.inf), subtype="FLOAT"), "audio/wav", 400),
     Case("WAV at 1 Hz", lambda: wav_header(1, 1, 2000) + bytes(2000), "audio/wav", 400),

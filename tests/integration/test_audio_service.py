@@ -112,6 +112,14 @@ def test_audio_harness_smoke(tmp_path):
         0 < r <= ev["sequential"]["fixed_rows"] for r in rows.values()
     )
     assert {p.name for p in out.iterdir()} >= {"eval.json", "eval.md", "roc.png", "scores.png"}
+    # The audio shift set: each change of a clean clip, and clips that are no speech at all.
+    from nccr_guard.eval.audio_shifts import INPUT_CHANGES
+
+    assert set(ev["benign_shifts"]) == {*INPUT_CHANGES, "none"}
+    assert set(ev["ood_inputs"]) == {"silence", "white_noise", "tone", "chirp"}
+    for r in [*ev["benign_shifts"].values(), *ev["ood_inputs"].values()]:
+        assert 0 <= r["nccr"] <= 1 and 0 <= r["nccr_ood"] <= 1 and not r.get("fitted")
+    assert "| rate_8k |" in (out / "eval.md").read_text()
 
 
 def test_sequential_testing_over_http_and_turned_off(server, held_out_clips, tmp_path):

@@ -276,3 +276,46 @@ def test_docs_and_redoc_work_offline_with_an_authorize_button(page, served, tmp_
         assert "security" not in spec["paths"]["/v2/health/live"]["get"]  # always open
         html = c.get("/").text
         assert f'<base href="{PREFIX}/">' in html and "https://" not in html
+
+
+def test_page_scores_an_audio_clip_and_explains_a_refused_one(browser, tmp_path):
+    """A speaker server: a held-out corpus clip dropped on the page is scored by the audio model (the page shows
+    what POST /v1/detect answers, with an audio player as preview); a 1 s clip, under the model's 2 s minimum,
+    shows the 422 and the minimum instead of a verdict."""
+    import numpy as np
+
+    from nccr_guard.audio import encode_wav
+    from nccr_guard.manifest import load_manifest
+    from nccr_guard.speaker_corpus import corpus_files
+
+    speaker = MNIST.parent / "speaker"
+    files, ys = corpus_files(load_manifest(speaker).split, "test", index=np.array([4]))
+    clip = tmp_path / "clip.wav"
+    clip.write_bytes(files[0].read_bytes())
+    s = start_server(tmp_path, "--models", str(speaker))
+    context = browser.new_context(viewport={"width": 1100, "height": 900})
+    try:
+        page = context.new_page()
+        page.goto(s.url + "/")
+        page.wait_for_function("document.querySelector('#model').options.length > 1")
+        page.set_input_files("#file", str(clip))
+        page.wait_for_selector("#verdict[data-verdict]")
+        with s.client() as c:
+            expected = c.post("/v1/detect", files={"file": ("clip.wav", clip.read_bytes(), "audio/wav")}).json()
+        assert page.text_content("#what") == "speaker (audio)"
+        assert page.get_attribute("#verdict", "data-verdict") == expected["verdict"]
+        assert page.text_content("#prediction").startswith(expected["prediction"]["label"])
+        assert float(page.text_content("#score")) == pytest.approx(expected["score"], rel=1e-3)
+        assert page.is_visible("#preview audio")
+        page.screenshot(path=str(tmp_path / "page-audio.png"), full_page=True)
+
+        short = tmp_path / "short.wav"
+        t = np.arange(16000) / 16000
+        short.write_bytes(encode_wav((0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32), 16000))
+        page.set_input_files("#file", str(short))
+        page.wait_for_selector("#error:not([hidden])")
+        assert "422" in page.text_content("#error") and "2 s minimum" in page.text_content("#error")
+        assert page.is_hidden("#result")  # the earlier clip's verdict is not left beside the refusal
+    finally:
+        context.close()
+        s.stop_cleanly()

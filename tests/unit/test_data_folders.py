@@ -14,7 +14,7 @@ from tests.conftest import ROOT
 SPEAKER = ROOT / "models" / "speaker"
 
 
-def tone(seconds: float = 1.0, rate: int = 16000) -> np.ndarray:
+def tone(seconds: float = 2.5, rate: int = 16000) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     return (0.3 * np.sin(2 * np.pi * 220 * t)).astype(np.float32)
 

@@ -58,7 +58,7 @@ def test_every_audio_format_that_decodes_is_named_wherever_formats_are_listed():
     from nccr_guard.manifest import load_manifest
 
     speaker = load_manifest(ROOT / "models" / "speaker")
-    tone = (0.3 * np.sin(np.arange(16000) / 16000 * 2 * np.pi * 220)).astype(np.float32)
+    tone = (0.3 * np.sin(np.arange(40000) / 16000 * 2 * np.pi * 220)).astype(np.float32)
     formats = {"WAV": ("PCM_16", "WAV"), "FLAC": ("PCM_16", "FLAC"), "OGG": ("VORBIS", "OGG"), "MP3": (None, "MP3")}
     for name, (subtype, fmt) in formats.items():
         data = encode_wav(tone, 16000, subtype or "MPEG_LAYER_III", fmt)

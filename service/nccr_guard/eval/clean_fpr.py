@@ -9,7 +9,7 @@ correct). `--calibration` adds other calibration files to score the same activat
 different calibration set), so thresholds are compared on identical copies.
 
     python -m nccr_guard.eval.clean_fpr --model models/speaker --splits dev test holdout holdout2 holdout3 \\
-        --calibration session12=reports/speaker/clean-fpr/calibration-session12.npz --out reports/speaker/clean-fpr
+        --calibration calib400=reports/speaker/clean-fpr/calibration-calib400.npz --out reports/speaker/clean-fpr
 """
 
 from __future__ import annotations

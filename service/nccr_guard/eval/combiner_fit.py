@@ -1,7 +1,8 @@
 """Fit a logistic combiner's weights (engine/combiner.py) for a calibrated detector.
 
-Negatives: clean inputs of the fit split and their benign shifts (eval.shifts.CALIBRATION_SHIFTS: a rotated,
-blurred, re-encoded or grey-backed upload is still clean). Positives: successful adversarial examples of the
+Negatives: clean inputs of the fit split and their benign shifts (the calibration shifts of eval.shifts'
+set for the model's modality: a rotated, blurred, re-encoded or grey-backed upload, a shorter, band-limited or
+noisy clip is still clean). Positives: successful adversarial examples of the
 same inputs, one group per attack of every family (eval.attacks), each group weighted alike. The calib split's
 half B then sets the threshold with the fitted weights (engine.calibration.set_combiner), so the false-positive
 rate stays fixed on data the weights never saw. Needs ART and the model's torch module (the attacks' gradients).
@@ -36,11 +37,10 @@ def fit_groups(
     correctly classified inputs."""
     attacks = attacks or list(attack_table(det.manifest))
     x0, advs = adversarial(det, split, n, seed, attacks)
-    vr = tuple(det.manifest.input.range)
+    ss = shifts.for_manifest(det.manifest)
     neg = [z_of(det, calib, x0, f"{split} clean")]
-    if det.manifest.modality == "image":
-        for s, xs in shifts.shifted(x0, seed + 100, vr, shifts.CALIBRATION_SHIFTS).items():
-            neg.append(z_of(det, calib, xs, s))
+    for s, xs in ss.shifted(x0, seed + 100, ss.calibration).items():
+        neg.append(z_of(det, calib, xs, s))
     return np.concatenate(neg), {a: z_of(det, calib, xa, a) for a, xa in advs.items() if len(xa)}
 
 
@@ -54,7 +54,7 @@ def fit_weights(
         "split": split,
         "n": n,
         "negatives": len(neg),
-        "shifts": list(shifts.CALIBRATION_SHIFTS) if det.manifest.modality == "image" else [],
+        "shifts": list(shifts.for_manifest(det.manifest).calibration),
         "attacks": {a: len(v) for a, v in pos.items()},
         "c": det.variant.combiner_c,
     }

@@ -50,14 +50,14 @@ def false_alarms(det: Detector, x0: np.ndarray, thresholds: dict, seed: int) -> 
         out |= {k: rate_above(v, thresholds[k]) for k, v in baseline_scores(det, xs).items()}
         return out | {"nccr_ood": float(np.mean(ood_spread(s.raw, det.calib) > det.calib.ood_threshold))}
 
-    vr = tuple(det.manifest.input.range)
-    fits = det.variant.combiner == "logistic"  # only a logistic combiner is fitted, on CALIBRATION_SHIFTS
+    ss = shifts.for_manifest(det.manifest)
+    fits = det.variant.combiner == "logistic"  # only a logistic combiner is fitted, on the calibration shifts
     benign = {
-        name: {**rates(xs), "fitted": fits and name in shifts.CALIBRATION_SHIFTS}
-        for name, xs in shifts.shifted(x0, seed + 1000, vr).items()
+        name: {**rates(xs), "fitted": fits and name in ss.calibration}
+        for name, xs in ss.shifted(x0, seed + 1000).items()
     }
     benign["none"] = {**rates(x0), "fitted": fits}
-    ood = {k: rates(v) for k, v in shifts.ood_inputs(50, x0.shape[1:], seed).items()}
+    ood = {k: rates(v) for k, v in ss.ood(min(50, len(x0)), x0.shape[1:], seed).items()}
     return benign, ood
 
 
@@ -195,8 +195,7 @@ def evaluate(
             ),
             flush=True,
         )
-    if det.manifest.modality == "image":
-        result["benign_shifts"], result["ood_inputs"] = false_alarms(det, x0, thresholds, seed)
+    result["benign_shifts"], result["ood_inputs"] = false_alarms(det, x0, thresholds, seed)
     result["seconds"] = round(time.perf_counter() - t0, 1)
     write_report(result, raw_scores, out)
     return result

@@ -2,21 +2,23 @@
 
     nccr-guard lofo --model models/mnist --n 200 --seed 0 --out reports/search/lofo
 
-Every candidate component (eval.search's pool, plus the softmax's normalised change) is computed once on:
-the calib split (statistics from half A, standardisation and thresholds from half B, half B also under the
-calibration shifts of eval.shifts), and the dev split (clean digits, every benign shift, successful adversarial
-examples of every attack in eval.attacks). The dev digits are split in two: *fit* digits (even positions) choose
-or fit a formulation, *held-out* digits (odd positions) score it. For each attack family F, a method sees the
-fit digits' adversarial examples of every family but F and is scored on the held-out digits' examples of F.
+Images and audio alike. Every candidate component (eval.search's pool for the modality, plus the softmax's
+normalised change) is computed once on: the calib split (statistics from half A, standardisation and thresholds
+from half B), and the dev split (clean inputs, every benign shift of the modality's eval.shifts set, successful
+adversarial examples of every attack in the model's attack table). The dev inputs are split in two: *fit* inputs
+(even positions) choose or fit a formulation, *held-out* inputs (odd positions) score it. For each attack family
+F, a method sees the fit inputs' adversarial examples of every family but F and is scored on the held-out
+inputs' examples of F.
 
-A method's figure of merit is its worst held-out family: the lowest AUROC (clean held-out digits against F's
+A method's figure of merit is its worst held-out family: the lowest AUROC (clean held-out inputs against F's
 adversarial ones, the worst attack within F), then the lowest TPR at the threshold it fixes from calib data.
-Methods: nccr-v3 and nccr-v3-median as they are, greedy max-combinations of 2 and 4 standardised components
-(picked on the training families with clean and shifted fit digits as negatives), logistic regressions over
-every component's z-score (engine/combiner.py) at three regularisation strengths, free and with non-negative
-weights, sparse refits on the components they weigh most, and the max of nccr-v3-median and a regression.
-Every method's threshold is the calib split's clean 95 % quantile. Feature Squeezing is scored on the same
-held-out digits. The test split is never read here.
+Methods: the fixed formulations of FIXED as they are, greedy max-combinations of 2 and 4 standardised
+components (picked on the training families with clean and shifted fit inputs as negatives), logistic
+regressions over every component's z-score (engine/combiner.py) at three regularisation strengths, free and with
+non-negative weights, sparse refits on the components they weigh most, and the max of the last fixed formulation
+and a regression. Every method's threshold is the calib split's clean 95 % quantile. The modality's baseline
+(Feature Squeezing; WaveGuard's resampling check for audio) is scored on the same held-out inputs. The test
+split is never read here.
 """
 
 from __future__ import annotations
@@ -36,8 +38,8 @@ from nccr_guard.engine import fit_calibration, get_variant
 from nccr_guard.engine.combiner import fit_logistic, linear, zscores
 from nccr_guard.engine.score import raw_components
 from nccr_guard.eval import shifts
-from nccr_guard.eval.attacks import ATTACKS
-from nccr_guard.eval.baselines import feature_squeezing
+from nccr_guard.eval.attacks import attack_table
+from nccr_guard.eval.baselines import feature_squeezing, waveguard_resample
 from nccr_guard.eval.combiner_fit import z_of
 from nccr_guard.eval.metrics import auroc, rate_above
 from nccr_guard.eval.report import machine
@@ -45,21 +47,26 @@ from nccr_guard.eval.search import candidate_variant
 from nccr_guard.eval.sequential import adversarial
 
 TARGET_FPR = 0.05
-SHIFT_GOAL, CLEAN_GOAL = 0.10, 0.06  # issue 35's false-alarm goals: a benign shift, held-out clean digits
+SHIFT_GOAL, CLEAN_GOAL = 0.10, 0.06  # the false-alarm goals: a benign shift, held-out clean inputs
 
 
 @dataclass
 class Data:
-    """z-scores (n, n_components) per group, and the source digit of each row (for the fit / held-out split)."""
+    """z-scores (n, n_components) per group, and the source input of each row (for the fit / held-out split)."""
 
     names: list[str]
+    modality: str
     calib_b: np.ndarray
     clean: np.ndarray
     shift: dict[str, np.ndarray]
     attack: dict[str, np.ndarray]
     attack_src: dict[str, np.ndarray]
     ood: dict[str, np.ndarray]
-    fs: dict[str, np.ndarray]  # Feature Squeezing scores: "calib_b", "clean", "shift:<s>", "attack:<a>"
+    families: dict[str, list[str]]  # family -> its attacks (the model's attack table)
+    calibration_shifts: tuple[str, ...]  # the shifts a fit may use as negatives; the others are held out
+    held_out_shifts: tuple[str, ...]
+    baseline: str  # the baseline detector of the modality: Feature Squeezing, or WaveGuard's resampling for audio
+    fs: dict[str, np.ndarray]  # the baseline's scores: "calib_b", "clean", "shift:<s>", "attack:<a>"
 
 
 def threshold(calib_b: np.ndarray) -> float:
@@ -68,40 +75,54 @@ def threshold(calib_b: np.ndarray) -> float:
 
 
 def source_index(x0: np.ndarray, adv: np.ndarray) -> np.ndarray:
-    """Each adversarial example's clean digit: the nearest one (the cache keeps successful examples only)."""
+    """Each adversarial example's clean input: the nearest one (the cache keeps successful examples only)."""
     a, c = adv.reshape(len(adv), -1), x0.reshape(len(x0), -1)
     d = (a**2).sum(1)[:, None] - 2 * a @ c.T + (c**2).sum(1)[None]
     return d.argmin(1)
 
 
-def collect(model: Path, n: int, seed: int, attacks: list[str]) -> Data:
+# The fixed formulations every search reports as they are (their components are all in the candidate pool; the
+# served nccr-audio-v2 spreads v1's random time shifts evenly, a perturbation the pool does not hold), and the
+# last one is also max-combined with a regression.
+FIXED = {"image": ("nccr-v3", "nccr-v3-median"), "audio": ("nccr-audio-v1",)}
+BASELINES = {"image": ("feature squeezing", feature_squeezing), "audio": ("waveguard resampling", waveguard_resample)}
+
+
+def collect(model: Path, n: int, seed: int) -> Data:
     det = Detector.load(model, backend="torch", device="cpu", seed=seed, calibrated=False, truncate=False)
-    x0, advs = adversarial(det, "dev", n, seed, attacks)
+    table = attack_table(det.manifest)
+    x0, advs = adversarial(det, "dev", n, seed, list(table))
     det.variant = variant = candidate_variant(det.manifest.watch, det.manifest.modality)
     xc, _ = load_split(det.manifest, "calib")
     acts = activations(det, xc, desc="calib rows")
     half_a, half_b = ({k: v[i::2] for k, v in acts.items()} for i in (0, 1))
     calib = fit_calibration(variant, half_a, half_b, len(det.manifest.labels))
-    vr = tuple(det.manifest.input.range)
+    ss = shifts.for_manifest(det.manifest)
+    base_name, base = BASELINES[det.manifest.modality]
 
     def z(xs: np.ndarray, desc: str) -> np.ndarray:
         return z_of(det, calib, xs, desc)
 
-    fs = {"calib_b": feature_squeezing(det, xc[1::2]), "clean": feature_squeezing(det, x0)}
+    fs = {"calib_b": base(det, xc[1::2]), "clean": base(det, x0)}
     shift = {}
-    for s, xs in shifts.shifted(x0, seed + 100, vr).items():
-        shift[s], fs[f"shift:{s}"] = z(xs, s), feature_squeezing(det, xs)
+    for s, xs in ss.shifted(x0, seed + 100).items():
+        shift[s], fs[f"shift:{s}"] = z(xs, s), base(det, xs)
     for a, xa in advs.items():
-        fs[f"attack:{a}"] = feature_squeezing(det, xa)
+        fs[f"attack:{a}"] = base(det, xa)
     zb = zscores(raw_components(variant, calib, half_b)[0], calib.comp_mu, calib.comp_sigma)
     return Data(
         names=list(variant.component_names),
+        modality=det.manifest.modality,
         calib_b=zb,
         clean=z(x0, "dev clean"),
         shift=shift,
         attack={a: z(xa, a) for a, xa in advs.items()},
         attack_src={a: source_index(x0, xa) for a, xa in advs.items()},
-        ood={k: z(v, k) for k, v in shifts.ood_inputs(50, x0.shape[1:], seed).items()},
+        ood={k: z(v, k) for k, v in ss.ood(50, x0.shape[1:], seed).items()},
+        families=families_of(table),
+        calibration_shifts=ss.calibration,
+        held_out_shifts=ss.held_out,
+        baseline=base_name,
         fs=fs,
     )
 
@@ -118,7 +139,7 @@ class Method(Protocol):
 
 class GreedyMax(Method):
     """The served combiner: the max of `size` components, picked one at a time, each step maximising the worst
-    (AUROC, then mean-free TPR proxy) over the training attacks, negatives = clean and shifted fit digits."""
+    (AUROC, then mean-free TPR proxy) over the training attacks, negatives = clean and shifted fit inputs."""
 
     def __init__(self, size: int, start: list[int] | None = None, fixed: bool = False, label: str = "") -> None:
         self.size, self.idx, self.fixed = size, list(start or []), fixed
@@ -211,15 +232,15 @@ def _prefilter(neg: np.ndarray, pos: dict[str, np.ndarray], top: int = 60) -> li
     return ranked[:top]
 
 
-def families_of(attacks: list[str]) -> dict[str, list[str]]:
+def families_of(table: dict) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for a in attacks:
-        out.setdefault(ATTACKS[a].family, []).append(a)
+    for a, spec in table.items():
+        out.setdefault(spec.family, []).append(a)
     return out
 
 
 def split_rows(d: Data, which: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Clean rows, shifted rows and adversarial rows of the fit (0) or held-out (1) digits."""
+    """Clean rows, shifted rows and adversarial rows of the fit (0) or held-out (1) inputs."""
     keep = np.arange(len(d.clean)) % 2 == which
     return (
         d.clean[keep],
@@ -229,7 +250,7 @@ def split_rows(d: Data, which: int) -> tuple[np.ndarray, dict[str, np.ndarray], 
 
 
 def scored(method: Method, d: Data, attacks: list[str], which: int = 1) -> dict:
-    """AUROC / TPR per attack, clean and per-shift FPR of a fitted method on the `which` digits."""
+    """AUROC / TPR per attack, clean and per-shift FPR of a fitted method on the `which` inputs."""
     clean, shifted, adv = split_rows(d, which)
     t = threshold(method.score(d.calib_b))
     sc = method.score(clean)
@@ -246,12 +267,18 @@ def scored(method: Method, d: Data, attacks: list[str], which: int = 1) -> dict:
     return out
 
 
-def lofo(d: Data, methods: list[Method], attacks: list[str]) -> list[dict]:
-    """Per method, each family held out in turn: fit on the fit digits' other families, score the held-out
-    digits' examples of that family (its worst attack)."""
-    fams = families_of(attacks)
-    clean_f, shift_f, adv_f = split_rows(d, 0)
-    neg = np.concatenate([clean_f, *(shift_f[s] for s in shifts.CALIBRATION_SHIFTS)])
+def negatives(d: Data) -> np.ndarray:
+    """A fit's negatives: the fit inputs, clean and under every calibration shift."""
+    clean_f, shift_f, _ = split_rows(d, 0)
+    return np.concatenate([clean_f, *(shift_f[s] for s in d.calibration_shifts)])
+
+
+def lofo(d: Data, methods: list[Method]) -> list[dict]:
+    """Per method, each family held out in turn: fit on the fit inputs' other families, score the held-out
+    inputs' examples of that family (its worst attack)."""
+    fams = d.families
+    _, _, adv_f = split_rows(d, 0)
+    neg = negatives(d)
     rows = []
     for m in methods:
         folds = {}
@@ -282,13 +309,13 @@ def fixed(d: Data, names: list[str], label: str) -> GreedyMax:
     return GreedyMax(len(names), [d.names.index(n) for n in names], fixed=True, label=label)
 
 
-def fs_row(d: Data, attacks: list[str]) -> dict:
-    """Feature Squeezing on the same held-out digits and families (it fits nothing: every fold is the same)."""
+def fs_row(d: Data) -> dict:
+    """The baseline on the same held-out inputs and families (it fits nothing: every fold is the same)."""
     keep = np.arange(len(d.clean)) % 2 == 1
     clean = d.fs["clean"][keep]
     t = float(np.quantile(d.fs["calib_b"], 1 - TARGET_FPR, method="higher"))
     folds = {}
-    for fam, held in families_of(attacks).items():
+    for fam, held in d.families.items():
         per = {}
         for a in held:
             adv = d.fs[f"attack:{a}"][keep[d.attack_src[a]]]
@@ -297,9 +324,9 @@ def fs_row(d: Data, attacks: list[str]) -> dict:
         worst = min(per.items(), key=lambda kv: (kv[1]["auroc"], kv[1]["tpr"]))
         folds[fam] = {"attack": worst[0], **worst[1], "picked": []}
     wf = min(folds, key=lambda f: (folds[f]["auroc"], folds[f]["tpr"]))
-    shift = {s: rate_above(d.fs[f"shift:{s}"][keep], t) for s in shifts.SHIFTS}
+    shift = {s: rate_above(d.fs[f"shift:{s}"][keep], t) for s in d.shift}
     return {
-        "method": "feature squeezing (baseline)",
+        "method": f"{d.baseline} (baseline)",
         "worst_family": wf,
         "worst_auroc": folds[wf]["auroc"],
         "worst_tpr": min(f["tpr"] for f in folds.values()),
@@ -312,27 +339,26 @@ def study(model: Path, n: int = 200, seed: int = 0, out: Path = Path("reports/se
     """The leave-one-family-out table of every method, and each method fitted on every family (its shift and
     OOD false alarms), written to lofo.json / lofo.md."""
     t0 = time.perf_counter()
-    attacks = list(ATTACKS)
-    d = collect(model, n, seed, attacks)
-    v3 = [c.name for c in get_variant("nccr-v3").components]
-    v3m = [c.name for c in get_variant("nccr-v3-median").components]
+    d = collect(model, n, seed)
+    attacks = [a for held in d.families.values() for a in held]
+    refs = {v: [c.name for c in get_variant(v).components] for v in FIXED[d.modality]}
+    last = list(refs)[-1]
     methods: list[Method] = [
-        fixed(d, v3, "nccr-v3 (fixed)"),
-        fixed(d, v3m, "nccr-v3-median (fixed)"),
+        *(fixed(d, names, f"{v} (fixed)") for v, names in refs.items()),
         GreedyMax(2),
         GreedyMax(4),
         *(Logistic(1000, c) for c in (10.0, 100.0, 1000.0)),
         *(Logistic(1000, c, nonneg=True) for c in (10.0, 100.0, 1000.0)),
         *(SparseLogistic(k) for k in (12, 24, 48)),
-        MaxOf(fixed(d, v3m, "nccr-v3-median"), Logistic(1000, 100.0), d.calib_b),
+        MaxOf(fixed(d, refs[last], last), Logistic(1000, 100.0), d.calib_b),
     ]
-    rows = lofo(d, methods, attacks)
-    clean_f, shift_f, adv_f = split_rows(d, 0)
-    neg = np.concatenate([clean_f, *(shift_f[s] for s in shifts.CALIBRATION_SHIFTS)])
+    rows = lofo(d, methods)
+    _, _, adv_f = split_rows(d, 0)
+    neg = negatives(d)
     for m, r in zip(methods, rows, strict=True):
         fitted = m.fit(neg, {a: v for a, v in adv_f.items() if len(v)})
         r["all_families"] = {**scored(fitted, d, attacks), "picked": _picked(fitted, d)}
-    rows.append(fs_row(d, attacks))
+    rows.append(fs_row(d))
     n_held_out = len(d.clean) // 2  # the odd positions
     result = {
         "model": str(model),
@@ -341,9 +367,9 @@ def study(model: Path, n: int = 200, seed: int = 0, out: Path = Path("reports/se
         "machine": machine(),
         "n_dev_clean": len(d.clean),
         "n_adversarial": {a: len(v) for a, v in d.attack.items()},
-        "families": families_of(attacks),
-        "calibration_shifts": list(shifts.CALIBRATION_SHIFTS),
-        "held_out_shifts": list(shifts.HELD_OUT_SHIFTS),
+        "families": d.families,
+        "calibration_shifts": list(d.calibration_shifts),
+        "held_out_shifts": list(d.held_out_shifts),
         "methods": rows,
         "n_held_out_clean": n_held_out,
         "picked": pick(rows, n_held_out),
@@ -357,9 +383,9 @@ def study(model: Path, n: int = 200, seed: int = 0, out: Path = Path("reports/se
 
 def pick(rows: list[dict], n_held_out: int) -> str | None:
     """The default's rule: of the methods (Feature Squeezing aside) whose all-family fit keeps clean FPR <=
-    CLEAN_GOAL and every benign shift <= SHIFT_GOAL on the held-out digits, the best worst held-out family
-    (AUROC, then TPR). A method that flags grey or rescaled digits is no default, however well it detects.
-    On ~100 held-out digits a rate moves in steps of 1 %: one digit over a goal is within it."""
+    CLEAN_GOAL and every benign shift <= SHIFT_GOAL on the held-out inputs, the best worst held-out family
+    (AUROC, then TPR). A method that flags grey digits or short clips is no default, however well it detects.
+    On ~100 held-out inputs a rate moves in steps of 1 %: one input over a goal is within it."""
     slack = 1.0 / n_held_out
     ok = [
         r
@@ -377,7 +403,7 @@ def markdown(result: dict) -> str:
         f"# Leave-one-family-out formulation search ({result['model']}, dev split)",
         "",
         f"`{result['command']}` · machine {result['machine']} · {result['seconds']} s. "
-        f"{result['n_dev_clean']} correctly classified dev digits: even positions fit, odd positions score. "
+        f"{result['n_dev_clean']} correctly classified dev inputs: even positions fit, odd positions score. "
         "The test split is not read.",
         "",
         "Families: " + "; ".join(f"{f}: {', '.join(a)}" for f, a in result["families"].items()) + ".",
@@ -400,9 +426,9 @@ def markdown(result: dict) -> str:
         "",
         f"Picked (best worst held-out family among the methods whose all-family fit keeps clean FPR <= "
         f"{CLEAN_GOAL:.2f} and every benign shift <= {SHIFT_GOAL:.2f} on the {result['n_held_out_clean']} held-out "
-        f"digits, one digit of slack): **{result['picked']}**.",
+        f"inputs, one input of slack): **{result['picked']}**.",
         "",
-        "## Fitted on every family: false alarms on the held-out digits",
+        "## Fitted on every family: false alarms on the held-out inputs",
         "",
         "Clean FPR and the FPR of each benign shift at the calib-fixed threshold (target 5 %, goal <= 10 %). "
         f"Shifts the fit never saw: {', '.join(result['held_out_shifts'])}.",

@@ -5,16 +5,22 @@ adversarial. Each shift maps a batch (n, C, H, W) in [0, 1] to the same shape, d
 a spatial shift moves every channel of an image alike (grey digits have one channel, photo crops three).
 The set is named in every report that uses it (SHIFTS' keys). `CALIBRATION_SHIFTS` are the ones a calibration
 may see; `HELD_OUT_SHIFTS` are never used to fit anything, so a report shows whether the threshold rule carries
-over to distortions it was not fitted on.
+over to distortions it was not fitted on. `for_manifest` gives a model's set whatever its modality (an audio
+model's lives in eval.audio_shifts), so the fits and studies that use shifts take images and clips alike.
 """
 
 from __future__ import annotations
 
 import io
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
+
+if TYPE_CHECKING:
+    from nccr_guard.manifest import Manifest
 
 Shift = Callable[[np.ndarray, np.random.Generator], np.ndarray]
 
@@ -177,3 +183,32 @@ def letters(n: int, size: tuple[int, int], rng: np.random.Generator) -> np.ndarr
         draw.text(((size[1] - right - left) / 2, (size[0] - bottom - top) / 2), ch, fill=255, font=font)
         out.append(np.asarray(img, np.float32)[None] / 255.0)
     return np.stack(out).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class ShiftSet:
+    """One modality's benign shifts (`names`, of which `held_out` are never fitted on) and its inputs that are
+    out of distribution. `apply(name, xs, seed)` shifts a batch of model inputs; `ood(n, shape, seed)` makes them."""
+
+    names: tuple[str, ...]
+    held_out: tuple[str, ...]
+    apply: Callable[[str, np.ndarray, int], np.ndarray]
+    ood: Callable[[int, tuple[int, ...], int], dict[str, np.ndarray]]
+
+    @property
+    def calibration(self) -> tuple[str, ...]:
+        return tuple(k for k in self.names if k not in self.held_out)
+
+    def shifted(self, xs: np.ndarray, seed: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """As `shifted`: shift i of `names` drawn with seed `seed` + i whatever subset is asked for."""
+        return {s: self.apply(s, xs, seed + i) for i, s in enumerate(self.names) if names is None or s in names}
+
+
+def for_manifest(manifest: Manifest) -> ShiftSet:
+    """The shift set of a model: the image shifts above in its value range, or eval.audio_shifts' for audio."""
+    if manifest.modality == "audio":
+        from nccr_guard.eval.audio_shifts import shift_set
+
+        return shift_set(manifest)
+    vr = tuple(manifest.input.range)
+    return ShiftSet(tuple(SHIFTS), HELD_OUT_SHIFTS, lambda name, xs, seed: apply(name, xs, seed, vr), ood_inputs)

@@ -138,6 +138,7 @@ class Metrics:
             "timeout",
             "too_large",
             "bad_input",
+            "too_short",
             "unauthorized",
             "draining",
             "not_found",
