@@ -81,20 +81,25 @@ def mnist_test() -> tuple[np.ndarray, np.ndarray]:
     return load_split(load_manifest(MNIST), "test")
 
 
-@pytest.fixture(scope="session")
-def mnist_v3(tmp_path_factory) -> Path:
-    """A copy of models/mnist served as `nccr-v3` (the max of three squeeze readings, 4 rows per input), calibrated
-    as `nccr-guard calibrate --variant nccr-v3` would: the variant the one-graph verdict, its float tolerances
-    and the 4-row batching and fault tests are about. The shipped model serves `nccr-v4` (78 rows, a weighted
-    sum scored by the numpy engine)."""
+def as_v3(model: Path, tmp_path_factory) -> Path:
+    """A copy of a shipped model folder (same name) served as `nccr-v3`, calibrated as `nccr-guard calibrate
+    --variant nccr-v3` would."""
     from nccr_guard.calibrate import calibrate
 
-    folder = tmp_path_factory.mktemp("mnist-v3") / "mnist"
-    shutil.copytree(MNIST, folder)
+    folder = tmp_path_factory.mktemp(f"{model.name}-v3") / model.name
+    shutil.copytree(model, folder)
     toml = folder / "model.toml"
-    toml.write_text(re.sub(r'^variant = ".*"$', 'variant = "nccr-v3"', toml.read_text(), count=1, flags=re.M))
+    toml.write_text(re.sub(r'^variant = "[^"]*"', 'variant = "nccr-v3"', toml.read_text(), count=1, flags=re.M))
     calibrate(folder, variant="nccr-v3", backend="onnx")
     return folder
+
+
+@pytest.fixture(scope="session")
+def mnist_v3(tmp_path_factory) -> Path:
+    """models/mnist as `nccr-v3` (the max of three squeeze readings, 4 rows per input): the variant the one-graph
+    verdict, its float tolerances and the 4-row batching and fault tests are about. The shipped model serves
+    `nccr-v4` (78 rows, a weighted sum scored by the numpy engine)."""
+    return as_v3(MNIST, tmp_path_factory)
 
 
 @pytest.fixture(scope="session")

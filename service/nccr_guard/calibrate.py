@@ -76,10 +76,13 @@ def calibrate(
 def fit_combiner(det: Detector, calib: Calibration, half_b: dict[str, np.ndarray], seed: int) -> None:
     """Fit the logistic combiner's weights on the dev split's clean, shifted and attacked inputs
     (eval/combiner_fit.py: runs ART attacks, cached), then fix the threshold on clean half B with them."""
-    from nccr_guard.eval.combiner_fit import FIT_SPLIT, fit_weights
+    from nccr_guard.eval.combiner_fit import FIT_N, FIT_SPLIT, fit_weights
 
+    # [split] fit_n: how many correctly classified dev inputs are attacked (a model whose attacks cost more
+    # fits on fewer; the leave-one-family-out search that chose the variant should have used as many).
+    n = int(det.manifest.split.get("fit_n", FIT_N))
     try:
-        w, b, fitted_on = fit_weights(det, calib, seed=seed)
+        w, b, fitted_on = fit_weights(det, calib, n=n, seed=seed)
     except ManifestError as e:
         raise ManifestError(
             f"variant {det.variant.name} fits its combiner on attacks of the {FIT_SPLIT} split ({e}): give the "

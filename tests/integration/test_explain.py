@@ -1,5 +1,6 @@
 """POST /v1/explain and the opt-in POST /v1/attack (issue 37) against a real `nccr-guard serve` on loopback, with
-the shipped models: mnist (nccr-v4, a logistic combination over 78 rows) and photo (nccr-v3, a max over 4 rows)."""
+the shipped mnist (nccr-v4, a logistic combination over 78 rows) and a copy of the photo model served as nccr-v3
+(a max over 4 rows; the shipped one serves a logistic variant as mnist does)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections.abc import Iterator
 import numpy as np
 import pytest
 
-from tests.conftest import MNIST, ROOT, Server, start_server
+from tests.conftest import MNIST, ROOT, Server, as_v3, start_server
 
 PHOTO = ROOT / "models" / "photo"
 
@@ -28,7 +29,8 @@ def _without_timings(d: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> Iterator[Server]:
-    s = start_server(tmp_path_factory.mktemp("demo"), "--models", str(MNIST), str(PHOTO), "--attack-demo")
+    photo_v3 = as_v3(PHOTO, tmp_path_factory)
+    s = start_server(tmp_path_factory.mktemp("demo"), "--models", str(MNIST), str(photo_v3), "--attack-demo")
     yield s
     s.stop_cleanly()
 

@@ -11,7 +11,7 @@ from tests.conftest import ROOT
 
 PHOTO = ROOT / "models" / "photo"
 # Test-split crops (position in the split: 40 per photo, in label order) of chelsea, coffee, motorcycle and
-# china that the committed weights classify right and call clean (p-values 0.33-0.83), as quality-95 JPEGs too.
+# china that the committed weights classify right and call clean (p-values 0.22-0.89), as quality-95 JPEGs too.
 PICKS = (42, 96, 168, 338)
 
 
@@ -37,7 +37,7 @@ def test_photo_is_a_default_model(server):
     with server.client() as c:
         cards = {m["name"]: m for m in c.get("/v1/models").json()}
     assert {"mnist", "photo", "speaker"} <= set(cards)
-    assert cards["photo"]["modality"] == "image" and cards["photo"]["variant"] == "nccr-v3"
+    assert cards["photo"]["modality"] == "image" and cards["photo"]["variant"] == "nccr-v4-c1000"
 
 
 def test_colour_jpeg_crops_are_identified_with_a_verdict(server, test_crops):
