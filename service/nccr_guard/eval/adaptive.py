@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from nccr_guard.backends.torch_backend import reduce_tensor
 from nccr_guard.backends.torch_rows import perturb
-from nccr_guard.datasets import load_split
+from nccr_guard.datasets import load_split, split_size, spread_index
 from nccr_guard.detector import Detector
 from nccr_guard.engine import Perturbation
 from nccr_guard.engine.combiner import Z_CLIP
@@ -292,8 +292,9 @@ def study(
     `two_phase` the two-phase attacker from plain PGD's output (its rows: lam "two-phase")."""
     t0 = time.perf_counter()
     det = Detector.load(model, backend="torch", device="cpu", seed=seed)
-    xs, ys = load_split(det.manifest, "test")
-    xs, ys = xs[:n], ys[:n]
+    # n inputs spread evenly through the split: splits are ordered by class, so the first n would be one or two
+    # classes (the reports before this sampling attacked only MNIST's 0s and 1s).
+    xs, ys = load_split(det.manifest, "test", index=spread_index(split_size(det.manifest, "test"), n))
     ok = np.array([v.index for v in det.detect(xs, chunk=64)]) == ys
     xs, ys = xs[ok], ys[ok]
     from nccr_guard.datasets import load_calibration

@@ -226,8 +226,8 @@ def markdown(r: dict) -> str:
         f"`{r['command']}` — {r['n_test']} held-out digits, "
         f"{r['seconds']} s (trained models cached). Robust accuracy: ART PGD-L∞, 40 steps. Model NCCR: the "
         f"default variant's measure (`nccr-guard robustness`), `{r['models'][0]['nccr_measure']}`, averaged over "
-        f"clean held-out digits (lower = more stable); chosen candidate: `{chosen}` (rule below). Until session "
-        "10 the default measure was `flip[*/class]@bitdepth:1/mean`, the first candidate below.",
+        f"clean held-out digits (lower = more stable); chosen candidate: `{chosen}` (rule below). The first "
+        "candidate below, `flip[*/class]@bitdepth:1/mean`, is the literal cover-flip rate.",
         "",
         "| model | group | epochs | clean acc | model NCCR | noise NCCR (exploratory) | chosen candidate | "
         + " | ".join(f"PGD ε={e} acc" for e in PGD_EPS)
