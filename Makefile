@@ -75,7 +75,7 @@ models: install tools
 
 # Detection reports over every attack family (ART attacks are cached under $$NCCR_GUARD_CACHE: on a cold cache the
 # MNIST dev + test attacks take about 90 min on 2 cores, EAD, HopSkipJump and CW most of it; the photo model's test
-# attacks about 80 min on one core, the speaker's about 60), the adaptive attacker (about 2 h, the two-phase one
+# attacks about 40 min on one core, the speaker's about 35), the adaptive attacker (about 2 h, the two-phase one
 # 15 min), the model-level study (about 15 min). nccr-v4 fits on the dev split, so MNIST's clean-FPR check
 # reads the test split only.
 eval: install tools
