@@ -101,9 +101,14 @@ def fit_length(wav: np.ndarray, n: int) -> np.ndarray:
     return np.tile(wav, -(-n // len(wav)))[:n]
 
 
+def mixdown(samples: np.ndarray) -> np.ndarray:
+    """(frames, channels) or (frames,) -> (frames,): the mean of the channels."""
+    return samples.mean(axis=1) if samples.ndim == 2 else samples
+
+
 def to_model_input(samples: np.ndarray, rate: int, spec: AudioSpec, lo: float = -1.0, hi: float = 1.0) -> np.ndarray:
     """(frames, channels) at `rate` -> (1, spec.seconds * spec.sample_rate) float32 in [lo, hi]."""
-    mono = samples.mean(axis=1) if samples.ndim == 2 else samples
+    mono = mixdown(samples)
     if len(mono) < spec.min_seconds * rate:
         raise InputError(
             f"clip of {len(mono) / rate:.2f} s is shorter than this model's {spec.min_seconds:g} s minimum",

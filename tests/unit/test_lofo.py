@@ -39,7 +39,7 @@ def data(seed: int = 0) -> lofo.Data:
         calibration_shifts=("s1",),
         held_out_shifts=("s2",),
         baseline="test baseline",
-        fs={
+        base={
             "calib_b": rng.random(400),
             "clean": rng.random(N_CLEAN),
             **{f"shift:{s}": rng.random(N_CLEAN) for s in shift},

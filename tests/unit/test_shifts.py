@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from nccr_guard.eval import shifts
+from tests.conftest import MNIST
 
 
 @pytest.mark.parametrize("name", [k for k in shifts.SHIFTS if k != "jpeg_75" and not k.startswith("noise")])
@@ -49,11 +50,16 @@ def test_out_of_distribution_inputs_have_the_models_shape():
 
 
 def test_a_subset_of_shifts_draws_what_the_whole_set_draws():
-    """A calibration's shifted negatives (CALIBRATION_SHIFTS) equal the same shifts of a study over every shift."""
+    """A calibration's shifted negatives (the set's calibration shifts) equal the same shifts of a study over every
+    shift."""
+    from nccr_guard.manifest import load_manifest
+
+    ss = shifts.for_manifest(load_manifest(MNIST))
     x = np.random.default_rng(2).random((3, 1, 28, 28)).astype(np.float32)
-    every = shifts.shifted(x, 100, (0.0, 1.0))
-    some = shifts.shifted(x, 100, (0.0, 1.0), shifts.CALIBRATION_SHIFTS)
-    assert list(every) == list(shifts.SHIFTS) and list(some) == list(shifts.CALIBRATION_SHIFTS)
+    every = ss.shifted(x, 100)
+    some = ss.shifted(x, 100, ss.calibration)
+    assert ss.calibration == tuple(k for k in shifts.SHIFTS if k not in shifts.HELD_OUT_SHIFTS)
+    assert list(every) == list(shifts.SHIFTS) and list(some) == list(ss.calibration)
     for name, xs in some.items():
         np.testing.assert_array_equal(xs, every[name])
     np.testing.assert_array_equal(every["noise_0.1"], shifts.apply("noise_0.1", x, 100 + 4))

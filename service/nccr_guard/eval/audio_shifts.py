@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nccr_guard.audio import encode_wav, read_audio, resample, to_model_input
+from nccr_guard.audio import encode_wav, mixdown, read_audio, resample, to_model_input
 from nccr_guard.detector import Detector
 from nccr_guard.eval.report import machine
 from nccr_guard.eval.shifts import ShiftSet
@@ -40,7 +40,7 @@ EMPTY = {"n": 0, "adversarial": float("nan"), "ood": float("nan"), "confidence":
 def mono(data: bytes) -> tuple[np.ndarray, int]:
     """An audio file's samples mixed to mono, and its rate, read as the upload path reads it."""
     samples, rate = read_audio(data, Limits(max_bytes=1 << 30))
-    return (samples.mean(axis=1) if samples.ndim == 2 else samples), rate
+    return mixdown(samples), rate
 
 
 def crop(seconds: float) -> Change:

@@ -66,7 +66,7 @@ class Data:
     calibration_shifts: tuple[str, ...]  # the shifts a fit may use as negatives; the others are held out
     held_out_shifts: tuple[str, ...]
     baseline: str  # the baseline detector of the modality: Feature Squeezing, or WaveGuard's resampling for audio
-    fs: dict[str, np.ndarray]  # the baseline's scores: "calib_b", "clean", "shift:<s>", "attack:<a>"
+    base: dict[str, np.ndarray]  # the baseline's scores: "calib_b", "clean", "shift:<s>", "attack:<a>"
 
 
 def threshold(calib_b: np.ndarray) -> float:
@@ -103,12 +103,12 @@ def collect(model: Path, n: int, seed: int) -> Data:
     def z(xs: np.ndarray, desc: str) -> np.ndarray:
         return z_of(det, calib, xs, desc)
 
-    fs = {"calib_b": base(det, xc[1::2]), "clean": base(det, x0)}
+    scores = {"calib_b": base(det, xc[1::2]), "clean": base(det, x0)}
     shift = {}
     for s, xs in ss.shifted(x0, seed + 100).items():
-        shift[s], fs[f"shift:{s}"] = z(xs, s), base(det, xs)
+        shift[s], scores[f"shift:{s}"] = z(xs, s), base(det, xs)
     for a, xa in advs.items():
-        fs[f"attack:{a}"] = base(det, xa)
+        scores[f"attack:{a}"] = base(det, xa)
     zb = zscores(raw_components(variant, calib, half_b)[0], calib.comp_mu, calib.comp_sigma)
     return Data(
         names=list(variant.component_names),
@@ -123,7 +123,7 @@ def collect(model: Path, n: int, seed: int) -> Data:
         calibration_shifts=ss.calibration,
         held_out_shifts=ss.held_out,
         baseline=base_name,
-        fs=fs,
+        base=scores,
     )
 
 
@@ -312,19 +312,19 @@ def fixed(d: Data, names: list[str], label: str) -> GreedyMax:
 def fs_row(d: Data) -> dict:
     """The baseline on the same held-out inputs and families (it fits nothing: every fold is the same)."""
     keep = np.arange(len(d.clean)) % 2 == 1
-    clean = d.fs["clean"][keep]
-    t = float(np.quantile(d.fs["calib_b"], 1 - TARGET_FPR, method="higher"))
+    clean = d.base["clean"][keep]
+    t = float(np.quantile(d.base["calib_b"], 1 - TARGET_FPR, method="higher"))
     folds = {}
     for fam, held in d.families.items():
         per = {}
         for a in held:
-            adv = d.fs[f"attack:{a}"][keep[d.attack_src[a]]]
+            adv = d.base[f"attack:{a}"][keep[d.attack_src[a]]]
             if len(adv):
                 per[a] = {"auroc": auroc(clean, adv), "tpr": rate_above(adv, t)}
         worst = min(per.items(), key=lambda kv: (kv[1]["auroc"], kv[1]["tpr"]))
         folds[fam] = {"attack": worst[0], **worst[1], "picked": []}
     wf = min(folds, key=lambda f: (folds[f]["auroc"], folds[f]["tpr"]))
-    shift = {s: rate_above(d.fs[f"shift:{s}"][keep], t) for s in d.shift}
+    shift = {s: rate_above(d.base[f"shift:{s}"][keep], t) for s in d.shift}
     return {
         "method": f"{d.baseline} (baseline)",
         "worst_family": wf,

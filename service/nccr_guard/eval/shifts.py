@@ -3,10 +3,11 @@
 Uploads in production are re-encoded, resized, noisy and slightly misaligned; none of that makes them
 adversarial. Each shift maps a batch (n, C, H, W) in [0, 1] to the same shape, deterministically given `rng`;
 a spatial shift moves every channel of an image alike (grey digits have one channel, photo crops three).
-The set is named in every report that uses it (SHIFTS' keys). `CALIBRATION_SHIFTS` are the ones a calibration
-may see; `HELD_OUT_SHIFTS` are never used to fit anything, so a report shows whether the threshold rule carries
-over to distortions it was not fitted on. `for_manifest` gives a model's set whatever its modality (an audio
-model's lives in eval.audio_shifts), so the fits and studies that use shifts take images and clips alike.
+The set is named in every report that uses it (SHIFTS' keys). `HELD_OUT_SHIFTS` are never used to fit anything
+(the others are a set's `calibration` shifts, the ones a calibration may see), so a report shows whether the
+threshold rule carries over to distortions it was not fitted on. `for_manifest` gives a model's set whatever
+its modality (an audio model's lives in eval.audio_shifts), so the fits and studies that use shifts take images
+and clips alike.
 """
 
 from __future__ import annotations
@@ -136,21 +137,12 @@ SHIFTS: dict[str, Shift] = {
     "noise_0.05": noise(0.05),
 }
 HELD_OUT_SHIFTS = ("rotate_15", "zoom_out_0.8", "noise_0.05")
-CALIBRATION_SHIFTS = tuple(k for k in SHIFTS if k not in HELD_OUT_SHIFTS)
 
 
 def apply(name: str, xs: np.ndarray, seed: int, value_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
     """Shift `name` of a batch (n, C, H, W), clipped to the value range, float32."""
     out = SHIFTS[name](xs.astype(np.float32), np.random.default_rng(seed))
     return np.clip(out, *value_range).astype(np.float32)
-
-
-def shifted(
-    xs: np.ndarray, seed: int, value_range: tuple[float, float], names: tuple[str, ...] | None = None
-) -> dict[str, np.ndarray]:
-    """Each named shift of `xs` (all of SHIFTS by default), shift i of SHIFTS drawn with seed `seed` + i: one
-    seed per shift whatever subset is asked for, so a calibration's shifted inputs equal a study's."""
-    return {s: apply(s, xs, seed + i, value_range) for i, s in enumerate(SHIFTS) if names is None or s in names}
 
 
 def ood_inputs(n: int, shape: tuple[int, ...], seed: int) -> dict[str, np.ndarray]:
@@ -200,7 +192,8 @@ class ShiftSet:
         return tuple(k for k in self.names if k not in self.held_out)
 
     def shifted(self, xs: np.ndarray, seed: int, names: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
-        """As `shifted`: shift i of `names` drawn with seed `seed` + i whatever subset is asked for."""
+        """Each named shift of `xs` (all of `names` by default), shift i of `names` drawn with seed `seed` + i: one
+        seed per shift whatever subset is asked for, so a calibration's shifted inputs equal a study's."""
         return {s: self.apply(s, xs, seed + i) for i, s in enumerate(self.names) if names is None or s in names}
 
 
